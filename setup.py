@@ -1,0 +1,32 @@
+"""Installs the GPT-2 training engine: the `engine` and `kernels` packages.
+
+CPU-only machines should install the CPU build of PyTorch first
+(`pip install torch==2.13.0`); a bare `torch` requirement otherwise pulls a
+multi-GB CUDA build.
+"""
+from setuptools import setup
+
+setup(
+    name="gpt2-triton-engine",
+    version="0.1.0",
+    description="GPT-2 training engine whose layers run hand-written Triton kernels",
+    packages=["engine", "kernels"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "tiktoken>=0.6",
+        # Triton ships for Linux only; macOS and Windows users run the PyTorch path.
+        'triton>=3.0; platform_system == "Linux"',
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "transformers>=4.40",
+            "safetensors>=0.4",
+        ],
+        "plot": ["matplotlib>=3.7"],
+    },
+)

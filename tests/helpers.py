@@ -1,0 +1,75 @@
+"""Shared test utilities: one place for devices, tolerances and poisoning."""
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# Relative error allowed against the PyTorch oracle, per dtype. bf16 is judged
+# by comparison with PyTorch's own bf16 error (see `assert_bf16_comparable`),
+# and only on a GPU: Triton's interpreter computes bf16 arithmetic wrongly.
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+# Dtypes a kernel test can run here: the interpreter handles fp32 and fp16.
+TEST_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64; NaN anywhere gives inf."""
+    a = actual.detach().double()
+    e = expected.detach().double()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if not torch.isfinite(a).all():
+        return float("inf")
+    scale = e.abs().max().item() if e.numel() else 0.0
+    diff = (a - e).abs().max().item() if e.numel() else 0.0
+    return diff / max(scale, 1e-30) if scale > 0 else diff
+
+
+def assert_close(actual, expected, rtol, name="output"):
+    err = rel_err(actual, expected)
+    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def assert_bf16_comparable(ours, torch_bf16, reference_fp64, name="output", factor=2.0):
+    """bf16 is judged by comparison: our error against a float64 reference must be
+    at most `factor` times PyTorch's own bf16 error on the same inputs."""
+    ours_err = rel_err(ours, reference_fp64)
+    torch_err = rel_err(torch_bf16, reference_fp64)
+    assert ours_err <= factor * max(torch_err, 1e-6), (
+        f"{name}: bf16 error {ours_err:.3e} > {factor}x PyTorch's {torch_err:.3e}")
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (or the max value for integers) so an unwritten element fails a test."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+class poisoned_allocations:
+    """Within this context, torch.empty / empty_like / empty_strided return tensors
+    filled with NaN (floats) or the dtype's max (integers), so a kernel that leaves
+    any element of its outputs or gradients unwritten fails its test.
+
+    Kernel launchers allocate with these functions, so tests poison every output
+    and gradient buffer without the kernels offering an `out=` argument.
+    """
+
+    _names = ("empty", "empty_like", "empty_strided")
+
+    def __enter__(self):
+        self._saved = {n: getattr(torch, n) for n in self._names}
+        for name, original in self._saved.items():
+            def poisoned(*args, _original=original, **kwargs):
+                t = _original(*args, **kwargs)
+                if t.numel():
+                    poison_(t)
+                return t
+            setattr(torch, name, poisoned)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch, name, original)
+        return False
