@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="GPT-2 training engine whose layers run hand-written Triton kernels",
     packages=["engine", "kernels"],
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

@@ -1,0 +1,84 @@
+"""Model configuration: one dataclass, its presets, and their validation."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # number of token ids (GPT-2 BPE: 50257)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # on attention probabilities and residual branches; 0 for pretraining
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
+    backend: str = "auto"  # auto | torch | triton: which op layer backend the model calls
+    # The embedding / LM-head rows are padded to a multiple of this (64 turns
+    # 50257 into 50304, which matmuls like better). Padded rows are never
+    # sampled and never counted in the loss.
+    vocab_multiple: int = 1
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"GPTConfig.{name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"GPTConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A preset by name (see PRESETS), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"GPTConfig: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        fields = dict(PRESETS[name])
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in known:
+                raise ValueError(f"GPTConfig: unknown field {key!r}")
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Trains in seconds on a laptop CPU; the full GPT-2 vocabulary keeps it a real LM.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+}

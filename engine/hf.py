@@ -1,0 +1,186 @@
+"""Hugging Face GPT-2 checkpoints: load one into GPT, write one from it.
+
+Weights are read with safetensors or `torch.load(weights_only=True)`: never by
+unpickling arbitrary objects. HF's GPT-2 stores its projections as Conv1D,
+(in, out), where nn.Linear holds (out, in): those four are transposed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+import torch
+
+from engine.config import GPTConfig
+from engine.errors import UserInputError
+
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
+GELU_TANH_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserInputError(f"{config_file}: missing (a Hugging Face GPT-2 directory needs config.json)")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def config_from_hf(hf: dict, source: str, **overrides) -> GPTConfig:
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserInputError(f"{source}: model_type is {model_type!r}, expected 'gpt2'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GELU_TANH_NAMES:
+        raise UserInputError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
+        raise UserInputError(f"{source}: n_inner {hf['n_inner']} is not 4 * n_embd")
+    try:
+        fields = dict(
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            bias=True,
+            dropout=0.0,
+        )
+    except KeyError as e:
+        raise UserInputError(f"{source}: missing key {e.args[0]!r}") from None
+    fields.update(overrides)
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise UserInputError(f"{source}: {e}") from None
+
+
+def _load_state_dict(path: pathlib.Path) -> tuple[dict, pathlib.Path]:
+    st_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
+    if st_file.is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserInputError(f"{st_file}: reading it needs the safetensors package "
+                                 "(pip install safetensors)") from None
+        try:
+            return load_file(str(st_file)), st_file
+        except Exception as e:  # safetensors raises its own error type for damaged files
+            raise UserInputError(f"{st_file}: cannot be read, truncated or damaged ({e})") from None
+    if bin_file.is_file():
+        try:
+            return torch.load(bin_file, map_location="cpu", weights_only=True), bin_file
+        except Exception as e:
+            raise UserInputError(f"{bin_file}: cannot be read, truncated or damaged ({e})") from None
+    raise UserInputError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_pretrained(cls, path, **overrides):
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise UserInputError(f"{path}: not a directory (expected a Hugging Face GPT-2 checkpoint)")
+    config = config_from_hf(_read_config(path), str(path / "config.json"), **overrides)
+    hf_state, weights_file = _load_state_dict(path)
+
+    model = cls(config)
+    ours = model.state_dict()
+    loaded = set()
+    for key, tensor in hf_state.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight":
+            continue  # tied to wte, which is loaded
+        target = f"transformer.{name}"
+        if target not in ours:
+            raise UserInputError(f"{weights_file}: unexpected key {key!r} for a GPT-2 model")
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        dest = ours[target]
+        if name == "wte.weight":
+            dest = dest[: config.vocab_size]  # padded rows stay at their init
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise UserInputError(f"{weights_file}: {key!r} has shape {tuple(tensor.shape)}, the config "
+                                 f"in config.json implies {tuple(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(tensor)
+        loaded.add(target)
+    missing = sorted(set(ours) - loaded - {"lm_head.weight"})
+    if missing:
+        raise UserInputError(f"{weights_file}: missing weights {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def hf_config_dict(config: GPTConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_head": config.n_head,
+        "n_layer": config.n_layer,
+        "n_inner": None,
+        "vocab_size": config.vocab_size,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        # GPT-2's <|endoftext|> is the last id of its 50257-token vocabulary.
+        "bos_token_id": 50256 if config.vocab_size == 50257 else None,
+        "eos_token_id": 50256 if config.vocab_size == 50257 else None,
+        "tie_word_embeddings": True,
+    }
+
+
+def _atomic_write(dest: pathlib.Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(model, path) -> None:
+    if not model.config.bias:
+        raise ValueError("save_pretrained: Hugging Face GPT-2 has biases; this model has bias=False")
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: HF rebuilds it from wte
+        tensor = tensor.detach().to("cpu", torch.float32)
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if name == "transformer.wte.weight":
+            tensor = tensor[: config.vocab_size]
+        state[name] = tensor.contiguous().clone()
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(hf_config_dict(config), f, indent=2)
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        _atomic_write(path / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
+    else:
+        _atomic_write(path / "model.safetensors",
+                      lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic_write(path / "config.json", write_config)

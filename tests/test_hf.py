@@ -1,0 +1,128 @@
+"""Parity with Hugging Face's GPT2LMHeadModel, built from a config (no download)."""
+import json
+
+import pytest
+import torch
+
+from engine import GPT, GPTConfig
+from engine.errors import UserInputError
+from tests.helpers import rel_err
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+def random_hf_model(seed=0, vocab=211, n_positions=64):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=48, n_layer=3, n_head=4, n_positions=n_positions,
+                                  vocab_size=vocab, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # HF inits LayerNorms to (1, 0); randomise so they are really compared
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    model = random_hf_model()
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_load_hf_checkpoint_logits_match(hf_dir):
+    path, hf = hf_dir
+    ours = GPT.from_pretrained(path, backend="torch").eval()
+    idx = torch.randint(0, 211, (3, 40))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got, _ = ours(idx)
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    torch.manual_seed(1)
+    ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32,
+                         backend="torch", vocab_multiple=64)).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        assert rel_err(hf(idx).logits, ours(idx)[0]) <= 1e-5
+    # and back again, through our own loader
+    again = GPT.from_pretrained(tmp_path, backend="torch").eval()
+    with torch.no_grad():
+        assert rel_err(again(idx)[0], ours(idx)[0]) <= 1e-6
+
+
+def test_both_key_layouts_and_pytorch_bin(tmp_path, hf_dir):
+    """The public gpt2 checkpoints have no `transformer.` prefix and carry attn.bias buffers."""
+    path, hf = hf_dir
+    state = {k[len("transformer."):]: v for k, v in hf.state_dict().items() if k.startswith("transformer.")}
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    ours = GPT.from_pretrained(tmp_path, backend="torch").eval()
+    idx = torch.randint(0, 211, (2, 25))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], hf(idx).logits) <= 1e-5
+
+
+def test_load_into_padded_vocab(hf_dir):
+    path, hf = hf_dir
+    ours = GPT.from_pretrained(path, backend="torch", vocab_multiple=64).eval()
+    assert ours.lm_head.weight.shape[0] == 256
+    idx = torch.randint(0, 211, (2, 25))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], hf(idx).logits) <= 1e-5
+
+
+def test_errors_name_the_file(tmp_path, hf_dir):
+    path, _ = hf_dir
+    with pytest.raises(UserInputError, match="not a directory"):
+        GPT.from_pretrained(tmp_path / "nope")
+    with pytest.raises(UserInputError, match="config.json: missing"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(UserInputError, match="no model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(tmp_path)
+    blob = (path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(UserInputError, match="model.safetensors: cannot be read, truncated or damaged"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["n_embd"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserInputError, match=r"model.safetensors: .* has shape .* the config"):
+        GPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserInputError, match="config.json: not valid JSON"):
+        GPT.from_pretrained(tmp_path)
+    del cfg["n_layer"]
+    cfg["n_embd"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserInputError, match="config.json: missing key 'n_layer'"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_truncated_pytorch_bin(tmp_path, hf_dir):
+    path, hf = hf_dir
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    blob = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(blob[:1000])
+    with pytest.raises(UserInputError, match="pytorch_model.bin: cannot be read"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_refuses_pickled_objects(tmp_path, hf_dir):
+    """weights_only loading: a checkpoint holding an arbitrary object is refused."""
+    path, hf = hf_dir
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    torch.save({"payload": object()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserInputError, match="pytorch_model.bin: cannot be read"):
+        GPT.from_pretrained(tmp_path)
