@@ -1,0 +1,526 @@
+"""kernels/layernorm.py: layer_norm and add_layer_norm against PyTorch and float64.
+
+On CPU the kernels run in Triton's interpreter (slow), so row counts stay small;
+the real GPT-2 shapes and bf16 run in the GPU-marked tests.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.layernorm import add_layer_norm, layer_norm
+from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
+                           poisoned_allocations)
+
+EXACT_DTYPES = [torch.float32, torch.float16]
+
+WIDTHS = [1, 3, 17, 257, 768, 1000, 3072]
+# (leading shape, C): every width with every row count of {1, 3, 17}, plus 3-D
+# leading shapes.
+LN_SHAPES = [((rows,), C) for C in WIDTHS for rows in (1, 3, 17)] + [
+    ((2, 3), 257), ((3, 1), 1000)]
+# The fused op: every width once, row counts varying, and a 3-D leading shape.
+ADD_SHAPES = [((17,), 1), ((3,), 3), ((1,), 17), ((17,), 257), ((3,), 768),
+              ((1,), 1000), ((3,), 3072), ((2, 3), 768)]
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _make(lead, C, dtype, seed, has_bias=True, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, C)
+    # Offset mean and non-unit spread so centring and scaling are both exercised.
+    x = (torch.randn(shape, generator=g) * 2.0 + 0.7).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    w = (1.0 + 0.5 * torch.randn(C, generator=g)).to(dtype)
+    b = (0.5 * torch.randn(C, generator=g)).to(dtype) if has_bias else None
+    dy = torch.randn(shape, generator=g).to(dtype)
+    dh = torch.randn(shape, generator=g).to(dtype)
+    move = (lambda t: t.to(DEVICE) if t is not None else None)
+    return tuple(move(t) for t in (x, r, w, b, dy, dh))
+
+
+def _grads(outs, grad_outs, inputs):
+    """Gradients of sum(out * g) w.r.t. inputs (None for inputs given as None)."""
+    live = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(outs, live, grad_outs)
+    it = iter(got)
+    return [next(it) if t is not None else None for t in inputs]
+
+
+def _ln_ref64(x, w, b, dy, eps=1e-5):
+    """LayerNorm and its gradients written out in float64: (y, dx, dweight, dbias).
+    Where the normalised row is exactly constant (C == 1) this gives exact zeros
+    for dx and dweight, where autograd through F.layer_norm leaves rounding noise."""
+    x, w, dy = x.double(), w.double(), dy.double()
+    C = x.shape[-1]
+    mean = x.mean(-1, keepdim=True)
+    xc = x - mean
+    rstd = 1.0 / torch.sqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    xhat = xc * rstd
+    y = xhat * w + (b.double() if b is not None else 0.0)
+    wdy = w * dy
+    dx = rstd * (wdy - wdy.mean(-1, keepdim=True) - xhat * (xhat * wdy).mean(-1, keepdim=True))
+    dw = (dy * xhat).reshape(-1, C).sum(0)
+    db = dy.reshape(-1, C).sum(0) if b is not None else None
+    return y, dx, dw, db
+
+
+def _check(name, ours, torch_out, ref64, rtol, skip_torch=False):
+    if not skip_torch:
+        assert_close(ours, torch_out, rtol, f"{name} vs PyTorch")
+    assert_close(ours, ref64, rtol, f"{name} vs float64")
+
+
+# ----------------------------------------------------------------------------- layer_norm
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", LN_SHAPES, ids=lambda v: str(v))
+def test_layer_norm_forward_backward(lead, C, dtype):
+    x, _, w, b, dy, _ = _make(lead, C, dtype, seed=C * 31 + len(lead))
+    rtol = RTOL[dtype]
+
+    xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+    with poisoned_allocations():
+        y = layer_norm(xs, ws, bs)
+        dx, dw, db = _grads([y], [dy], [xs, ws, bs])
+
+    xt, wt, bt = _leaf(x), _leaf(w), _leaf(b)
+    yt = F.layer_norm(xt, (C,), wt, bt, 1e-5)
+    dxt, dwt, dbt = _grads([yt], [dy], [xt, wt, bt])
+
+    y6, dx6, dw6, db6 = _ln_ref64(x, w, b, dy)
+
+    assert y.shape == x.shape and y.dtype == dtype
+    # With C == 1 the normalised row is exactly 0, so y == bias and dx ==
+    # dweight == 0 exactly; PyTorch returns rounding noise around these (relative
+    # error O(1) where bias is small), so there only the exact _ln_ref64 judges.
+    _check("y", y, yt, y6, rtol, skip_torch=C == 1)
+    _check("dx", dx, dxt, dx6, rtol, skip_torch=C == 1)
+    _check("dweight", dw, dwt, dw6, rtol, skip_torch=C == 1)
+    _check("dbias", db, dbt, db6, rtol)
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+def test_layer_norm_without_bias(dtype):
+    x, _, w, _, dy, _ = _make((3,), 257, dtype, seed=5, has_bias=False)
+    xs, ws = _leaf(x), _leaf(w)
+    with poisoned_allocations():
+        y = layer_norm(xs, ws, None)
+        dx, dw = _grads([y], [dy], [xs, ws])
+    xt, wt = _leaf(x), _leaf(w)
+    yt = F.layer_norm(xt, (257,), wt, None, 1e-5)
+    dxt, dwt = _grads([yt], [dy], [xt, wt])
+    rtol = RTOL[dtype]
+    assert_close(y, yt, rtol, "y")
+    assert_close(dx, dxt, rtol, "dx")
+    assert_close(dw, dwt, rtol, "dweight")
+
+
+def test_layer_norm_eps_is_used():
+    # A nearly constant row makes the result depend strongly on eps.
+    x, _, w, b, _, _ = _make((3,), 17, torch.float32, seed=6)
+    x = x * 1e-3
+    with poisoned_allocations():
+        y = layer_norm(x, w, b, eps=1e-2)
+    assert_close(y, F.layer_norm(x, (17,), w, b, 1e-2), RTOL[torch.float32], "y")
+
+
+def test_layer_norm_strided_inputs():
+    """A row-strided slice (handled without a copy), a transposed x (copied),
+    and upstream grads with a zero row stride or no unit column stride."""
+    C = 17
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(5, C + 6, generator=g).to(DEVICE)
+    w = torch.randn(C, generator=g).to(DEVICE)
+    b = torch.randn(C, generator=g).to(DEVICE)
+    v = torch.randn(C, generator=g).to(DEVICE)
+    rtol = RTOL[torch.float32]
+    inputs = {
+        "row-strided": base[:, 2:2 + C],
+        "transposed": torch.randn(C, 4, generator=g).to(DEVICE).t(),
+    }
+    for kind, x in inputs.items():
+        xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+        xt, wt, bt = _leaf(x), _leaf(w), _leaf(b)
+        with poisoned_allocations():
+            y = layer_norm(xs, ws, bs)
+            # dy = v broadcast over rows: row stride 0.
+            (y * v).sum().backward()
+        (F.layer_norm(xt, (C,), wt, bt, 1e-5) * v).sum().backward()
+        assert_close(y, F.layer_norm(x, (C,), w, b, 1e-5), rtol, f"{kind}: y")
+        assert_close(xs.grad, xt.grad, rtol, f"{kind}: dx")
+        assert_close(ws.grad, wt.grad, rtol, f"{kind}: dweight")
+        assert_close(bs.grad, bt.grad, rtol, f"{kind}: dbias")
+    # dy with no unit column stride.
+    x = inputs["row-strided"]
+    dy_t = torch.randn(C, x.shape[0], generator=g).to(DEVICE).t()
+    xs, xt = _leaf(x), _leaf(x)
+    with poisoned_allocations():
+        (dx,) = torch.autograd.grad(layer_norm(xs, w, b), [xs], dy_t)
+    (dxt,) = torch.autograd.grad(F.layer_norm(xt, (C,), w, b, 1e-5), [xt], dy_t)
+    assert_close(dx, dxt, rtol, "dx with transposed dy")
+
+
+def test_layer_norm_only_requested_grads():
+    x, _, w, b, dy, _ = _make((3,), 17, torch.float32, seed=8)
+    rtol = RTOL[torch.float32]
+    ref_x, ref_w, ref_b = _leaf(x), _leaf(w), _leaf(b)
+    _grads_ref = _grads([F.layer_norm(ref_x, (17,), ref_w, ref_b, 1e-5)], [dy],
+                        [ref_x, ref_w, ref_b])
+    # Only x.
+    xs = _leaf(x)
+    with poisoned_allocations():
+        layer_norm(xs, w, b).backward(dy)
+    assert_close(xs.grad, _grads_ref[0], rtol, "dx")
+    # Only weight and bias (the x grad is not computed: x needs none).
+    ws, bs = _leaf(w), _leaf(b)
+    with poisoned_allocations():
+        layer_norm(x, ws, bs).backward(dy)
+    assert_close(ws.grad, _grads_ref[1], rtol, "dweight")
+    assert_close(bs.grad, _grads_ref[2], rtol, "dbias")
+    # Only bias.
+    bs = _leaf(b)
+    ws = w.clone()
+    with poisoned_allocations():
+        layer_norm(x, ws, bs).backward(dy)
+    assert ws.grad is None
+    assert_close(bs.grad, _grads_ref[2], rtol, "dbias alone")
+
+
+def test_layer_norm_no_grad_mode():
+    x, _, w, b, _, _ = _make((3,), 17, torch.float32, seed=9)
+    with torch.no_grad(), poisoned_allocations():
+        y = layer_norm(_leaf(x), _leaf(w), _leaf(b))
+    assert not y.requires_grad
+    assert_close(y, F.layer_norm(x, (17,), w, b, 1e-5), RTOL[torch.float32], "y")
+
+
+# ----------------------------------------------------------------------------- add_layer_norm
+
+
+def _add_ln_reference(x, r, w, b, dy, dh, C, use_dh):
+    """PyTorch's (x + r, LN(x + r)) and the grads of (x, r, w, b), in the inputs' dtype."""
+    xs, rs, ws, bs = (_leaf(t) if t is not None else None for t in (x, r, w, b))
+    h = xs + rs
+    y = F.layer_norm(h, (C,), ws, bs, 1e-5)
+    outs, gouts = ([h, y], [dh, dy]) if use_dh else ([y], [dy])
+    return (h, y, *_grads(outs, gouts, [xs, rs, ws, bs]))
+
+
+def _add_ln_ref64(x, r, w, b, dy, dh, use_dh):
+    """The same in float64, with h rounded to the inputs' dtype first, as the op
+    (and PyTorch) rounds it: (y, dx, dresidual, dweight, dbias)."""
+    h = (x.double() + r.double()).to(x.dtype)
+    y, dx, dw, db = _ln_ref64(h, w, b, dy)
+    if use_dh:
+        dx = dx + dh.double()
+    return y, dx, dx, dw, db
+
+
+@pytest.mark.parametrize("use_dh", [False, True], ids=["dy-only", "dy+dh"])
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", ADD_SHAPES, ids=lambda v: str(v))
+def test_add_layer_norm_forward_backward(lead, C, dtype, use_dh):
+    x, r, w, b, dy, dh = _make(lead, C, dtype, seed=C * 7 + 1, residual=True)
+    rtol = RTOL[dtype]
+    xs, rs, ws, bs = _leaf(x), _leaf(r), _leaf(w), _leaf(b)
+    with poisoned_allocations():
+        h, y = add_layer_norm(xs, rs, ws, bs)
+        outs, gouts = ([h, y], [dh, dy]) if use_dh else ([y], [dy])
+        dx, dr, dw, db = _grads(outs, gouts, [xs, rs, ws, bs])
+    ht, yt, dxt, drt, dwt, dbt = _add_ln_reference(x, r, w, b, dy, dh, C, use_dh)
+    y6, dx6, dr6, dw6, db6 = _add_ln_ref64(x, r, w, b, dy, dh, use_dh)
+
+    assert h.shape == y.shape == x.shape and h.dtype == y.dtype == dtype
+    # h is one rounded add: it must equal PyTorch's bit for bit.
+    assert torch.equal(h, ht), "h differs from x + residual"
+    c1 = C == 1  # see test_layer_norm_forward_backward
+    _check("y", y, yt, y6, rtol, skip_torch=c1)
+    _check("dx", dx, dxt, dx6, rtol, skip_torch=c1)
+    _check("dresidual", dr, drt, dr6, rtol, skip_torch=c1)
+    _check("dweight", dw, dwt, dw6, rtol, skip_torch=c1)
+    _check("dbias", db, dbt, db6, rtol)
+
+
+def test_add_layer_norm_without_bias_and_unused_outputs():
+    C = 257
+    x, r, w, _, dy, dh = _make((3,), C, torch.float32, seed=11, has_bias=False, residual=True)
+    rtol = RTOL[torch.float32]
+    # Only h used: d(x) = d(residual) = dh, no weight grad.
+    xs, rs, ws = _leaf(x), _leaf(r), _leaf(w)
+    with poisoned_allocations():
+        h, _ = add_layer_norm(xs, rs, ws, None)
+        h.backward(dh)
+    assert torch.equal(xs.grad, dh) and torch.equal(rs.grad, dh)
+    assert ws.grad is None
+    # Only y used, bias None.
+    xs, rs, ws = _leaf(x), _leaf(r), _leaf(w)
+    with poisoned_allocations():
+        _, y = add_layer_norm(xs, rs, ws, None)
+        dx, dr, dw = _grads([y], [dy], [xs, rs, ws])
+    _, yt, dxt, drt, dwt, _ = _add_ln_reference(x, r, w, None, dy, dh, C, use_dh=False)
+    assert_close(y, yt, rtol, "y")
+    assert_close(dx, dxt, rtol, "dx")
+    assert_close(dr, drt, rtol, "dresidual")
+    assert_close(dw, dwt, rtol, "dweight")
+    # Only the residual needs a grad.
+    rs = _leaf(r)
+    with poisoned_allocations():
+        _, y = add_layer_norm(x, rs, w, None)
+        (dr2,) = torch.autograd.grad(y, [rs], dy)
+    assert_close(dr2, drt, rtol, "dresidual alone")
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+def test_deterministic_and_inputs_untouched():
+    """Same inputs twice: bit-identical outputs and grads. Neither forward nor
+    backward writes into inputs, upstream grads or saved tensors."""
+    C = 257
+    x, r, w, b, dy, dh = _make((17,), C, torch.float32, seed=12, residual=True)
+    originals = [t.clone() for t in (x, r, w, b, dy, dh)]
+
+    def run():
+        xs, rs, ws, bs = _leaf(x), _leaf(r), _leaf(w), _leaf(b)
+        with poisoned_allocations():
+            y = layer_norm(xs, ws, bs)
+            g1 = _grads([y], [dy], [xs, ws, bs])
+            h2, y2 = add_layer_norm(xs, rs, ws, bs)
+            g2 = _grads([h2, y2], [dh, dy], [xs, rs, ws, bs])
+        return [y.detach(), *g1, h2.detach(), y2.detach(), *g2]
+
+    first, second = run(), run()
+    for i, (a, c) in enumerate(zip(first, second)):
+        assert torch.equal(a, c), f"result {i} differs between identical runs"
+    for i, (t, o) in enumerate(zip((x, r, w, b, dy, dh), originals)):
+        assert torch.equal(t, o), f"input {i} was modified"
+
+
+def test_empty_rows_return_empty():
+    C = 8
+    for lead in [(0,), (2, 0)]:
+        x, r, w, b, _, _ = _make(lead, C, torch.float32, seed=13, residual=True)
+        xs, rs, ws, bs = _leaf(x), _leaf(r), _leaf(w), _leaf(b)
+        with poisoned_allocations():
+            y = layer_norm(xs, ws, bs)
+            assert y.shape == x.shape
+            y.sum().backward()
+        assert xs.grad.shape == x.shape
+        assert torch.equal(ws.grad, torch.zeros_like(w))
+        assert torch.equal(bs.grad, torch.zeros_like(b))
+        with poisoned_allocations():
+            h, y = add_layer_norm(xs, rs, ws, bs)
+            assert h.shape == y.shape == x.shape
+            (h.sum() + y.sum()).backward()
+        assert rs.grad.shape == x.shape
+
+
+def test_offsets_are_int64():
+    """Row offsets past 2**31 elements, cheaply: three rows 2**30 elements apart
+    in one lazily allocated buffer (only the touched pages are committed). With
+    int32 offset arithmetic the last row is read and written at a wrapped,
+    negative offset, which crashes the process (seen with the interpreter), so
+    the check runs in a child process and a crash fails this test cleanly."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "from tests.test_layernorm import _int64_offsets_check; _int64_offsets_check()"],
+        cwd=repo, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, (
+        f"int64 offset check failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _int64_offsets_check():
+    """Run by test_offsets_are_int64 in a child process. The buffer is float16
+    to keep its address space at 4 GiB."""
+    C, stride = 16, 2 ** 30
+    dtype = torch.float16
+    try:
+        buf = torch.empty(2 * stride + 4 * C, dtype=dtype, device=DEVICE)
+    except RuntimeError as e:  # no room for the address space
+        print(f"cannot reserve a 4 GiB buffer: {e}")
+        sys.exit(77)
+
+    def strided(slot, src):
+        t = buf.as_strided((3, C), (stride, 1), storage_offset=slot * C)
+        t.copy_(src)
+        return t
+
+    g = torch.Generator().manual_seed(14)
+    vals = [torch.randn(3, C, generator=g).to(dtype).to(DEVICE) for _ in range(4)]
+    x, r, dy, dh = (strided(i, v) for i, v in enumerate(vals))
+    w = torch.randn(C, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(C, generator=g).to(dtype).to(DEVICE)
+    rtol = RTOL[dtype]
+
+    xs_strided = x.detach().requires_grad_(True)  # keep the 2**30 row stride
+    with poisoned_allocations():
+        y = layer_norm(xs_strided, w, bias)
+        (dx,) = torch.autograd.grad(y, [xs_strided], dy)
+    xt = _leaf(vals[0])
+    yt = F.layer_norm(xt, (C,), w, bias, 1e-5)
+    (dxt,) = torch.autograd.grad(yt, [xt], vals[2])
+    assert_close(y, yt, rtol, "y (rows 2**30 apart)")
+    assert_close(dx, dxt, rtol, "dx (rows 2**30 apart)")
+
+    xa = x.detach().requires_grad_(True)
+    with poisoned_allocations():
+        h, y2 = add_layer_norm(xa, r, w, bias)
+        (dxa,) = torch.autograd.grad([h, y2], [xa], [dh, dy])
+    ht, yt2, dxt2, _, _, _ = _add_ln_reference(vals[0], vals[1], w, bias, vals[2], vals[3],
+                                               C, use_dh=True)
+    assert torch.equal(h, ht), "h (rows 2**30 apart)"
+    assert_close(y2, yt2, rtol, "add: y (rows 2**30 apart)")
+    assert_close(dxa, dxt2, rtol, "add: dx (rows 2**30 apart)")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _ok(C=8, dtype=torch.float32, device=DEVICE):
+    return (torch.randn(2, C, dtype=dtype, device=device),
+            torch.randn(C, dtype=dtype, device=device),
+            torch.randn(C, dtype=dtype, device=device))
+
+
+def test_rejects_bad_inputs():
+    x, w, b = _ok()
+    meta = torch.device("meta")
+    cases = [
+        (ValueError, "layer_norm: x is on device 'meta'",
+         lambda: layer_norm(x.to(meta), w.to(meta), b.to(meta))),
+        (ValueError, "layer_norm: weight is on device 'meta'",
+         lambda: layer_norm(x, w.to(meta), b)),
+        (ValueError, "add_layer_norm: residual is on device 'meta'",
+         lambda: add_layer_norm(x, x.to(meta), w, b)),
+        (TypeError, "layer_norm: weight has dtype float16",
+         lambda: layer_norm(x, w.half(), b)),
+        (TypeError, "layer_norm: bias has dtype float64",
+         lambda: layer_norm(x, w, b.double())),
+        (TypeError, "add_layer_norm: residual has dtype float16",
+         lambda: add_layer_norm(x, x.half(), w, b)),
+        (TypeError, "layer_norm: x has dtype int32",
+         lambda: layer_norm(x.int(), w.int(), b.int())),
+        (TypeError, "layer_norm: x has dtype float64",
+         lambda: layer_norm(x.double(), w.double(), b.double())),
+        (TypeError, "layer_norm: weight must be a torch.Tensor",
+         lambda: layer_norm(x, None, b)),
+        (ValueError, "layer_norm: weight has shape (9,)",
+         lambda: layer_norm(x, torch.randn(9, device=DEVICE), b)),
+        (ValueError, "layer_norm: weight has shape (1, 8)",
+         lambda: layer_norm(x, w[None], b)),
+        (ValueError, "layer_norm: bias has shape (4,)",
+         lambda: layer_norm(x, w, b[:4])),
+        (ValueError, "layer_norm: x is 0-d",
+         lambda: layer_norm(x[0, 0], w[:1], b[:1])),
+        (ValueError, "layer_norm: x has last dimension 0",
+         lambda: layer_norm(x[:, :0], w[:0], b[:0])),
+        (ValueError, "add_layer_norm: residual has shape (1, 8)",
+         lambda: add_layer_norm(x, x[:1], w, b)),
+        (ValueError, "layer_norm: eps must be",
+         lambda: layer_norm(x, w, b, eps=-1.0)),
+    ]
+    big = 65536 // 4 + 1
+    cases.append((ValueError, f"layer_norm: x has last dimension {big}; at most 16384",
+                  lambda: layer_norm(*_ok(C=big))))
+    for exc, msg, call in cases:
+        with pytest.raises(exc) as info:
+            call()
+        assert str(info.value).startswith(msg), f"expected {msg!r}, got {str(info.value)!r}"
+
+
+def test_rejects_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, b = _ok(device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="^layer_norm: x is on the CPU; a CUDA tensor is needed"):
+        layer_norm(x, w, b)
+    with pytest.raises(ValueError, match="^add_layer_norm: x is on the CPU"):
+        add_layer_norm(x, x, w, b)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+GPU_SHAPES = [((16, 1024), 768), ((64,), 8192), ((17,), 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead,C", GPU_SHAPES, ids=lambda v: str(v))
+def test_gpu_bf16_comparable(lead, C):
+    dtype = torch.bfloat16
+    x, r, w, b, dy, dh = _make(lead, C, dtype, seed=C, residual=True)
+    xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+    with poisoned_allocations():
+        y = layer_norm(xs, ws, bs)
+        grads = _grads([y], [dy], [xs, ws, bs])
+    xt, wt, bt = _leaf(x), _leaf(w), _leaf(b)
+    yt = F.layer_norm(xt, (C,), wt, bt, 1e-5)
+    grads_t = _grads([yt], [dy], [xt, wt, bt])
+    y6, *grads_6 = _ln_ref64(x, w, b, dy)
+    assert_bf16_comparable(y, yt, y6, "y")
+    for name, a, t, e in zip(("dx", "dweight", "dbias"), grads, grads_t, grads_6):
+        assert_bf16_comparable(a, t, e, name)
+
+    xs, rs, ws, bs = _leaf(x), _leaf(r), _leaf(w), _leaf(b)
+    with poisoned_allocations():
+        h, y = add_layer_norm(xs, rs, ws, bs)
+        grads = _grads([h, y], [dh, dy], [xs, rs, ws, bs])
+    ht, yt, *grads_t = _add_ln_reference(x, r, w, b, dy, dh, C, use_dh=True)
+    y6, *grads_6 = _add_ln_ref64(x, r, w, b, dy, dh, use_dh=True)
+    assert torch.equal(h, ht), "add: h differs from x + residual"
+    assert_bf16_comparable(y, yt, y6, "add: y")
+    for name, a, t, e in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_t, grads_6):
+        assert_bf16_comparable(a, t, e, f"add: {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", GPU_SHAPES + [((4,), 65536 // 4)], ids=lambda v: str(v))
+def test_gpu_real_shapes(lead, C, dtype):
+    if 65536 // torch.tensor([], dtype=dtype).element_size() < C:
+        pytest.skip("beyond this dtype's width limit")
+    x, _, w, b, dy, _ = _make(lead, C, dtype, seed=C + 3)
+    xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
+    with poisoned_allocations():
+        y = layer_norm(xs, ws, bs)
+        grads = _grads([y], [dy], [xs, ws, bs])
+    xt, wt, bt = _leaf(x), _leaf(w), _leaf(b)
+    yt = F.layer_norm(xt, (C,), wt, bt, 1e-5)
+    grads_t = _grads([yt], [dy], [xt, wt, bt])
+    y6, *grads_6 = _ln_ref64(x, w, b, dy)
+    rtol = RTOL[dtype]
+    _check("y", y, yt, y6, rtol)
+    for name, a, t, e in zip(("dx", "dweight", "dbias"), grads, grads_t, grads_6):
+        _check(name, a, t, e, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_more_than_2_31_elements():
+    """A contiguous (2**21 + 3, 1024) bf16 tensor (> 2**31 elements): the last rows
+    must match PyTorch on those rows alone."""
+    C, rows = 1024, 2 ** 21 + 3
+    g = torch.Generator(device=DEVICE).manual_seed(15)
+    x = torch.randn(rows, C, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(C, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(C, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    xs = x.requires_grad_(True)
+    y = layer_norm(xs, w, b)
+    dy = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(y, [xs], dy)
+    tail = slice(rows - 5, rows)
+    xt = _leaf(x[tail].float())
+    yt = F.layer_norm(xt, (C,), w.float(), b.float(), 1e-5)
+    (dxt,) = torch.autograd.grad(yt, [xt], dy[tail].float())
+    assert_close(y[tail].float(), yt, 1e-2, "y tail")
+    assert_close(dx[tail].float(), dxt, 2e-2, "dx tail")
