@@ -1,0 +1,321 @@
+"""kernels.adamw.FusedAdamW against torch.optim.AdamW."""
+import io
+
+import pytest
+import torch
+
+from kernels.adamw import FusedAdamW
+from tests.helpers import DEVICE, ON_GPU, assert_bf16_comparable, assert_close, poisoned_allocations
+
+SHAPES = [(1,), (3,), (17, 33), (257,)]
+LRS = [1e-2, 5e-3, 2e-2, 1e-3, 1e-2, 3e-3, 1e-2, 8e-3, 2e-3, 1e-2]
+
+
+def _params(seed, dtype=torch.float32, device=DEVICE, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+
+
+def _grads(seed, n_steps, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) for s in shapes] for _ in range(n_steps)]
+
+
+def _no_grad_at(step, index):
+    # Parameter 1 gets no gradient at steps 3 and 7; parameter 3 at step 5.
+    return (step in (3, 7) and index == 1) or (step == 5 and index == 3)
+
+
+def _groups(params, lr=1e-2):
+    # A decay group and a no-decay group, like GPT-2's configure_optimizers.
+    return [{"params": [params[2], params[3]], "weight_decay": 0.1},
+            {"params": [params[0], params[1]], "weight_decay": 0.0}]
+
+
+def _run(opt, params, grads, steps, lrs=LRS, set_lr=None):
+    for s in steps:
+        for i, p in enumerate(params):
+            p.grad = None if _no_grad_at(s, i) else grads[s][i].to(p.device, p.dtype)
+        for group in opt.param_groups:
+            group["lr"] = lrs[s]
+        with poisoned_allocations():
+            opt.step()
+
+
+def _make(kind, params):
+    cls = FusedAdamW if kind == "fused" else torch.optim.AdamW
+    return cls(_groups(params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _leaves(seed, device=DEVICE, dtype=torch.float32):
+    return [p.requires_grad_() for p in _params(seed, dtype, device)]
+
+
+def test_matches_torch_adamw_ten_steps():
+    ours, ref = _leaves(0), _leaves(0)
+    grads = _grads(1, 10)
+    opt, ref_opt = _make("fused", ours), _make("torch", ref)
+    _run(opt, ours, grads, range(10))
+    _run(ref_opt, ref, grads, range(10))
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+        st, rst = opt.state[p], ref_opt.state[r]
+        assert st["step"].item() == rst["step"].item()
+        assert_close(st["exp_avg"], rst["exp_avg"], 1e-6, f"exp_avg {i}")
+        assert_close(st["exp_avg_sq"], rst["exp_avg_sq"], 1e-6, f"exp_avg_sq {i}")
+    assert opt.state[ours[1]]["step"].item() == 8  # skipped twice
+
+
+def test_bias_correction_precise_at_first_step():
+    # One step with beta2 = 0.999 from zero params, so the params are the update
+    # itself: computing 1 - beta2 in float32 would be off by ~1e-5 here.
+    ours = [torch.zeros(s, device=DEVICE, requires_grad=True) for s in SHAPES]
+    ref = [torch.zeros(s, device=DEVICE, requires_grad=True) for s in SHAPES]
+    for p, r, g in zip(ours, ref, _grads(2, 1)[0]):
+        p.grad, r.grad = g.to(DEVICE), g.to(DEVICE)
+    FusedAdamW(ours, lr=0.1, betas=(0.9, 0.999), weight_decay=0.0).step()
+    torch.optim.AdamW(ref, lr=0.1, betas=(0.9, 0.999), weight_decay=0.0).step()
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 5e-7, f"update {i}")
+
+
+def test_state_dict_round_trip_equals_uninterrupted():
+    grads = _grads(3, 10)
+    full = _leaves(4)
+    opt = _make("fused", full)
+    _run(opt, full, grads, range(10))
+
+    first = _leaves(4)
+    opt_a = _make("fused", first)
+    _run(opt_a, first, grads, range(5))
+    buf = io.BytesIO()
+    torch.save({"model": [p.detach() for p in first], "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    second = [p.clone().requires_grad_() for p in ckpt["model"]]
+    opt_b = _make("fused", second)
+    opt_b.load_state_dict(ckpt["opt"])
+    _run(opt_b, second, grads, range(5, 10))
+    for i, (p, r) in enumerate(zip(second, full)):
+        assert torch.equal(p.detach(), r.detach()), f"param {i} differs after resume"
+        assert torch.equal(opt_b.state[p]["exp_avg_sq"], opt.state[r]["exp_avg_sq"])
+
+
+def test_state_dict_has_torch_format():
+    params = _leaves(5)
+    opt = _make("fused", params)
+    _run(opt, params, _grads(6, 1), range(1))
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.is_tensor(sd["state"][0]["step"]) and sd["state"][0]["step"].dtype == torch.float32
+    assert sd["state"][0]["exp_avg"].shape == params[2].shape
+    assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3]]
+    assert sd["param_groups"][0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("direction", ["torch_to_fused", "fused_to_torch"])
+def test_cross_loading_with_torch_adamw(direction):
+    grads = _grads(7, 10)
+    ref = _leaves(8)
+    ref_opt = _make("torch", ref)
+    _run(ref_opt, ref, grads, range(10))
+
+    first_kind, second_kind = ("torch", "fused") if direction == "torch_to_fused" else ("fused", "torch")
+    first = _leaves(8)
+    opt_a = _make(first_kind, first)
+    _run(opt_a, first, grads, range(5))
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    buf.seek(0)
+    second = [p.detach().clone().requires_grad_() for p in first]
+    opt_b = _make(second_kind, second)
+    opt_b.load_state_dict(torch.load(buf))
+    _run(opt_b, second, grads, range(5, 10))
+    for i, (p, r) in enumerate(zip(second, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+        assert opt_b.state[p]["step"].item() == ref_opt.state[r]["step"].item()
+
+
+def test_params_sharing_storage_and_untouched_neighbours():
+    # Params are arbitrary addresses: here contiguous slices of one buffer with
+    # bytes in between that belong to nobody and must not change.
+    big = torch.randn(200, device=DEVICE)
+    before = big.clone()
+    a = torch.nn.Parameter(big[10:40].view(5, 6))
+    b = torch.nn.Parameter(big[100:103])
+    a_ref = torch.nn.Parameter(before[10:40].view(5, 6).clone())
+    b_ref = torch.nn.Parameter(before[100:103].clone())
+    opt = FusedAdamW([b, a], lr=0.05)
+    ref_opt = torch.optim.AdamW([b_ref, a_ref], lr=0.05)
+    for s in range(3):
+        for p, r in ((a, a_ref), (b, b_ref)):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(s))
+            p.grad, r.grad = g.to(DEVICE), g.to(DEVICE)
+        opt.step()
+        ref_opt.step()
+    assert_close(a.detach(), a_ref.detach(), 1e-6, "a")
+    assert_close(b.detach(), b_ref.detach(), 1e-6, "b")
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[10:40] = False
+    untouched[100:103] = False
+    assert torch.equal(big[untouched], before[untouched])
+
+
+def test_param_never_given_grad_is_untouched():
+    params = _leaves(9)
+    before = [p.detach().clone() for p in params]
+    opt = FusedAdamW(params, lr=0.1, weight_decay=0.5)
+    for _ in range(2):
+        for p in params[1:]:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(params[0].detach(), before[0])
+    assert opt.state[params[0]]["step"].item() == 0
+    assert not torch.equal(params[1].detach(), before[1])
+    assert opt.step() is None  # still fine when the set of grads does not change
+
+
+def test_empty_param_and_zero_lr():
+    params = [torch.zeros(0, device=DEVICE, requires_grad=True),
+              torch.randn(7, device=DEVICE, requires_grad=True)]
+    opt = FusedAdamW(params, lr=0.1, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.set_lr(0.0)
+    before = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1].detach(), before)
+    assert opt.param_groups[0]["lr"] == 0.0
+    opt.set_lr(0.1)
+    opt.step()
+    assert not torch.equal(params[1].detach(), before)
+    assert opt.state[params[0]]["step"].item() == 2
+
+
+def test_closure_is_called():
+    p = torch.randn(5, device=DEVICE, requires_grad=True)
+    opt = FusedAdamW([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and p.grad is not None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": -1.0}, "Invalid learning rate"),
+    ({"eps": -1e-8}, "Invalid epsilon"),
+    ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+    ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
+    ({"weight_decay": -0.1}, "Invalid weight_decay"),
+])
+def test_invalid_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedAdamW([torch.randn(3, device=DEVICE, requires_grad=True)], **kwargs)
+
+
+def test_invalid_group_hyperparameter():
+    p = torch.randn(3, device=DEVICE, requires_grad=True)
+    q = torch.randn(3, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        FusedAdamW([{"params": [p]}, {"params": [q], "lr": -1.0}])
+
+
+def test_sparse_grad_rejected():
+    p = torch.randn(4, 3, device=DEVICE, requires_grad=True)
+    opt = FusedAdamW([p])
+    p.grad = torch.randn(4, 3, device=DEVICE).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_bad_param_groups_rejected():
+    a = torch.randn(3, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="on one device"):
+        FusedAdamW([a, torch.randn(3, device="meta", requires_grad=True)])
+    with pytest.raises(TypeError, match="dtype"):
+        FusedAdamW([a, torch.randn(3, device=DEVICE, dtype=torch.float64, requires_grad=True)])
+    with pytest.raises(TypeError, match="supported: float32, bfloat16"):
+        FusedAdamW([torch.randn(3, device=DEVICE, dtype=torch.float16, requires_grad=True)])
+    with pytest.raises(ValueError, match="not contiguous"):
+        FusedAdamW([torch.randn(4, 5, device=DEVICE).t().requires_grad_()])
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter message")
+def test_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA tensors are needed"):
+        FusedAdamW([torch.randn(3, requires_grad=True)])
+
+
+def test_load_rejects_amsgrad_and_mismatched_groups():
+    params = _leaves(10)
+    ref_opt = torch.optim.AdamW(params, amsgrad=True)
+    opt = FusedAdamW(params)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(ref_opt.state_dict())
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(_make("torch", _leaves(10)).state_dict())
+
+
+@pytest.mark.gpu
+def test_bf16_params_on_gpu():
+    """bf16 params, fp32 moments, no master copy: no worse than twice torch's own
+    bf16 AdamW error against a float64 run."""
+    grads = _grads(11, 10)
+    ours = _leaves(12, "cuda", torch.bfloat16)
+    ref_bf16 = _leaves(12, "cuda", torch.bfloat16)
+    ref64 = _leaves(12, "cuda", torch.float64)
+    _run(_make("fused", ours), ours, grads, range(10), lrs=[2e-2] * 10)
+    _run(_make("torch", ref_bf16), ref_bf16, grads, range(10), lrs=[2e-2] * 10)
+    _run(_make("torch", ref64), ref64, grads, range(10), lrs=[2e-2] * 10)
+    for i, (p, r, r64) in enumerate(zip(ours, ref_bf16, ref64)):
+        assert p.dtype == torch.bfloat16
+        assert_bf16_comparable(p.detach(), r.detach(), r64.detach(), name=f"param {i}")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_matches_eager():
+    grads = _grads(13, 8)
+    static = _leaves(14, "cuda")
+    eager = _leaves(14, "cuda")
+    for p in static:
+        p.grad = torch.zeros_like(p)
+    opt_g = FusedAdamW(_groups(static), lr=1e-2, betas=(0.9, 0.95))
+    opt_e = FusedAdamW(_groups(eager), lr=1e-2, betas=(0.9, 0.95))
+
+    def load_grads(s):
+        for p, g in zip(static, grads[s]):
+            p.grad.copy_(g)
+
+    # Warm up on a side stream (compiles the kernel, builds the table), as
+    # CUDA graphs require; step 0 is this eager warm-up.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load_grads(0)
+        opt_g.set_lr(LRS[0])
+        opt_g.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for s in range(1, 8):
+        load_grads(s)
+        opt_g.set_lr(LRS[s])
+        graph.replay()
+
+    for s in range(8):
+        for p, g in zip(eager, grads[s]):
+            p.grad = g.to("cuda")
+        opt_e.set_lr(LRS[s])
+        opt_e.step()
+    torch.cuda.synchronize()
+    for i, (p, e) in enumerate(zip(static, eager)):
+        assert torch.equal(p.detach(), e.detach()), f"param {i}: graph replay != eager"
+        assert opt_g.state[p]["step"].item() == 8

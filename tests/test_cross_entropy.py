@@ -1,0 +1,283 @@
+"""kernels.cross_entropy.linear_cross_entropy against F.cross_entropy on materialised logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.cross_entropy import linear_cross_entropy
+from tests.helpers import (DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
+                           assert_close, poisoned_allocations, rel_err)
+
+IGNORE = -100
+
+
+def _inputs(n, c, v, num_classes, dtype, seed, ignore_frac=0.2, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g)
+    w = torch.randn(v, c, generator=g) * (1.5 / c ** 0.5)
+    t = torch.randint(0, num_classes, (n,), generator=g)
+    drop = torch.rand(n, generator=g) < ignore_frac
+    t[drop] = IGNORE
+    if lead is not None:
+        x = x.view(*lead, c)
+        t = t.view(*lead)
+    return (x.to(DEVICE, dtype).requires_grad_(), w.to(DEVICE, dtype).requires_grad_(),
+            t.to(DEVICE))
+
+
+def _ours(x, w, t, **kw):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    with poisoned_allocations():
+        loss = linear_cross_entropy(x, w, t, **kw)
+        loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def _torch(x, w, t, num_classes, dtype=None):
+    """The oracle: full logits, sliced to the real classes, softmax in fp32."""
+    x = x.detach().clone()
+    w = w.detach().clone()
+    if dtype is not None:
+        x, w = x.to(dtype), w.to(dtype)
+    x.requires_grad_()
+    w.requires_grad_()
+    logits = (x @ w.T)[..., :num_classes]
+    loss = F.cross_entropy(logits.reshape(-1, num_classes).float(), t.reshape(-1),
+                           ignore_index=IGNORE)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+# (N, C, V, num_classes, chunk_size): odd sizes, padded vocab, chunk boundaries
+# that do and do not divide N, one chunk, one row per chunk.
+CASES = [
+    (1, 16, 64, 64, None),
+    (37, 32, 257, 250, 16),
+    (64, 24, 257, 257, 64),
+    (70, 48, 1000, 1000, 32),
+    (13, 16, 300, 129, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", TEST_DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,v,num_classes,chunk", CASES)
+def test_matches_torch(n, c, v, num_classes, chunk, dtype):
+    x, w, t = _inputs(n, c, v, num_classes, dtype, seed=n * 1000 + v)
+    loss, dx, dw = _ours(x, w, t, num_classes=num_classes, chunk_size=chunk)
+    ref_loss, ref_dx, ref_dw = _torch(x, w, t, num_classes)
+    f64_loss, f64_dx, f64_dw = _torch(x, w, t, num_classes, dtype=torch.float64)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert dx.dtype == dtype and dw.dtype == dtype
+    if dtype == torch.bfloat16:
+        for name, ours, ref, f64 in (("loss", loss, ref_loss, f64_loss), ("dx", dx, ref_dx, f64_dx),
+                                     ("dweight", dw, ref_dw, f64_dw)):
+            assert_bf16_comparable(ours, ref, f64, name=name)
+        return
+    rtol = RTOL[dtype]
+    assert_close(loss, ref_loss, rtol, "loss")
+    assert_close(dx, ref_dx, rtol, "dx")
+    assert_close(dw, ref_dw, rtol, "dweight")
+    # Against float64: no worse than twice PyTorch's own error in this dtype.
+    for name, ours, ref, f64 in (("loss", loss, ref_loss, f64_loss), ("dx", dx, ref_dx, f64_dx),
+                                 ("dweight", dw, ref_dw, f64_dw)):
+        assert rel_err(ours, f64) <= 2 * max(rel_err(ref, f64), 1e-6), name
+
+
+def test_padded_rows_get_zero_gradient():
+    num_classes = 200
+    x, w, t = _inputs(20, 16, 256, num_classes, torch.float32, seed=1)
+    _, _, dw = _ours(x, w, t, num_classes=num_classes, chunk_size=8)
+    assert torch.all(dw[num_classes:] == 0)
+    assert dw[:num_classes].abs().sum() > 0
+
+
+def test_leading_dims_and_int32_targets():
+    x, w, t = _inputs(2 * 9, 16, 130, 130, torch.float32, seed=2, lead=(2, 9))
+    loss, dx, dw = _ours(x, w, t.to(torch.int32), chunk_size=7)
+    ref_loss, ref_dx, ref_dw = _torch(x, w, t, 130)
+    assert dx.shape == x.shape
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(dx, ref_dx, 1e-5, "dx")
+    assert_close(dw, ref_dw, 1e-5, "dweight")
+
+
+def test_nonzero_ignore_index_inside_class_range():
+    # ignore_index may be a real class id: rows with it must not count.
+    x, w, t = _inputs(24, 16, 64, 64, torch.float32, seed=3, ignore_frac=0.0)
+    t[::3] = 5
+    x_, w_ = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with poisoned_allocations():
+        loss = linear_cross_entropy(x_, w_, t, ignore_index=5, chunk_size=10)
+        loss.backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy((xr @ wr.T).float(), t, ignore_index=5)
+    ref.backward()
+    assert_close(loss, ref.detach(), 1e-5, "loss")
+    assert_close(x_.grad, xr.grad, 1e-5, "dx")
+    assert_close(w_.grad, wr.grad, 1e-5, "dweight")
+
+
+def test_all_ignored_gives_zero_loss_and_grads():
+    x, w, t = _inputs(10, 16, 64, 64, torch.float32, seed=4)
+    t[:] = IGNORE
+    loss, dx, dw = _ours(x, w, t, chunk_size=4)
+    assert loss.item() == 0.0
+    assert torch.all(dx == 0) and torch.all(dw == 0)
+
+
+def test_empty_input():
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, 16, device=DEVICE, requires_grad=True)
+    t = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    loss = linear_cross_entropy(x, w, t)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert x.grad.shape == x.shape and torch.all(w.grad == 0)
+
+
+def test_grad_output_scaling_and_retained_graph():
+    x, w, t = _inputs(19, 16, 100, 90, torch.float32, seed=5)
+    _, ref_dx, ref_dw = _torch(x, w, t, 90)
+    with poisoned_allocations():
+        loss = linear_cross_entropy(x, w, t, num_classes=90, chunk_size=8)
+        (3.0 * loss).backward(retain_graph=True)
+        dx1, dw1 = x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+        (-0.5 * loss).backward()  # the saved gradients must not have been scaled in place
+    assert_close(dx1, 3.0 * ref_dx, 1e-5, "dx*3")
+    assert_close(dw1, 3.0 * ref_dw, 1e-5, "dweight*3")
+    assert_close(x.grad, -0.5 * ref_dx, 1e-5, "dx*-0.5")
+    assert_close(w.grad, -0.5 * ref_dw, 1e-5, "dweight*-0.5")
+
+
+def test_only_requested_grads_and_no_grad():
+    x, w, t = _inputs(12, 16, 64, 64, torch.float32, seed=6)
+    ref_loss, ref_dx, _ = _torch(x, w, t, 64)
+    w_frozen = w.detach()
+    with poisoned_allocations():
+        loss = linear_cross_entropy(x, w_frozen, t, chunk_size=5)
+        loss.backward()
+    assert w_frozen.grad is None
+    assert_close(x.grad, ref_dx, 1e-5, "dx")
+    with torch.no_grad(), poisoned_allocations():
+        loss2 = linear_cross_entropy(x, w, t, chunk_size=5)
+    assert not loss2.requires_grad
+    assert_close(loss2, ref_loss, 1e-5, "loss (no_grad)")
+
+
+def test_inputs_not_modified():
+    x, w, t = _inputs(16, 16, 64, 60, torch.float32, seed=7)
+    x0, w0, t0 = x.detach().clone(), w.detach().clone(), t.clone()
+    _ours(x, w, t, num_classes=60, chunk_size=6)
+    assert torch.equal(x.detach(), x0) and torch.equal(w.detach(), w0) and torch.equal(t, t0)
+
+
+def _bad_args():
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(16, 8, device=DEVICE)
+    t = torch.randint(0, 16, (4,), device=DEVICE)
+    return [
+        ((x.double(), w.double(), t), {}, TypeError, "x has dtype"),
+        ((x, w.half(), t), {}, TypeError, "weight has dtype"),
+        ((x, w, t.float()), {}, TypeError, "targets has dtype"),
+        ((x, w[0], t), {}, ValueError, "weight must be 2-D"),
+        ((x, w[:, :7], t), {}, ValueError, "x has 8 features"),
+        ((x, w, t[:3]), {}, ValueError, "targets has shape"),
+        ((x, w, t), {"num_classes": 0}, ValueError, "num_classes"),
+        ((x, w, t), {"num_classes": 17}, ValueError, "num_classes"),
+        ((x, w, torch.tensor([0, 1, 16, 2], device=DEVICE)), {}, ValueError, "targets contains 16"),
+        ((x, w, torch.tensor([0, 1, 12, 2], device=DEVICE)), {"num_classes": 12}, ValueError,
+         "targets contains 12"),
+        ((x, w, torch.tensor([0, -1, 3, 2], device=DEVICE)), {}, ValueError, "targets contains -1"),
+        ((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
+        ((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ((x.numpy() if not ON_GPU else None, w, t), {}, TypeError, "x must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_bad_inputs(case):
+    args, kwargs, exc, msg = _bad_args()[case]
+    with pytest.raises(exc, match=f"^linear_cross_entropy: .*{msg}"):
+        linear_cross_entropy(*args, **kwargs)
+
+
+def test_mixed_devices_rejected():
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(16, 8, device="meta")
+    t = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="^linear_cross_entropy: weight is on meta"):
+        linear_cross_entropy(x, w, t)
+
+
+def test_check_targets_off_still_correct_for_valid_targets():
+    x, w, t = _inputs(9, 16, 64, 64, torch.float32, seed=8)
+    x_ = x.detach().clone().requires_grad_()
+    with poisoned_allocations():
+        loss = linear_cross_entropy(x_, w.detach(), t, check_targets=False, chunk_size=4)
+    ref_loss, _, _ = _torch(x, w, t, 64)
+    assert_close(loss.detach(), ref_loss, 1e-5, "loss")
+
+
+@pytest.mark.gpu
+def test_gpt2_size_memory_and_values():
+    """N=16384 rows of GPT-2's padded vocab in bf16: >= 4x less peak memory than
+    materialised logits + F.cross_entropy, with comparable accuracy."""
+    n, c, v, num_classes = 16384, 768, 50304, 50257
+    torch.manual_seed(0)
+    x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(v, c, device="cuda") * 0.02).to(torch.bfloat16)
+    t = torch.randint(0, num_classes, (n,), device="cuda")
+    t[::17] = IGNORE
+
+    def peak(fn):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn(xg, wg)
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, loss.detach(), xg.grad, wg.grad
+
+    def reference(xg, wg):
+        logits = (xg @ wg.T)[:, :num_classes]
+        return F.cross_entropy(logits.float(), t, ignore_index=IGNORE)
+
+    ours_peak, loss, dx, dw = peak(lambda xg, wg: linear_cross_entropy(xg, wg, t, num_classes=num_classes))
+    ref_peak, ref_loss, ref_dx, ref_dw = peak(reference)
+    assert ours_peak * 4 <= ref_peak, f"peak {ours_peak / 2**30:.2f} GiB vs reference {ref_peak / 2**30:.2f} GiB"
+    # A float64 reference on a slice of rows keeps this affordable.
+    rows = slice(0, 512)
+    xs = x[rows].double().requires_grad_()
+    ws = w.double().requires_grad_()
+    lr = F.cross_entropy((xs @ ws.T)[:, :num_classes], t[rows], ignore_index=IGNORE, reduction="sum")
+    lr.backward()
+    f64_dx = xs.grad / (t != IGNORE).sum()
+    assert_bf16_comparable(dx[rows], ref_dx[rows], f64_dx, name="dx")
+    assert abs(loss.item() - ref_loss.item()) <= 2e-2 * abs(ref_loss.item())
+    assert rel_err(dw, ref_dw) <= 2e-2
+    assert torch.all(dw[num_classes:] == 0)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_fp32_inputs():
+    """Under bf16 autocast, fp32 x and weight: logits in bf16, grads back in fp32."""
+    x, w, t = _inputs(300, 64, 1000, 1000, torch.float32, seed=9)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, dx, dw = _ours(x, w, t, chunk_size=128)
+        ref_loss, ref_dx, ref_dw = _torch(x, w, t, 1000)
+    f64_loss, f64_dx, f64_dw = _torch(x, w, t, 1000, dtype=torch.float64)
+    assert dx.dtype == torch.float32 and dw.dtype == torch.float32
+    assert_bf16_comparable(loss, ref_loss, f64_loss, name="loss")
+    assert_bf16_comparable(dx, ref_dx, f64_dx, name="dx")
+    assert_bf16_comparable(dw, ref_dw, f64_dw, name="dweight")
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter message")
+def test_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, t = torch.randn(4, 8), torch.randn(16, 8), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^linear_cross_entropy: x is on cpu; a CUDA tensor is needed"):
+        linear_cross_entropy(x, w, t)
