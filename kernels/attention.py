@@ -1,0 +1,652 @@
+"""Fused scaled-dot-product attention (FlashAttention-2 style) in Triton.
+
+Forward: one program per (query block, batch*head) streams key/value blocks
+through an online softmax (running max `m_i` and sum `l_i`, base-2 exponentials
+with `sm_scale * log2(e)` folded into the scores) and writes the output once,
+plus the per-row log-sum-exp for the backward pass.
+
+Backward: `delta = rowsum(dO * O)`, then one kernel where each program owns a
+key block and walks the query blocks that see it (dK, dV), and one where each
+program owns a query block and walks the key blocks it sees (dQ). P is
+recomputed from the saved log-sum-exp; nothing of size T x T is stored and no
+atomics are used, so gradients are deterministic.
+
+Causal masking is aligned to the END of the keys: query i of Tq sits at
+absolute position Tk - Tq + i and sees keys 0 .. Tk - Tq + i (for Tq == Tk this
+is the usual lower-triangular mask; for Tq < Tk it is what decoding with a KV
+cache needs).
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The flag is read when `@triton.jit` decorates a function, so the value at
+# import time is the one the kernels below were built with.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Lengths and head counts change between calls; specialising on their value
+# (== 1, divisible by 16) would only multiply compilations.
+_VARYING_INTS = ["H", "Tq", "Tk", "TQ_KEY", "TK_KEY"]
+
+
+# ----------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step,
+                    lo, hi, qk_scale, q_pos, offs_n, Tk,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # The pointers arrive already pointing at key `lo`; they leave pointing at
+    # key `hi`, so a second stage can continue where this one stopped.
+    for start_n in range(lo, hi, BLOCK_N):
+        if MASKED:
+            kv_ok = (start_n + offs_n) < Tk
+            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            if CAUSAL:
+                keep = (start_n + offs_n)[None, :] <= q_pos[:, None]
+            else:
+                keep = kv_ok[None, :]
+            s = tl.where(keep, s, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(s, 1))
+            # A row with every key masked so far keeps m = -inf; subtracting a
+            # finite stand-in gives exp2(-inf) = 0 instead of NaN.
+            m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        else:
+            m_ij = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_ij
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_ij
+        k_ptrs += k_step
+        v_ptrs += v_step
+    return acc, l_i, m_i, k_ptrs, v_ptrs
+
+
+@triton.jit(do_not_specialize=_VARYING_INTS)
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_om, stride_od,
+              H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One flat grid axis (no 65535 limit on B*H). Within a head, the query
+    # blocks run last-first so that under causal masking the longest programs
+    # start first and the short ones fill the tail.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Tq, BLOCK_M)
+    off_hz = pid // num_m
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # Block origins go into the base pointers in int64; the offsets inside a
+    # tile stay small int32.
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh \
+        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh \
+        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
+    v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
+
+    row_ok = (start_m + offs_m) < Tq
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        # Absolute position of each query; the first row of the block sees
+        # keys 0 .. shift + start_m, so whole key blocks below that need no mask.
+        shift = Tk - Tq
+        q_pos = shift + start_m + offs_m
+        hi_full = ((shift + start_m + 1) // BLOCK_N) * BLOCK_N
+        hi_diag = tl.minimum(shift + start_m + BLOCK_M, Tk)
+    else:
+        q_pos = start_m + offs_m
+        hi_full = (Tk // BLOCK_N) * BLOCK_N
+        hi_diag = Tk
+    # Stage 1: key blocks every row of this block sees completely: no masks.
+    acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, 0, hi_full, qk_scale,
+        q_pos, offs_n, Tk, False, CAUSAL, BLOCK_N, PRECISION)
+    # Stage 2: the diagonal band (causal) or the ragged last block.
+    acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, hi_full, hi_diag, qk_scale,
+        q_pos, offs_n, Tk, True, CAUSAL, BLOCK_N, PRECISION)
+
+    # Rows that saw no key at all (only padding rows can) get O = 0 and
+    # LSE = +inf, which makes their recomputed P exactly 0 in the backward.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+
+    o_base = O + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse_base = LSE + off_hz.to(tl.int64) * Tq + start_m
+    tl.store(lse_base + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["H", "Tq"])
+def _attn_bwd_preprocess(O, DO, DELTA,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_db, stride_dh, stride_dm, stride_dd,
+                         H, Tq,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Tq, BLOCK_M)
+    off_hz = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (start_m + offs_m) < Tq
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om \
+        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    do_ptrs = DO + off_b * stride_db + off_h * stride_dh + start_m.to(tl.int64) * stride_dm \
+        + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd
+    o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    tl.store(DELTA + off_hz.to(tl.int64) * Tq + start_m + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
+                         lo, hi, qk_scale, k_pos, offs_m, Tq, shift,
+                         MASKED: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    # Scores are built transposed (keys x queries) so dK and dV accumulate
+    # with plain dots and no transposed accumulator.
+    for start_m in range(lo, hi, BLOCK_M):
+        row_ok = (start_m + offs_m) < Tq
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        # +inf for padding rows makes their P exactly zero without a mask.
+        lse = tl.load(lse_ptrs + start_m + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptrs + start_m + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            keep = k_pos[:, None] <= (shift + start_m + offs_m)[None, :]
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        q_ptrs += q_step
+        do_ptrs += do_step
+    return dk, dv, q_ptrs, do_ptrs
+
+
+@triton.jit(do_not_specialize=_VARYING_INTS)
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(Tk, BLOCK_N)
+    off_hz = pid // num_n
+    # Early key blocks are seen by the most queries under causal masking:
+    # start those first.
+    start_n = (pid % num_n) * BLOCK_N
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_pos = start_n + offs_n
+    col_ok = k_pos < Tk
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + start_n.to(tl.int64) * stride_kn
+                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + start_n.to(tl.int64) * stride_vn
+                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+
+    if CAUSAL:
+        shift = Tk - Tq
+        # First query that sees key start_n, rounded down to a block; queries
+        # from m_mid on see every key of this block.
+        m_lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
+        m_mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        m_mid = tl.minimum(m_mid, Tq)
+    else:
+        shift = 0
+        m_lo = 0
+        m_mid = 0
+    m_lo64 = tl.cast(m_lo, tl.int64)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + m_lo64 * stride_qm \
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + m_lo64 * stride_dom \
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
+    do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
+    lse_ptrs = LSE + off_hz.to(tl.int64) * Tq
+    delta_ptrs = DELTA + off_hz.to(tl.int64) * Tq
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # Diagonal band (causal only): masked.
+    dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
+        m_lo, m_mid, qk_scale, k_pos, offs_m, Tq, shift, True, BLOCK_M, PRECISION)
+    # Query blocks that see the whole key block: no mask.
+    dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
+        m_mid, Tq, qk_scale, k_pos, offs_m, Tq, shift, False, BLOCK_M, PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + start_n.to(tl.int64) * stride_dkn
+             + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + start_n.to(tl.int64) * stride_dvn
+             + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step,
+                       lo, hi, qk_scale, q_pos, offs_n, Tk,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        if MASKED:
+            kv_ok = (start_n + offs_n) < Tk
+            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            if CAUSAL:
+                keep = (start_n + offs_n)[None, :] <= q_pos[:, None]
+            else:
+                keep = kv_ok[None, :]
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        k_ptrs += k_step
+        v_ptrs += v_step
+    return dq, k_ptrs, v_ptrs
+
+
+@triton.jit(do_not_specialize=_VARYING_INTS)
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Tq, BLOCK_M)
+    off_hz = pid // num_m
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (start_m + offs_m) < Tq
+    start_m64 = start_m.to(tl.int64)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
+                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + start_m64 * stride_dom
+                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    row_base = off_hz.to(tl.int64) * Tq + start_m
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh \
+        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh \
+        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
+    v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
+
+    if CAUSAL:
+        shift = Tk - Tq
+        q_pos = shift + start_m + offs_m
+        hi_full = ((shift + start_m + 1) // BLOCK_N) * BLOCK_N
+        hi_diag = tl.minimum(shift + start_m + BLOCK_M, Tk)
+    else:
+        q_pos = start_m + offs_m
+        hi_full = (Tk // BLOCK_N) * BLOCK_N
+        hi_diag = Tk
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, 0, hi_full, qk_scale,
+        q_pos, offs_n, Tk, False, CAUSAL, BLOCK_N, PRECISION)
+    dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, hi_full, hi_diag, qk_scale,
+        q_pos, offs_n, Tk, True, CAUSAL, BLOCK_N, PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + start_m64 * stride_dqm
+             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------
+# Tile configurations and launchers
+# ----------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_stages, num_warps). Under the interpreter exactly one
+# small config (several fail there, and small tiles keep it fast); BLOCK_M !=
+# BLOCK_N there on purpose, so the stage boundaries are exercised the way the
+# GPU's unequal tiles use them.
+if _INTERPRET:
+    _FWD_TILES = [(32, 16, 1, 4)]
+    _DKDV_TILES = [(16, 32, 1, 4)]
+    _DQ_TILES = [(32, 16, 1, 4)]
+else:
+    # Hopper: 128-row query tiles feed wgmma; 64-wide key tiles keep the
+    # softmax registers in budget at D=128; small BLOCK_M covers decoding.
+    _FWD_TILES = [(128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
+                  (64, 64, 4, 4), (64, 32, 3, 4), (16, 64, 3, 4), (16, 128, 3, 4)]
+    # dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps.
+    _DKDV_TILES = [(32, 128, 3, 4), (32, 128, 4, 8), (64, 128, 3, 8), (64, 64, 3, 4),
+                   (32, 64, 4, 4), (16, 64, 3, 4)]
+    # dQ: a program owns BLOCK_M queries and walks BLOCK_N-key steps.
+    _DQ_TILES = [(128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
+                 (64, 32, 4, 4), (16, 64, 3, 4)]
+
+_SMEM_BUDGET = 200 * 1024  # H100 allows 227 KiB per block; leave room for Triton's scratch
+
+# Shared-memory tiles per kernel, in rows of HEAD_DIM elements: (held for the
+# whole program, held once per pipeline stage), as functions of (BLOCK_M, BLOCK_N).
+_SMEM_ROWS = {
+    "fwd": (lambda bm, bn: bm, lambda bm, bn: 2 * bn),       # Q; K and V
+    "dkdv": (lambda bm, bn: 2 * bn, lambda bm, bn: 2 * bm),  # K, V; Q and dO
+    "dq": (lambda bm, bn: 2 * bm, lambda bm, bn: 2 * bn),    # Q, dO; K and V
+}
+
+
+def _smem_bytes(kind, block_m, block_n, num_stages, head_dim, element_size):
+    """Estimated shared memory of one program of kernel `kind` (a lower bound)."""
+    resident, streamed = _SMEM_ROWS[kind]
+    rows = resident(block_m, block_n) + max(num_stages, 1) * streamed(block_m, block_n)
+    return rows * head_dim * element_size
+
+
+def _configs(tiles):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm, bn, s, w in tiles]
+
+
+def _smem_pruner(kind):
+    """Drops configs whose pipelined tiles cannot fit in shared memory (they
+    would only fail to compile, after costing the compile time)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        head_dim, elsize = args["HEAD_DIM"], args["Q"].element_size()
+
+        def need(c):
+            return _smem_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
+                               head_dim, elsize)
+        fits = [c for c in configs if need(c) <= _SMEM_BUDGET]
+        return fits or [min(configs, key=need)]
+    return prune
+
+
+_AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL"]
+_attn_fwd_tuned = triton.autotune(
+    _configs(_FWD_TILES), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _smem_pruner("fwd")})(_attn_fwd)
+# The backward kernels only store (never accumulate into) their outputs, so
+# the autotuner's repeated runs cannot corrupt them.
+_attn_bwd_dkdv_tuned = triton.autotune(
+    _configs(_DKDV_TILES), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _smem_pruner("dkdv")})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(
+    _configs(_DQ_TILES), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _smem_pruner("dq")})(_attn_bwd_dq)
+
+_PREPROCESS_BLOCK_M = 32 if _INTERPRET else 128
+
+
+def _precision(dtype):
+    # fp32 stays exact fp32 (IEEE dots, also on the GPU) so it can serve as a
+    # reference; fp16/bf16 run on tensor cores at full speed either way.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bucket(n):
+    # Autotune once per power-of-two length, not per length: decoding changes
+    # Tk every step and must not re-benchmark every step.
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _launch(tuned, grid_fn, args, meta, tiles):
+    """Runs `tuned` (autotuned) or, when `tiles` = (BLOCK_M, BLOCK_N,
+    num_stages, num_warps) is given, its plain kernel with exactly those tiles."""
+    if tiles is None:
+        tuned[grid_fn](*args, **meta)
+    else:
+        bm, bn, stages, warps = tiles
+        meta = dict(meta, BLOCK_M=bm, BLOCK_N=bn)
+        tuned.fn[grid_fn(meta)](*args, **meta, num_stages=stages, num_warps=warps)
+
+
+def _flash_fwd(q, k, v, causal, sm_scale, tiles=None):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    # (B, Tq, H, D) in memory: the model's `o.transpose(1, 2).reshape(B, Tq, H*D)`
+    # is then free.
+    o = torch.empty((B, Tq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+
+    def grid(meta):
+        return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
+
+    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, Tq, Tk, _bucket(Tq), _bucket(Tk), sm_scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    _launch(_attn_fwd_tuned, grid, args, meta, tiles)
+    return o, lse
+
+
+def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, need_dq, need_dkv, tiles=None):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq = torch.empty_like(q) if need_dq else None
+    dk = torch.empty_like(k) if need_dkv else None
+    dv = torch.empty_like(v) if need_dkv else None
+    if q.numel() == 0 or k.numel() == 0:
+        # No query (or no head): keys received no gradient at all.
+        return dq, (dk.zero_() if need_dkv else None), (dv.zero_() if need_dkv else None)
+    if do.stride(-1) != 1:
+        # e.g. the stride-0 gradient of `out.sum()`; keep the loads vectorised.
+        do = do.contiguous()
+
+    delta = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
+    _attn_bwd_preprocess[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M) * B * H,)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq,
+        HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4)
+
+    common = (H, Tq, Tk, _bucket(Tq), _bucket(Tk), sm_scale * _LOG2E, sm_scale)
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
+    dkdv_tiles, dq_tiles = tiles if tiles is not None else (None, None)
+    if need_dkv:
+        args = (q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+                *do.stride(), *dk.stride(), *dv.stride(), *common)
+        _launch(_attn_bwd_dkdv_tuned, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]) * B * H,),
+                args, meta, dkdv_tiles)
+    if need_dq:
+        args = (q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+                *do.stride(), *dq.stride(), *common)
+        _launch(_attn_bwd_dq_tuned, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]) * B * H,),
+                args, meta, dq_tiles)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, tiles):
+        fwd_tiles, bwd_tiles = tiles if tiles is not None else (None, None)
+        with _on_device(q):
+            o, lse = _flash_fwd(q, k, v, causal, sm_scale, fwd_tiles)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        ctx.bwd_tiles = bwd_tiles
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        need_dq = ctx.needs_input_grad[0]
+        need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if not (need_dq or need_dkv):
+            return None, None, None, None, None, None
+        with _on_device(q):
+            dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale,
+                                    need_dq, need_dkv, ctx.bwd_tiles)
+        if not ctx.needs_input_grad[1]:
+            dk = None
+        if not ctx.needs_input_grad[2]:
+            dv = None
+        return dq, dk, dv, None, None, None
+
+
+def _on_device(t):
+    # Triton launches on the current CUDA device, which need not be t's.
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_inputs(q, k, v, causal, sm_scale, dropout_p):
+    name = "flash_attention"
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if dropout_p != 0.0:
+        raise ValueError(f"{name}: dropout is not supported (dropout_p={dropout_p}); pass 0.0")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
+    if sm_scale is not None:
+        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+            raise TypeError(f"{name}: sm_scale must be a float or None, got {type(sm_scale).__name__}")
+        if not math.isfinite(sm_scale):
+            raise ValueError(f"{name}: sm_scale must be finite, got {sm_scale}")
+
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{name}: q, k, v must be on the same device; got "
+                         f"q on {q.device}, k on {k.device}, v on {v.device}")
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        raise ValueError(f"{name}: q is on {q.device}; a CUDA tensor is needed "
+                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
+    for arg, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: {arg} has dtype {t.dtype} but q has {q.dtype}; they must match")
+
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {arg} must be 4-d (batch, heads, seq, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+    B, H, Tq, D = q.shape
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name}: q has head dim {D}; supported: "
+                         + ", ".join(map(str, _SUPPORTED_HEAD_DIMS)))
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"{name}: k has shape {tuple(k.shape)}; expected "
+                         f"({B}, {H}, Tk, {D}) to match q's batch, heads and head dim")
+    if v.shape != k.shape:
+        raise ValueError(f"{name}: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
+    Tk = k.shape[2]
+    if Tk == 0 and Tq > 0 and B * H > 0:
+        raise ValueError(f"{name}: k has no keys (Tk=0) for Tq={Tq} queries")
+    if causal and Tq > Tk:
+        raise ValueError(f"{name}: causal attention needs Tq <= Tk (queries are aligned to the "
+                         f"end of the keys); got q with Tq={Tq} and k with Tk={Tk}")
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: {arg} has last-dim stride {t.stride(-1)}; it must be 1 "
+                             "(other strides may be anything)")
+
+
+def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
+    """Fused attention: softmax(q @ k^T * sm_scale + mask) @ v, never forming T x T.
+
+    Args:
+        q: (B, H, Tq, D); k, v: (B, H, Tk, D). Same device (CUDA, or CPU under
+            TRITON_INTERPRET=1) and same dtype: float16, bfloat16 or float32.
+            D in {16, 32, 64, 128}. Any strides with the last one 1, so a
+            (B, T, H, D) tensor's `.transpose(1, 2)` is used without a copy.
+        causal: mask so that query i (at absolute position Tk - Tq + i, i.e.
+            aligned to the END of the keys) sees keys 0 .. Tk - Tq + i. Needs
+            Tq <= Tk. For Tq == Tk this is the usual lower-triangular mask.
+        sm_scale: score scale; default D ** -0.5.
+        dropout_p: must be 0.0 (dropout is not supported).
+
+    Returns:
+        (B, H, Tq, D) in q's dtype, laid out (B, Tq, H, D) in memory. The
+        forward and the gradients for q, k, v equal
+        `F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)`
+        when Tq == Tk; for Tq < Tk with causal, SDPA with the explicit boolean
+        mask `key_pos <= Tk - Tq + query_pos` (SDPA's is_causal aligns to the
+        top-left instead). Softmax statistics and all accumulation are fp32.
+        float32 inputs use IEEE fp32 dots (no TF32), also on the GPU: exact but
+        slower; the fast path is float16/bfloat16. Deterministic: no atomics.
+    """
+    _check_inputs(q, k, v, causal, sm_scale, dropout_p)
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    return _FlashAttention.apply(q, k, v, causal, float(sm_scale), None)

@@ -1,0 +1,412 @@
+"""Fused causal flash attention (kernels/attention.py) against SDPA and float64.
+
+On CPU the kernels run in Triton's interpreter, so the shapes here are small
+and the tile sizes are the interpreter's (32x16 / 16x32): T = 17, 64, 128 and
+257 still cross several block and diagonal boundaries. Real shapes and bf16
+run on the GPU (`@pytest.mark.gpu`).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from kernels import attention as attn_mod
+from kernels.attention import flash_attention
+from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
+                           poisoned_allocations)
+
+# fp32 against SDPA and against float64; fp16 against float64.
+TOL = {torch.float32: 1e-4, torch.float16: RTOL[torch.float16]}
+
+
+# ----------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------
+def causal_mask(tq, tk, device):
+    """End-aligned: query i sits at position tk - tq + i."""
+    i = torch.arange(tq, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    return j <= (tk - tq + i)
+
+
+def sdpa(q, k, v, causal, scale=None):
+    """The PyTorch oracle. Its is_causal aligns top-left, so Tq < Tk needs an
+    explicit mask."""
+    tq, tk = q.shape[2], k.shape[2]
+    if causal and tq != tk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(tq, tk, q.device),
+                                              scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def reference_fp64(q, k, v, causal, scale=None):
+    q, k, v = (t.double() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def make_inputs(B, H, Tq, Tk, D, dtype, seed, layout="bhtd"):
+    """q (B, H, Tq, D), k, v (B, H, Tk, D), leaf tensors requiring grad.
+
+    layout="bthd" makes them (B, T, H, D) tensors seen through .transpose(1, 2)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for T in (Tq, Tk, Tk):
+        if layout == "bthd":
+            t = torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
+        out.append(t.requires_grad_())
+    return out
+
+
+def run_ours(q, k, v, do, causal, scale=None, tiles=None):
+    """Forward and backward of our kernel, every allocation poisoned."""
+    with poisoned_allocations():
+        if tiles is None:
+            o = flash_attention(q, k, v, causal=causal, sm_scale=scale)
+        else:
+            sm = q.shape[-1] ** -0.5 if scale is None else scale
+            o = attn_mod._FlashAttention.apply(q, k, v, causal, sm, tiles)
+    with poisoned_allocations():
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    return o, dq, dk, dv
+
+
+def run_ref(fn, q, k, v, do, causal, scale=None, dtype=None):
+    args = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    o = fn(*args, causal, scale)
+    grads = torch.autograd.grad(o, args, do.to(o.dtype))
+    return (o, *grads)
+
+
+def assert_matches(actual, expected, tol, name):
+    """Relative error, except for tensors that are zero in exact arithmetic
+    (dq and dk when every query sees one key): there rounding noise of either
+    side is judged against the O(1) scale of the gradients instead."""
+    if expected.numel() and expected.abs().max().item() < 1e-6:
+        err = actual.detach().double().abs().max().item()
+        assert err <= tol, f"{name}: |error| {err:.3e} > {tol:.1e} where the exact value is 0"
+    else:
+        assert_close(actual, expected, tol, name)
+
+
+def check_against_references(q, k, v, causal, tol, scale=None, seed=0, tiles=None):
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    do = torch.randn(q.shape, generator=g).to(DEVICE, q.dtype)
+    ours = run_ours(q, k, v, do, causal, scale, tiles)
+    exact = run_ref(reference_fp64, q, k, v, do, causal, scale, torch.float64)
+    names = ("out", "dq", "dk", "dv")
+    for name, a, e in zip(names, ours, exact):
+        assert_matches(a, e, tol, f"{name} vs float64")
+    if q.dtype == torch.float32:
+        oracle = run_ref(sdpa, q, k, v, do, causal, scale)
+        for name, a, e in zip(names, ours, oracle):
+            assert_matches(a, e, tol, f"{name} vs SDPA")
+    return ours
+
+
+# ----------------------------------------------------------------------------
+# correctness
+# ----------------------------------------------------------------------------
+# Every T in {1, 17, 64, 128, 257} and every D in {16, 32, 64, 128}, causal and
+# not, odd B*H; trimmed so the interpreter stays inside the file's budget.
+SHAPES = [  # B, H, T, D, causal
+    (1, 3, 1, 64, True),
+    (1, 3, 17, 16, True),
+    (1, 3, 17, 32, False),
+    (2, 1, 64, 32, True),
+    (1, 1, 64, 128, False),
+    (1, 1, 128, 128, True),
+    (1, 3, 128, 16, False),
+    (1, 1, 257, 64, True),
+    (1, 1, 257, 16, False),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,causal", SHAPES)
+def test_matches_sdpa_and_fp64_fp32(B, H, T, D, causal):
+    q, k, v = make_inputs(B, H, T, T, D, torch.float32, seed=T * 1000 + D)
+    check_against_references(q, k, v, causal, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("B,H,T,D,causal", [(1, 3, 17, 16, True), (2, 1, 64, 64, False),
+                                            (1, 1, 128, 32, True)])
+def test_fp16(B, H, T, D, causal):
+    q, k, v = make_inputs(B, H, T, T, D, torch.float16, seed=7 + T)
+    check_against_references(q, k, v, causal, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_transposed_bthd_input_without_copy(causal):
+    q, k, v = make_inputs(2, 3, 33, 33, 32, torch.float32, seed=3, layout="bthd")
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    check_against_references(q, k, v, causal, TOL[torch.float32])
+
+
+def test_mixed_layouts():
+    """q, k and v each with their own strides: q a slice of a fused (B, T, 3, H, D)
+    qkv buffer, k a (B, T, H, D) transpose, v contiguous (B, H, T, D)."""
+    B, H, T, D = 2, 3, 37, 16
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(B, T, 3, H, D, generator=g).to(DEVICE)
+    q = qkv[:, :, 0].transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, H, T, D, generator=g).to(DEVICE).requires_grad_()
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    check_against_references(q, k, v, True, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("Tq,Tk,D,causal", [(1, 17, 32, True), (5, 70, 16, True),
+                                            (40, 57, 64, True), (17, 64, 16, False)])
+def test_decoding_tq_less_than_tk(Tq, Tk, D, causal):
+    q, k, v = make_inputs(1, 3, Tq, Tk, D, torch.float32, seed=Tq + Tk)
+    o, *grads = check_against_references(q, k, v, causal, TOL[torch.float32])
+    assert all(torch.isfinite(t).all() for t in (o, *grads))
+
+
+def test_custom_scale():
+    q, k, v = make_inputs(1, 2, 40, 40, 32, torch.float32, seed=11)
+    check_against_references(q, k, v, True, TOL[torch.float32], scale=0.37)
+
+
+# Explicit tiles exercise stage boundaries that the single interpreter config
+# cannot: BLOCK_M == BLOCK_N, BLOCK_M < BLOCK_N in the forward, and the
+# opposite ratios in the backward. ((fwd tiles), ((dkdv tiles), (dq tiles)))
+TILES = [
+    ((16, 16, 1, 4), ((16, 16, 1, 4), (16, 16, 1, 4))),
+    ((16, 32, 1, 4), ((32, 16, 1, 4), (16, 32, 1, 4))),
+    ((64, 16, 1, 4), ((16, 64, 1, 4), (64, 16, 1, 4))),
+]
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=["16x16", "16x32", "64x16"])
+@pytest.mark.parametrize("Tq,Tk,causal", [(70, 70, True), (70, 119, True), (50, 50, False)])
+def test_tile_shapes(tiles, Tq, Tk, causal):
+    q, k, v = make_inputs(1, 1, Tq, Tk, 16, torch.float32, seed=Tq * 7 + Tk)
+    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=tiles)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), Tq=st.integers(1, 40), extra=st.integers(0, 24),
+       D=st.sampled_from([16, 32]), causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_random_shapes(B, H, Tq, extra, D, causal, seed):
+    q, k, v = make_inputs(B, H, Tq, Tq + extra, D, torch.float32, seed=seed)
+    check_against_references(q, k, v, causal, TOL[torch.float32])
+
+
+def test_lse_saved_for_backward():
+    """The saved statistic is the row log-sum-exp of the scaled scores, in base 2."""
+    q, k, v = make_inputs(1, 2, 37, 37, 16, torch.float32, seed=5)
+    scale = 16 ** -0.5
+    with poisoned_allocations():
+        o, lse = attn_mod._flash_fwd(q.detach(), k.detach(), v.detach(), True, scale)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    s = s.masked_fill(~causal_mask(37, 37, q.device), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 37)
+    assert_close(lse, torch.logsumexp(s, dim=-1) / math.log(2), 1e-5, "lse")
+
+
+def test_output_layout_is_bthd():
+    q, k, v = make_inputs(2, 3, 17, 17, 16, torch.float32, seed=1)
+    o = flash_attention(q, k, v)
+    assert o.shape == (2, 3, 17, 16)
+    assert o.transpose(1, 2).is_contiguous()
+
+
+def test_stride_zero_grad_output():
+    """`out.sum().backward()` hands the kernel a gradient with all strides 0."""
+    q, k, v = make_inputs(1, 2, 20, 20, 16, torch.float32, seed=2)
+    with poisoned_allocations():
+        flash_attention(q, k, v).sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    sdpa(*ref, True).sum().backward()
+    for name, a, r in zip("qkv", (q, k, v), ref):
+        assert_close(a.grad, r.grad, TOL[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_only_some_inputs_need_grad(which):
+    q, k, v = make_inputs(1, 1, 33, 33, 16, torch.float32, seed=4)
+    inputs = [t.detach().requires_grad_(i == which) for i, t in enumerate((q, k, v))]
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    with poisoned_allocations():
+        o = flash_attention(*inputs)
+    with poisoned_allocations():
+        o.backward(do)
+    ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    sdpa(*ref, True).backward(do)
+    for i, t in enumerate(inputs):
+        if i == which:
+            assert_close(t.grad, ref[i].grad, TOL[torch.float32], f"grad {i}")
+        else:
+            assert t.grad is None
+
+
+def test_backward_is_deterministic():
+    q, k, v = make_inputs(2, 1, 70, 70, 32, torch.float32, seed=8)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    first = run_ours(q, k, v, do, True)
+    second = run_ours(q, k, v, do, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("Tq,Tk,causal", [(1, 1, True), (1, 1, False), (1, 30, True), (7, 40, True)])
+def test_no_nan(Tq, Tk, causal):
+    q, k, v = make_inputs(1, 2, Tq, Tk, 16, torch.float32, seed=Tq)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for t in run_ours(q, k, v, do, causal):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk", [(0, 2, 8, 8), (1, 0, 8, 8), (1, 2, 0, 8), (1, 2, 0, 0)])
+def test_empty(B, H, Tq, Tk):
+    q, k, v = make_inputs(B, H, Tq, Tk, 16, torch.float32, seed=0)
+    with poisoned_allocations():
+        o = flash_attention(q, k, v, causal=True)
+    assert o.shape == (B, H, Tq, 16)
+    with poisoned_allocations():
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert dq.shape == q.shape and dk.shape == k.shape
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
+# ----------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: (_t(1, 1, 4, 16, device="meta"),) * 3, ValueError, "CUDA tensor is needed"),
+    (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16, device="meta"), _t(1, 1, 4, 16)),
+     ValueError, "same device"),
+    (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16, dtype=torch.float16), _t(1, 1, 4, 16)),
+     TypeError, "k has dtype"),
+    (lambda: (_t(1, 1, 4, 16, dtype=torch.float64),) * 3, TypeError, "q has dtype"),
+    (lambda: (_t(1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "q must be 4-d"),
+    (lambda: (_t(1, 1, 4, 96),) * 3, ValueError, "q has head dim 96; supported: 16, 32, 64, 128"),
+    (lambda: (_t(1, 2, 4, 16), _t(1, 3, 4, 16), _t(1, 3, 4, 16)), ValueError, "k has shape"),
+    (lambda: (_t(2, 1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "k has shape"),
+    (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 32), _t(1, 1, 4, 32)), ValueError, "k has shape"),
+    (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 5, 16)), ValueError, "v has shape"),
+    (lambda: (_t(1, 1, 4, 32)[..., ::2], _t(1, 1, 4, 16), _t(1, 1, 4, 16)),
+     ValueError, "q has last-dim stride 2"),
+    (lambda: (_t(1, 1, 5, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "Tq <= Tk"),
+    (lambda: ([[1.0]], _t(1, 1, 4, 16), _t(1, 1, 4, 16)), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_inputs(make, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        flash_attention(*make())
+    assert str(info.value).startswith("flash_attention: ")
+
+
+def test_bad_arguments():
+    q = _t(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="flash_attention: dropout is not supported"):
+        flash_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(TypeError, match="flash_attention: causal"):
+        flash_attention(q, q, q, causal="yes")
+    with pytest.raises(ValueError, match="flash_attention: sm_scale"):
+        flash_attention(q, q, q, sm_scale=float("nan"))
+    with pytest.raises(ValueError, match="flash_attention: k has no keys"):
+        flash_attention(q, _t(1, 1, 0, 16), _t(1, 1, 0, 16), causal=False)
+
+
+# ----------------------------------------------------------------------------
+# GPU only
+# ----------------------------------------------------------------------------
+def _bf16_check(B, H, Tq, Tk, D, causal, seed):
+    q, k, v = make_inputs(B, H, Tq, Tk, D, torch.bfloat16, seed=seed)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, torch.bfloat16)
+    ours = run_ours(q, k, v, do, causal)
+    theirs = run_ref(sdpa, q, k, v, do, causal)
+    exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert a.dtype == torch.bfloat16
+        assert_bf16_comparable(a, t, e, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal", [
+    (16, 12, 1024, 1024, 64, True),  # GPT-2 small
+    (2, 3, 257, 257, 128, True),
+    (1, 5, 333, 333, 32, False),
+    (2, 2, 1, 1, 16, True),
+    (2, 4, 77, 500, 64, True),  # decoding
+])
+def test_bf16_gpu(B, H, Tq, Tk, D, causal):
+    _bf16_check(B, H, Tq, Tk, D, causal, seed=Tq + D)
+
+
+@pytest.mark.gpu
+def test_repeat_is_bit_identical_gpu():
+    """Races in the kernels would show as run-to-run differences."""
+    q, k, v = make_inputs(16, 12, 1024, 1024, 64, torch.bfloat16, seed=0)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    first = run_ours(q, k, v, do, True)
+    for _ in range(20):
+        again = run_ours(q, k, v, do, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def _fitting(tiles, kind, D, elsize):
+    return [t for t in tiles
+            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= attn_mod._SMEM_BUDGET]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_autotune_config_gpu(D, dtype):
+    """Autotune may pick any config for some shape: each must be right."""
+    elsize = torch.empty((), dtype=dtype).element_size()
+    fwd = _fitting(attn_mod._FWD_TILES, "fwd", D, elsize)
+    dkdv = _fitting(attn_mod._DKDV_TILES, "dkdv", D, elsize)
+    dq = _fitting(attn_mod._DQ_TILES, "dq", D, elsize)
+    # Pair the lists cyclically so each config runs at least once.
+    n = max(len(fwd), len(dkdv), len(dq))
+    for Tq, Tk, causal in [(300, 300, True), (45, 300, True), (300, 300, False)]:
+        q, k, v = make_inputs(2, 3, Tq, Tk, D, dtype, seed=Tq + Tk + D)
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+        theirs = run_ref(sdpa, q, k, v, do, causal)
+        exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
+        for i in range(n):
+            tiles = (fwd[i % len(fwd)], (dkdv[i % len(dkdv)], dq[i % len(dq)]))
+            ours = run_ours(q, k, v, do, causal, tiles=tiles)
+            for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+                assert_bf16_comparable(a, t, e, f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_is_ieee_exact_gpu(causal):
+    q, k, v = make_inputs(2, 12, 512, 512, 64, torch.float32, seed=21)
+    check_against_references(q, k, v, causal, TOL[torch.float32])
+
+
+@pytest.mark.gpu
+def test_offsets_beyond_int32_gpu():
+    """Batch stride just under 2**30 fits int32, but batch 2 starts past 2**31
+    elements: program-id offsets must be computed in int64."""
+    B, H, T, D = 3, 2, 64, 64
+    stride_b = 2**30 + 512
+    try:
+        base = torch.zeros((B - 1) * stride_b + H * T * D, device=DEVICE, dtype=torch.float16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a > 2**31-element buffer")
+    vals = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.float16)
+    x = base.as_strided((B, H, T, D), (stride_b, T * D, D, 1))
+    x.copy_(vals)
+    with poisoned_allocations():
+        o_big = flash_attention(x, x, x)
+        o_small = flash_attention(vals, vals, vals)
+    assert torch.equal(o_big, o_small)
