@@ -94,6 +94,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ops = get_ops(config.backend)
+        # Checking token ids against the vocabulary reads them back to the host, a
+        # sync per forward. The trainer turns it off: its data loader checks every
+        # batch on the CPU before the copy to the device.
+        self.validate_token_ids = True
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -137,6 +141,8 @@ class GPT(nn.Module):
         if targets is not None and targets.shape != idx.shape:
             raise UserInputError(f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape "
                                  f"{tuple(idx.shape)}")
+        if not self.validate_token_ids:
+            return
         if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # value checks sync with the host, which a CUDA graph cannot do
         if idx.numel():

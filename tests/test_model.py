@@ -135,3 +135,12 @@ def test_backend_resolution_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU resolution of backend='auto'")
     assert GPT(tiny(backend="auto")).backend == "torch"
+
+
+def test_token_id_validation_can_be_turned_off_for_trusted_loaders():
+    model = GPT(tiny())
+    model.validate_token_ids = False  # the trainer's loader checks ids on the CPU instead
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    model(idx)  # no host read of the ids; shape checks still apply
+    with pytest.raises(UserInputError, match="exceeds block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))

@@ -1,0 +1,624 @@
+"""The comparisons: each builder returns a `Case` (bench/common.py) whose variants
+are ours and the PyTorch baseline(s), on the same inputs.
+
+Used by the pytest-benchmark suites (one file per op) and by `bench/report.py`,
+so a shape or a check lives in one place. Kernel modules are imported inside
+`make`, so this file imports before (or without) them; a missing module makes its
+variant `Unavailable` with the import error as the reason.
+
+GPU cases are bf16 at GPT-2 124M training shapes; their references are computed
+in fp32 (fp64 for the optimizer) from the same inputs. The CPU group measures the
+engine's own Python-side pieces (model on the torch path, data loader, tokenizer).
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import (Case, CheckFailed, Unavailable, attention_flops, gpt_flops_per_token,
+                          matmul_flops, rotation_count)
+
+EPS = 1e-5
+ROWS = 16 * 1024                       # B*T of a GPT-2 micro-batch of 16 x 1024
+LN_WIDTHS = (768, 1024, 2048, 4096, 8192)
+ATTN_MAIN = dict(B=16, H=12, T=1024, D=64)
+ATTN_SWEEP_T = (256, 512, 1024, 2048, 4096, 8192)
+ATTN_SWEEP_D = (64, 128)
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION"}
+ATTN_VARIANTS = ["ours", *SDPA_BACKENDS]
+MLP_SHAPE = dict(M=ROWS, K=768, N=3072)
+CE_SHAPE = dict(N=ROWS, C=768, V=50304, classes=50257)
+TRAIN_VARIANTS = ["torch-eager", "torch-compile", "triton"]
+ADAMW_HYPER = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _gen(device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _randn(shape, dtype, device, gen, scale=1.0, shift=0.0, grad=False):
+    t = torch.randn(shape, device=device, generator=gen, dtype=torch.float32)
+    t = (t * scale + shift).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _leaf32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().requires_grad_(t.requires_grad)
+
+
+def _kernel(module: str, *names):
+    """Functions from a kernel module, or Unavailable saying why not."""
+    try:
+        mod = __import__(f"kernels.{module}", fromlist=list(names))
+        return [getattr(mod, n) for n in names]
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"kernels.{module} is not usable here ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------
+# LayerNorm and residual-add + LayerNorm
+# --------------------------------------------------------------------------
+
+def layernorm_case(kind: str, width: int, rows: int = ROWS, fused: bool = False,
+                   dtype=torch.bfloat16, device="cuda") -> Case:
+    """kind: fwd or fwdbwd. fused: add_layer_norm(x, residual) against x + r then F.layer_norm."""
+    if kind not in ("fwd", "fwdbwd"):
+        raise ValueError(f"layernorm_case: kind must be fwd or fwdbwd, got {kind!r}")
+    grad = kind == "fwdbwd"
+    e = torch.tensor([], dtype=dtype).element_size()
+    act = rows * width * e
+    n_in = (2 if fused else 1) * (2 if grad else 1)  # x (+ residual), (+ dy (+ dh))
+    n = rotation_count(n_in * act)
+    gen = _gen(device, 0)
+    xs = [_randn((rows, width), dtype, device, gen, grad=grad) for _ in range(n)]
+    rs = [_randn((rows, width), dtype, device, gen, grad=grad) for _ in range(n)] if fused else None
+    dys = [_randn((rows, width), dtype, device, gen) for _ in range(n)] if grad else None
+    dhs = [_randn((rows, width), dtype, device, gen) for _ in range(n)] if grad and fused else None
+    w = _randn((width,), dtype, device, gen, scale=0.1, shift=1.0, grad=grad)
+    b = _randn((width,), dtype, device, gen, scale=0.1, grad=grad)
+
+    def torch_ln(x, w, b):
+        return F.layer_norm(x, (width,), w, b, EPS)
+
+    def torch_add_ln(x, r, w, b):
+        h = x + r
+        return h, F.layer_norm(h, (width,), w, b, EPS)
+
+    def run(ln, add_ln, x, r, w, b, dy, dh):
+        if not grad:
+            with torch.no_grad():
+                return add_ln(x, r, w, b) if fused else ln(x, w, b)
+        if fused:
+            h, y = add_ln(x, r, w, b)
+            return (h, y, *torch.autograd.grad((h, y), (x, r, w, b), (dh, dy)))
+        y = ln(x, w, b)
+        return (y, *torch.autograd.grad(y, (x, w, b), dy))
+
+    def make(variant):
+        if variant == "ours":
+            layer_norm, add_layer_norm = _kernel("layernorm", "layer_norm", "add_layer_norm")
+            ln = lambda x, w, b: layer_norm(x, w, b, EPS)  # noqa: E731
+            add_ln = lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)  # noqa: E731
+        else:
+            ln, add_ln = torch_ln, torch_add_ln
+
+        def fn(i):
+            return run(ln, add_ln, xs[i], rs[i] if fused else None, w, b,
+                       dys[i] if grad else None, dhs[i] if dhs else None)
+        return fn
+
+    def reference():
+        return run(torch_ln, torch_add_ln, _leaf32(xs[0]), _leaf32(rs[0]) if fused else None,
+                   _leaf32(w), _leaf32(b), dys[0].float() if grad else None,
+                   dhs[0].float() if dhs else None)
+
+    # Least traffic: fwd reads x (and r), writes y (and h); bwd reads dy (dh), the
+    # saved input, writes dx (d residual is the same tensor).
+    moves = (4 if fused else 2) + ((4 if fused else 3) if grad else 0)
+    name = "add_layernorm" if fused else "layernorm"
+    return Case(group=f"{name}-{kind}", params=f"rows={rows} C={width} {_dt(dtype)}",
+                variants=["torch", "ours"], baseline="torch", make=make, n_inputs=n,
+                reference=reference, bytes=moves * act, device=device)
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+
+
+# --------------------------------------------------------------------------
+# Linear + GELU (the MLP's first half)
+# --------------------------------------------------------------------------
+
+def linear_gelu_case(kind: str, M: int = MLP_SHAPE["M"], K: int = MLP_SHAPE["K"],
+                     N: int = MLP_SHAPE["N"], dtype=torch.bfloat16, device="cuda") -> Case:
+    if kind not in ("fwd", "fwdbwd"):
+        raise ValueError(f"linear_gelu_case: kind must be fwd or fwdbwd, got {kind!r}")
+    grad = kind == "fwdbwd"
+    e = torch.tensor([], dtype=dtype).element_size()
+    n = rotation_count((M * K + N * K + (M * N if grad else 0)) * e, limit=4)
+    gen = _gen(device, 1)
+    xs = [_randn((M, K), dtype, device, gen, grad=grad) for _ in range(n)]
+    dys = [_randn((M, N), dtype, device, gen) for _ in range(n)] if grad else None
+    w = _randn((N, K), dtype, device, gen, scale=0.02, grad=grad)
+    b = _randn((N,), dtype, device, gen, scale=0.02, grad=grad)
+
+    def torch_op(x, w, b):
+        return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+    def run(op, x, w, b, dy):
+        if not grad:
+            with torch.no_grad():
+                return op(x, w, b)
+        y = op(x, w, b)
+        return (y, *torch.autograd.grad(y, (x, w, b), dy))
+
+    def make(variant):
+        op = _kernel("mlp", "linear_gelu")[0] if variant == "ours" else torch_op
+        return lambda i: run(op, xs[i], w, b, dys[i] if grad else None)
+
+    def reference():
+        return run(torch_op, _leaf32(xs[0]), _leaf32(w), _leaf32(b), dys[0].float() if grad else None)
+
+    flops = matmul_flops(M, N, K) * (3 if grad else 1)
+    moved = (M * K + N * K + M * N) * e * (3 if grad else 1)
+    return Case(group=f"linear_gelu-{kind}", params=f"{M}x{K}->{N} {_dt(dtype)}",
+                variants=["torch", "ours"], baseline="torch", make=make, n_inputs=n,
+                reference=reference, flops=flops, bytes=moved, device=device)
+
+
+# --------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------
+
+def attention_sweep_shape(T: int, D: int) -> dict:
+    """FlashAttention's sweep: 16k tokens per batch, model width 2048."""
+    return dict(B=max(1, 16384 // T), H=2048 // D, T=T, D=D)
+
+
+def attention_case(kind: str, B: int, H: int, T: int, D: int, causal: bool = True,
+                   dtype=torch.bfloat16, device="cuda") -> Case:
+    """kind: fwd, bwd (backward of a retained forward) or fwdbwd."""
+    if kind not in ("fwd", "bwd", "fwdbwd"):
+        raise ValueError(f"attention_case: kind must be fwd, bwd or fwdbwd, got {kind!r}")
+    grad = kind != "fwd"
+    e = torch.tensor([], dtype=dtype).element_size()
+    n = rotation_count((4 if grad else 3) * B * H * T * D * e)
+    gen = _gen(device, 2)
+    qkv = [tuple(_randn((B, H, T, D), dtype, device, gen, grad=grad) for _ in range(3)) for _ in range(n)]
+    dos = [_randn((B, H, T, D), dtype, device, gen) for _ in range(n)] if grad else None
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def make(variant):
+        if variant == "ours":
+            flash = _kernel("attention", "flash_attention")[0]
+            op, ctx = (lambda q, k, v: flash(q, k, v, causal=causal)), contextlib.nullcontext
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            backend = getattr(SDPBackend, SDPA_BACKENDS[variant])
+            op, ctx = sdpa, (lambda: sdpa_kernel(backend))
+            try:
+                # Forward and backward: a backend may have one and not the other.
+                with ctx():
+                    o = op(*qkv[0])
+                    if grad:
+                        torch.autograd.grad(o, qkv[0], dos[0])
+                del o
+            except (RuntimeError, NotImplementedError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise Unavailable(f"SDPA backend {SDPA_BACKENDS[variant]} cannot run this shape "
+                                  f"here: {first}") from None
+        if kind == "fwd":
+            def fn(i):
+                with ctx(), torch.no_grad():
+                    return op(*qkv[i])
+        elif kind == "bwd":
+            with ctx():
+                outs = [op(*qkv[i]) for i in range(n)]
+
+            def fn(i):
+                with ctx():
+                    return torch.autograd.grad(outs[i], qkv[i], dos[i], retain_graph=True)
+        else:
+            def fn(i):
+                with ctx():
+                    o = op(*qkv[i])
+                    return (o, *torch.autograd.grad(o, qkv[i], dos[i]))
+        return fn
+
+    def reference():
+        q, k, v = (_leaf32(t) for t in qkv[0])
+        o = sdpa(q, k, v)
+        if kind == "fwd":
+            return o.detach()
+        grads = torch.autograd.grad(o, (q, k, v), dos[0].float())
+        return grads if kind == "bwd" else (o, *grads)
+
+    return Case(group=f"attention-{kind}", params=f"B={B} H={H} T={T} D={D}"
+                + (" causal" if causal else "") + f" {_dt(dtype)}",
+                variants=list(ATTN_VARIANTS), baseline="sdpa-flash", make=make, n_inputs=n,
+                reference=reference, flops=attention_flops(B, H, T, D, causal, kind),
+                bytes=(4 if kind == "fwd" else 8) * B * H * T * D * e, device=device,
+                meta=dict(B=B, H=H, T=T, D=D, causal=causal))
+
+
+# --------------------------------------------------------------------------
+# LM head + cross-entropy
+# --------------------------------------------------------------------------
+
+def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"],
+                       V: int = CE_SHAPE["V"], classes: int = CE_SHAPE["classes"],
+                       dtype=torch.bfloat16, device="cuda") -> Case:
+    """linear_cross_entropy against F.linear then F.cross_entropy on fp32 logits
+    (what the torch backend does), with V padded rows and `classes` real ones."""
+    if kind not in ("fwd", "fwdbwd"):
+        raise ValueError(f"cross_entropy_case: kind must be fwd or fwdbwd, got {kind!r}")
+    grad = kind == "fwdbwd"
+    gen = _gen(device, 3)
+    x = _randn((N, C), dtype, device, gen, grad=grad)
+    w = _randn((V, C), dtype, device, gen, scale=0.02, grad=grad)
+    targets = torch.randint(0, classes, (N,), device=device, generator=gen)
+    targets[torch.rand(N, device=device, generator=gen) < 1 / 64] = -100  # a few ignored positions
+
+    def torch_op(x, w, t):
+        logits = F.linear(x, w)[:, :classes]
+        return F.cross_entropy(logits.float(), t, ignore_index=-100)
+
+    def run(op, x, w):
+        if not grad:
+            with torch.no_grad():
+                return op(x, w, targets)
+        loss = op(x, w, targets)
+        return (loss, *torch.autograd.grad(loss, (x, w)))
+
+    def make(variant):
+        if variant == "ours":
+            lce = _kernel("cross_entropy", "linear_cross_entropy")[0]
+            op = lambda x, w, t: lce(x, w, t, ignore_index=-100, num_classes=classes)  # noqa: E731
+        else:
+            op = torch_op
+        return lambda i: run(op, x, w)
+
+    def reference():
+        return run(torch_op, _leaf32(x), _leaf32(w))
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    return Case(group=f"linear_cross_entropy-{kind}", params=f"N={N} C={C} V={V} ({classes} classes) {_dt(dtype)}",
+                variants=["torch", "ours"], baseline="torch", make=make, n_inputs=1,
+                reference=reference, flops=matmul_flops(N, V, C) * (3 if grad else 1),
+                bytes=(N * C + V * C) * e * (2 if grad else 1), track_memory=True, device=device)
+
+
+# --------------------------------------------------------------------------
+# AdamW over GPT-2's parameters
+# --------------------------------------------------------------------------
+
+def gpt2_param_shapes(preset: str = "gpt2") -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, decayed?) of every parameter of a GPT preset (tied weights once)."""
+    from engine.config import GPTConfig
+    from engine.model import GPT
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset, vocab_multiple=64, backend="torch"))
+    return [(tuple(p.shape), p.dim() >= 2) for p in model.parameters()]
+
+
+def adamw_case(preset: str = "gpt2", device="cuda", shapes=None) -> Case:
+    """One optimizer step over fp32 parameters of GPT-2's shapes, fixed gradients."""
+    shapes = shapes or gpt2_param_shapes(preset)
+    numel = sum(torch.Size(s).numel() for s, _ in shapes)
+    hp = ADAMW_HYPER
+
+    def fresh(dtype):
+        gen = _gen(device, 4)
+        params = []
+        for shape, _ in shapes:
+            p = torch.nn.Parameter(_randn(shape, dtype, device, gen, scale=0.02))
+            p.grad = _randn(shape, dtype, device, gen, scale=1e-2)
+            params.append(p)
+        decay = [p for p, (_, d) in zip(params, shapes) if d]
+        no_decay = [p for p, (_, d) in zip(params, shapes) if not d]
+        groups = [{"params": decay, "weight_decay": hp["weight_decay"]},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return params, groups
+
+    def make(variant):
+        params, groups = fresh(torch.float32)
+        kw = dict(lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
+        if variant == "ours":
+            fused_adamw = _kernel("adamw", "FusedAdamW")[0]
+            opt = fused_adamw(groups, weight_decay=hp["weight_decay"], **kw)
+        elif variant == "torch-fused":
+            opt = torch.optim.AdamW(groups, fused=True, **kw)
+        else:
+            opt = torch.optim.AdamW(groups, foreach=True, **kw)
+
+        def fn(i):
+            opt.step()
+            return params
+        return fn
+
+    def reference():
+        params, groups = fresh(torch.float64)
+        torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], foreach=False).step()
+        return params
+
+    # fp32: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq.
+    return Case(group="adamw-step", params=f"{preset} {numel / 1e6:.1f}M params fp32",
+                variants=["torch-fused", "torch-foreach", "ours"], baseline="torch-fused",
+                make=make, reference=reference, bytes=7 * 4 * numel, tol_floor=1e-6, device=device)
+
+
+# --------------------------------------------------------------------------
+# End-to-end training step
+# --------------------------------------------------------------------------
+
+def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2",
+                  device="cuda") -> Case:
+    """One optimizer step of GPT (bf16 autocast, grad clip 1.0, AdamW): the torch
+    backend eager and under torch.compile, and the triton backend with FusedAdamW
+    and the whole step in a CUDA graph (engine.cuda_graph) when those exist."""
+    from engine.config import GPTConfig
+    from engine.model import GPT
+    B, T = batch_size, seq_len
+    base_cfg = GPTConfig.from_preset(preset, vocab_multiple=64, block_size=max(1024, T))
+    with torch.device("meta"):
+        n_params = GPT(GPTConfig.from_preset(preset, vocab_multiple=64, block_size=max(1024, T),
+                                             backend="torch")).num_parameters()
+    gen = _gen("cpu", 5)
+    xs = [torch.randint(0, base_cfg.vocab_size, (B, T), generator=gen) for _ in range(2)]
+    ys = [torch.randint(0, base_cfg.vocab_size, (B, T), generator=gen) for _ in range(2)]
+    opt_cfg = types.SimpleNamespace(max_lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    meta: dict = {}
+
+    def autocast():
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+    def build(backend):
+        cfg = GPTConfig.from_dict({**base_cfg.to_dict(), "backend": backend})
+        torch.manual_seed(0)  # the same initial weights for every variant
+        with torch.device(device):
+            model = GPT(cfg)
+        model.validate_token_ids = False  # the benchmark's ids are in range by construction
+        return model
+
+    def make(variant):
+        from engine.optim import configure_optimizer
+
+        def quiet(*a, **k):
+            pass
+        if variant == "triton":
+            try:
+                model = build("triton")
+            except (ImportError, RuntimeError) as e:
+                raise Unavailable(f"triton backend unavailable ({type(e).__name__}: {e})") from None
+            try:
+                _kernel("adamw", "FusedAdamW")
+                kind = "triton"
+            except Unavailable:
+                kind = "torch"
+            try:
+                from engine.cuda_graph import GraphedTrainStep
+            except ImportError:
+                GraphedTrainStep = None  # noqa: N806
+            meta["optimizer"] = "FusedAdamW" if kind == "triton" else "torch AdamW (fused)"
+            graphs = GraphedTrainStep is not None and torch.device(device).type == "cuda"
+            opt = configure_optimizer(model, opt_cfg, device, kind=kind, capturable=graphs, log=quiet)
+            if graphs:
+                step = GraphedTrainStep(model, opt, accum=1, batch_size=B, seq_len=T,
+                                        device=torch.device(device), autocast_ctx=autocast,
+                                        grad_clip=1.0, log=quiet)
+
+                def fn(i):
+                    loss, _ = step.step(xs[i][None], ys[i][None])
+                    meta["cuda_graphs"] = step.captured
+                    return loss
+                return fn
+            meta["cuda_graphs"] = False
+            return _eager_step(model, opt, xs, ys, device, autocast)
+        model = build("torch")
+        opt = configure_optimizer(model, opt_cfg, device, kind="torch", log=quiet)
+        fwd = torch.compile(model) if variant == "torch-compile" else model
+        return _eager_step(model, opt, xs, ys, device, autocast, fwd)
+
+    def reference():
+        model = build("torch")
+        with torch.no_grad(), autocast():
+            _, loss = model(xs[0].to(device), ys[0].to(device), return_logits=False)
+        return loss.float()
+
+    def verify(variant, loss):
+        ref = float(case.reference_outputs())
+        got = float(loss)
+        # bf16 autocast: the first loss (ln 50257 ~ 10.8 at init) agrees to ~1e-3 relative.
+        if not abs(got - ref) <= 3e-3 * abs(ref):
+            raise CheckFailed(f"training {variant}: first-step loss {got:.5f} != torch eager's {ref:.5f}")
+
+    case = Case(group="train-step", params=f"{preset} B={B} T={T} bf16", variants=list(TRAIN_VARIANTS),
+                baseline="torch-eager", make=make, reference=reference, verify=verify,
+                tokens=B * T, flops_per_token=gpt_flops_per_token(n_params, base_cfg.n_layer,
+                                                                  base_cfg.n_embd, T),
+                track_memory=True, device=device, meta=meta)
+    return case
+
+
+def _eager_step(model, opt, xs, ys, device, autocast, fwd=None):
+    fwd = fwd or model
+    params = [p for p in model.parameters() if p.requires_grad]
+    xd = [x.to(device) for x in xs]
+    yd = [y.to(device) for y in ys]
+
+    def fn(i):
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            _, loss = fwd(xd[i], yd[i], return_logits=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return loss.detach()
+    return fn
+
+
+# --------------------------------------------------------------------------
+# The CPU group
+# --------------------------------------------------------------------------
+
+def corpus_text(n_chars: int) -> str:
+    """English prose that ships with CPython (pydoc's topics), repeated to n_chars."""
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    while len(text) < n_chars:
+        text += "\n\n" + text
+    return text[:n_chars]
+
+
+def cpu_model_case(tmp_dir, B: int = 2, T: int = 64) -> Case:
+    """Forward + backward of the engine's GPT (torch backend) against transformers'
+    GPT2LMHeadModel holding the same weights (written by GPT.save_pretrained)."""
+    from engine.config import GPTConfig
+    from engine.model import GPT
+    cfg = GPTConfig(block_size=T, vocab_size=512, n_layer=2, n_head=4, n_embd=128, backend="torch")
+    torch.manual_seed(0)
+    ours = GPT(cfg)
+    gen = _gen("cpu", 6)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen)
+    idx = tokens[:, :T].contiguous()
+    # transformers shifts labels inside; ignoring our last position makes both
+    # losses average the same B*(T-1) predictions.
+    targets = tokens[:, 1:].clone()
+    targets[:, -1] = -100
+
+    def hf_model():
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as e:
+            raise Unavailable(f"transformers is not installed ({e})") from None
+        path = f"{tmp_dir}/hf-gpt2"
+        ours.save_pretrained(path)
+        return GPT2LMHeadModel.from_pretrained(path)
+
+    def make(variant):
+        if variant == "engine-torch":
+            def fn(i):
+                ours.zero_grad(set_to_none=True)
+                _, loss = ours(idx, targets, return_logits=False)
+                loss.backward()
+                return loss.detach()
+            return fn
+        hf = hf_model()
+
+        def fn(i):
+            hf.zero_grad(set_to_none=True)
+            loss = hf(input_ids=idx, labels=idx).loss
+            loss.backward()
+            return loss.detach()
+        return fn
+
+    def reference():
+        with torch.no_grad():
+            return ours(idx, targets, return_logits=False)[1]
+
+    def verify(variant, loss):
+        ref = float(case.reference_outputs())
+        if not abs(float(loss) - ref) <= 1e-4 * abs(ref):
+            raise CheckFailed(f"cpu model {variant}: loss {float(loss):.6f} != engine's {ref:.6f}")
+
+    case = Case(group="cpu-model-fwdbwd", params=f"L=2 C=128 V=512 B={B} T={T} fp32",
+                variants=["transformers", "engine-torch"], baseline="transformers", make=make,
+                reference=reference, verify=verify, tokens=B * T, device="cpu")
+    return case
+
+
+def cpu_loader_case(tmp_dir, B: int = 8, T: int = 256, n_chars: int = 300_000) -> Case:
+    """Batches from a memory-mapped uint16 shard against the same tokens held in memory
+    (the text source), both through engine.data.build_loader."""
+    import numpy as np
+    text = corpus_text(n_chars)
+    tokens = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    text_path = f"{tmp_dir}/corpus.txt"
+    shard_path = f"{tmp_dir}/bench_train_000000.bin"
+
+    def make(variant):
+        try:
+            from engine.data import build_loader, write_shard
+        except ImportError as e:
+            raise Unavailable(f"engine.data is not usable here ({e})") from None
+        if variant == "shard":
+            write_shard(shard_path, tokens, vocab_size=256)
+            loader = build_loader(shard_path, B, T, split="train", tokenizer="bytes")
+        else:
+            with open(text_path, "w", encoding="utf-8") as f:
+                f.write(text)
+            loader = build_loader(text_path, B, T, split="train", tokenizer="bytes", val_fraction=0.0)
+        return lambda i: loader.next_batch()
+
+    def verify(variant, batch):
+        x, y = batch
+        want = torch.from_numpy(tokens[:B * T + 1].astype(np.int64))
+        if x.shape != (B, T) or y.shape != (B, T) or x.dtype != torch.int64:
+            raise CheckFailed(f"loader {variant}: batch shapes {tuple(x.shape)}, {tuple(y.shape)} "
+                              f"dtype {x.dtype}; expected ({B}, {T}) int64")
+        if not (torch.equal(x.reshape(-1), want[:-1]) and torch.equal(y.reshape(-1), want[1:])):
+            raise CheckFailed(f"loader {variant}: the first batch is not the first B*T+1 tokens")
+
+    return Case(group="cpu-data-loader", params=f"B={B} T={T} bytes tokens", variants=["text", "shard"],
+                baseline="text", make=make, verify=verify, tokens=B * T, device="cpu",
+                meta={"per_call": "batches"})
+
+
+def cpu_tokenizer_case(n_chars: int = 50_000) -> Case:
+    """Encoding English prose: tiktoken's GPT-2 BPE against UTF-8 bytes."""
+    text = corpus_text(n_chars)
+
+    def make(variant):
+        from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
+        try:
+            tok = get_tokenizer(variant)
+        except TokenizerUnavailableError as e:
+            raise Unavailable(str(e)) from None
+        return lambda i: tok.encode(text)
+
+    def verify(variant, ids):
+        from engine.tokenizer import get_tokenizer
+        if not ids or get_tokenizer(variant).decode(ids) != text:
+            raise CheckFailed(f"tokenizer {variant}: decode(encode(text)) != text")
+
+    return Case(group="cpu-tokenizer", params=f"{len(text.encode())} bytes of prose",
+                variants=["bytes", "gpt2"], baseline="bytes", make=make, verify=verify,
+                bytes=len(text.encode()), device="cpu")
+
+
+# --------------------------------------------------------------------------
+# The report's plan
+# --------------------------------------------------------------------------
+
+def gpu_plan(quick: bool = False) -> list[tuple[str, object]]:
+    """(section, zero-argument builder) for every GPU comparison, cheapest first;
+    `quick` keeps the GPT-2 shapes and a short attention sweep."""
+    widths = (768,) if quick else LN_WIDTHS
+    plan = []
+    for fused in (False, True):
+        for kind in ("fwd", "fwdbwd"):
+            for wd in widths:
+                plan.append(("layernorm", lambda k=kind, w=wd, f=fused: layernorm_case(k, w, fused=f)))
+    for kind in ("fwd", "fwdbwd"):
+        plan.append(("linear_gelu", lambda k=kind: linear_gelu_case(k)))
+    for kind in ("fwd", "fwdbwd"):
+        plan.append(("cross_entropy", lambda k=kind: cross_entropy_case(k)))
+    plan.append(("adamw", adamw_case))
+    for kind in ("fwd", "bwd", "fwdbwd"):
+        plan.append(("attention", lambda k=kind: attention_case(k, **ATTN_MAIN)))
+    plan.append(("training", lambda: training_case(16)))
+    sweep_t = (512, 2048, 8192) if quick else ATTN_SWEEP_T
+    for kind in (("fwdbwd",) if quick else ("fwd", "fwdbwd")):
+        for D in ATTN_SWEEP_D:
+            for T in sweep_t:
+                plan.append(("attention-sweep",
+                             lambda k=kind, t=T, d=D: attention_case(k, **attention_sweep_shape(t, d))))
+    if not quick:
+        plan.append(("training", lambda: training_case(32)))
+    return plan

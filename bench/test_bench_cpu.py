@@ -1,0 +1,27 @@
+"""The CPU group (runs anywhere, marks nothing gpu): the engine's forward+backward
+on the torch path against transformers' GPT2LMHeadModel with the same weights,
+data-loader batches/sec from a memory-mapped shard against in-memory tokens, and
+tokenizer throughput (tiktoken GPT-2 BPE against bytes). Each call takes well
+under 0.2 s; plain `pytest` runs each once."""
+import pytest
+
+from bench.cases import cpu_loader_case, cpu_model_case, cpu_tokenizer_case
+from bench.common import run_benchmark
+
+
+@pytest.mark.benchmark(group="cpu-model")
+@pytest.mark.parametrize("variant", ["transformers", "engine-torch"])
+def test_cpu_model_fwdbwd(benchmark, bench_registry, tmp_path, variant):
+    run_benchmark(benchmark, cpu_model_case(tmp_path), variant, bench_registry)
+
+
+@pytest.mark.benchmark(group="cpu-data-loader")
+@pytest.mark.parametrize("variant", ["text", "shard"])
+def test_cpu_data_loader(benchmark, bench_registry, tmp_path, variant):
+    run_benchmark(benchmark, cpu_loader_case(tmp_path), variant, bench_registry)
+
+
+@pytest.mark.benchmark(group="cpu-tokenizer")
+@pytest.mark.parametrize("variant", ["bytes", "gpt2"])
+def test_cpu_tokenizer(benchmark, bench_registry, variant):
+    run_benchmark(benchmark, cpu_tokenizer_case(), variant, bench_registry)

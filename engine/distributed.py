@@ -1,0 +1,127 @@
+"""Data-parallel training under `torchrun`: process group, rank 0 as the master.
+
+`torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE;
+without them the run is a single process. CUDA runs use NCCL and one GPU per
+process (cuda:LOCAL_RANK); CPU runs use gloo (slow, for tests and laptops).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self) -> bool:
+        """Only the master logs and writes files (checkpoints, CSV, plots)."""
+        return self.rank == 0
+
+
+def env_dist_info() -> DistInfo:
+    """What torchrun's environment says; a single process when it says nothing."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    try:
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UserInputError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserInputError(f"RANK={rank} / WORLD_SIZE={world} are inconsistent")
+    return DistInfo(ddp=world > 1, rank=rank, local_rank=local, world_size=world)
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Start the process group if torchrun launched several processes.
+
+    On CUDA selects this process's GPU first (NCCL needs it before init)."""
+    info = env_dist_info()
+    if not info.ddp:
+        return info
+    if device_type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise UserInputError(f"LOCAL_RANK {info.local_rank} but only "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(info.local_rank)
+        backend = "nccl"
+    elif device_type == "cpu":
+        backend = "gloo"
+    else:
+        raise UserInputError(f"distributed training on {device_type} is not supported; use cuda or cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def process_device(device: str, info: DistInfo) -> str:
+    """Under DDP on CUDA each process owns cuda:LOCAL_RANK."""
+    if info.ddp and device.startswith("cuda"):
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    if not info.ddp:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if device.type == "cuda":
+        return DDP(model, device_ids=[info.local_rank])
+    return DDP(model)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, under DDP and torch.compile wrappers alike."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In place: the mean over processes (a no-op in a single process)."""
+    if info.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(info.world_size)
+    return t
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """One picklable object from every rank, in rank order (used for loader states)."""
+    if not info.ddp:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.ddp:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.ddp:
+        dist.barrier()
+
+
+def destroy(info: DistInfo) -> None:
+    if info.ddp and dist.is_initialized():
+        dist.destroy_process_group()

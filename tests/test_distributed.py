@@ -1,0 +1,94 @@
+"""DDP: `torchrun --nproc_per_node=2` (gloo on CPU) equals one process with the same
+global batch (2 accumulation micro-steps); only rank 0 logs and writes files."""
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.distributed import DistInfo, env_dist_info
+from engine.errors import UserInputError
+from engine.trainer import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:60_000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+COMMON = dict(tokenizer="bytes", device="cpu", backend="torch", n_layer=1, n_embd=32, batch_size=2,
+              seq_len=16, total_batch_size=64, max_steps=4, warmup_steps=1, max_lr=1e-3,
+              eval_interval=3, eval_batches=2, sample_interval=0, checkpoint_interval=4, seed=7)
+
+
+def as_flags(values: dict) -> list[str]:
+    out = []
+    for k, v in values.items():
+        out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_env_dist_info(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert env_dist_info() == DistInfo()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = env_dist_info()
+    assert info.ddp and info.rank == 1 and info.world_size == 2 and not info.master
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(UserInputError, match="inconsistent"):
+        env_dist_info()
+
+
+def test_torchrun_matches_one_process(corpus, tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    # eval_batches counts per process: 2 ranks x 2 batches read the val batches 1 process x 4 reads
+    single = train(TrainConfig(data=str(corpus), run_dir=str(tmp_path / "single"),
+                               **dict(COMMON, eval_batches=4)), log=lambda *a: None)
+    assert single.accum == 2
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(ROOT / "train.py"),
+           "--data", str(corpus), "--run-dir", str(tmp_path / "ddp"), *as_flags(COMMON)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "DDP, world size 2" in out and "1 accumulation step(s)" in out
+    assert sum(ln.startswith("step     0 |") for ln in out.splitlines()) == 1  # rank 0 logs alone
+
+    ddp_rows = read_csv(tmp_path / "ddp" / "metrics.csv")
+    one_rows = read_csv(tmp_path / "single" / "metrics.csv")
+    assert len(ddp_rows) == len(one_rows) == 4
+    for a, b in zip(one_rows, ddp_rows):
+        for key in ("loss", "grad_norm"):
+            x, y = float(a[key]), float(b[key])
+            assert abs(x - y) <= 1e-5 * abs(x), f"step {a['step']} {key}: one process {x}, DDP {y}"
+        if a["val_loss"]:
+            assert abs(float(a["val_loss"]) - float(b["val_loss"])) <= 1e-5 * float(a["val_loss"])
+    assert [r["val_loss"] != "" for r in ddp_rows] == [True, False, False, True]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "ckpt_000004.pt", "config.json", "loss.png", "metrics.csv"]

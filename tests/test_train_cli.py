@@ -1,0 +1,190 @@
+"""train.py: flags generated from TrainConfig, --config TOML, clean errors (exit 2),
+an end-to-end run, resume through the CLI. Most checks run main() in-process;
+two subprocesses check the real exit status and that no traceback is printed."""
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.trainer import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "train.py"
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_train_module()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:60_000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def small_args(corpus, run_dir, *extra):
+    return ["--data", str(corpus), "--tokenizer", "bytes", "--device", "cpu", "--n-layer", "1",
+            "--n-embd", "32", "--batch-size", "2", "--seq-len", "16", "--max-steps", "3",
+            "--warmup-steps", "1", "--eval-interval", "0", "--sample-interval", "0",
+            "--checkpoint-interval", "0", "--run-dir", str(run_dir), *extra]
+
+
+def run_main(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error_line(err, *needles):
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's wrapping
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+    assert "--config FILE.toml" in text
+    # every option's help carries its default, and auto ones say what auto means
+    assert text.count("(default:") == len(dataclasses.fields(TrainConfig)) + 1
+    assert "--batch-size BATCH_SIZE micro-batch size B (sequences per forward) [auto: CPU/MPS: 8, " \
+           "CUDA: 64] (default: auto)" in text
+    assert "(default: 0.1)" in text and "(default: 1337)" in text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--batch", "4"], "unrecognized arguments: --batch"),  # no abbreviations
+    (["--batch-size", "four"], "expected an integer or 'auto'"),
+    (["--dtype", "fp16"], "invalid choice: 'fp16'"),
+])
+def test_malformed_flags_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_total_batch_divisibility(corpus, tmp_path, capsys):
+    rc, _, err = run_main(small_args(corpus, tmp_path / "r", "--total-batch-size", "100"), capsys)
+    assert rc == 2
+    assert_one_error_line(err, "total_batch_size (--total-batch-size) 100 is not divisible by",
+                          "2 * 16 * 1 = 32")
+
+
+def test_missing_data_file(tmp_path, capsys):
+    rc, _, err = run_main(small_args(tmp_path / "missing.txt", tmp_path / "r"), capsys)
+    assert rc == 2
+    assert_one_error_line(err, "missing.txt", "no such file")
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc, _, err = run_main(small_args(empty, tmp_path / "r"), capsys)
+    assert rc == 2
+    assert_one_error_line(err, "empty.txt", "empty")
+
+
+def test_resume_path_missing(corpus, tmp_path, capsys):
+    rc, _, err = run_main(small_args(corpus, tmp_path / "r", "--resume", str(tmp_path / "nope")), capsys)
+    assert rc == 2
+    assert_one_error_line(err, "resume:", "nope", "does not exist")
+
+
+def test_cuda_graphs_on_without_a_gpu_is_a_clear_error(corpus, tmp_path, capsys):
+    rc, _, err = run_main(small_args(corpus, tmp_path / "r", "--cuda-graphs", "on"), capsys)
+    assert rc == 2
+    assert_one_error_line(err, "cuda_graphs=on but the device is cpu")
+
+
+def test_toml_config_and_flag_precedence(tmp_path):
+    conf = tmp_path / "run.toml"
+    conf.write_text('batch_size = 4\nseq_len = 16\nmax_lr = 0.002\ndtype = "fp32"\n'
+                    'betas = [0.8, 0.9]\ncompile = false\nmax_steps = "auto"\n')
+    cfg = cli.config_from_args(["--config", str(conf), "--seq-len", "32"])
+    assert (cfg.batch_size, cfg.seq_len, cfg.max_lr, cfg.dtype, cfg.betas) == (4, 32, 0.002, "fp32",
+                                                                             (0.8, 0.9))
+    assert cfg.max_steps is None  # auto
+    assert cfg.weight_decay == 0.1  # neither given: the default
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("batch_sise = 4\nfoo = 1\n", "unknown key(s) batch_sise, foo"),
+    ("batch-size = 4\n", "keys use underscores, e.g. batch_size"),
+    ("batch_size = 'x'\n", "key batch_size: expected an integer or 'auto'"),
+    ("dtype = 'fp16'\n", "key dtype: expected one of"),
+    ("batch_size = [\n", "not valid TOML"),
+])
+def test_bad_toml(tmp_path, content, needle, capsys):
+    conf = tmp_path / "bad.toml"
+    conf.write_text(content)
+    rc, _, err = run_main(["--config", str(conf)], capsys)
+    assert rc == 2
+    assert_one_error_line(err, str(conf), needle)
+
+
+def test_missing_toml(tmp_path, capsys):
+    rc, _, err = run_main(["--config", str(tmp_path / "none.toml")], capsys)
+    assert rc == 2
+    assert_one_error_line(err, "none.toml", "no such file")
+
+
+def test_run_then_resume_through_the_cli(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, out, err = run_main(small_args(corpus, run, "--checkpoint-interval", "3"), capsys)
+    assert rc == 0, err
+    assert sum(ln.startswith("step ") for ln in out.splitlines()) == 3
+    assert (run / "ckpt_000003.pt").is_file()
+    rc, out, err = run_main(small_args(corpus, run, "--resume", str(run), "--max-steps", "5",
+                                       "--checkpoint-interval", "5"), capsys)
+    assert rc == 0, err
+    steps = [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")]
+    assert steps == ["3", "4"]
+    assert "resumed from" in out
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "0", "1", "2", "3", "4"]
+
+
+def _subprocess(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_end_to_end_subprocess(corpus, tmp_path):
+    proc = _subprocess(small_args(corpus, tmp_path / "run", "--eval-interval", "2",
+                                  "--sample-interval", "2", "--checkpoint-interval", "2"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for needle in ("device: cpu", "tokenizer: bytes", "validation loss", "sample 0:", "step     2 |",
+                   "checkpoint:", "loss curve:"):
+        assert needle in out, needle
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "ckpt_000002.pt", "ckpt_000003.pt", "config.json", "loss.png", "metrics.csv"]
+
+
+def test_user_error_subprocess_has_no_traceback(tmp_path):
+    proc = _subprocess(small_args(tmp_path / "missing.txt", tmp_path / "run"), tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert_one_error_line(proc.stderr, "missing.txt")

@@ -1,0 +1,372 @@
+"""The training loop: schedule, accumulation, loss falling, resume, divergence,
+--init-from, config validation, CUDA-graph decisions (GPU tests for the graphs)."""
+import csv
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt_lib
+from engine.config import GPTConfig
+from engine.cuda_graph import graph_decision
+from engine.errors import UserInputError
+from engine.model import GPT
+from engine.optim import configure_optimizer, param_groups
+from engine.trainer import (AUTO_DEFAULTS, TrainConfig, Trainer, TrainingDiverged, get_lr,
+                            micro_step, train)
+from tests.helpers import rel_err
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+LOG_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \| norm \d+\.\d{4} \| "
+                      r"dt \d+\.\d{2}ms \| tok/sec \d+\.\d{2}$")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~150 KB of English that ships with CPython: always present, offline."""
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:150_000]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_cfg(corpus, run_dir, **kw) -> TrainConfig:
+    """The tiny preset shrunk further, byte tokenizer: a step takes milliseconds."""
+    base = dict(data=str(corpus), tokenizer="bytes", model="tiny", n_layer=2, n_embd=64, n_head=4,
+                batch_size=4, seq_len=32, max_steps=4, warmup_steps=2, max_lr=1e-3,
+                eval_interval=0, sample_interval=0, checkpoint_interval=0, device="cpu",
+                run_dir=str(run_dir), seed=1234)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# --------------------------------------------------------------------- schedule
+
+def test_lr_schedule_warmup_peak_and_end():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, max_lr=6e-4, min_lr=6e-5)
+    assert get_lr(0, cfg) == pytest.approx(6e-4 / 10)  # warm-up starts at max_lr / warmup
+    assert get_lr(4, cfg) == pytest.approx(6e-4 * 5 / 10)
+    assert get_lr(9, cfg) == pytest.approx(6e-4)  # peak at the end of warm-up
+    assert get_lr(10, cfg) == pytest.approx(6e-4)  # cosine starts at the peak
+    assert get_lr(55, cfg) == pytest.approx((6e-4 + 6e-5) / 2)  # half-way down the cosine
+    assert get_lr(100, cfg) == pytest.approx(6e-5)
+    assert get_lr(10_000, cfg) == pytest.approx(6e-5)  # after max_steps: min_lr
+    decay = [get_lr(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_lr_schedule_min_lr_defaults_to_a_tenth():
+    cfg = TrainConfig(max_steps=20, warmup_steps=0, max_lr=1e-3).resolved("cpu")
+    assert cfg.min_lr == pytest.approx(1e-4)
+    assert get_lr(0, cfg) == pytest.approx(1e-3)
+    assert get_lr(20, cfg) == pytest.approx(1e-4)
+
+
+# --------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), r"batch_size \(--batch-size\) must be >= 1"),
+    (dict(dtype="fp16"), r"dtype \(--dtype\) must be one of"),
+    (dict(device="tpu"), r"device \(--device\) must be one of"),
+    (dict(cuda_graphs="maybe"), r"cuda_graphs \(--cuda-graphs\) must be one of"),
+    (dict(max_lr=-1.0), r"max_lr \(--max-lr\) must be >= 0"),
+    (dict(max_lr=1e-3, min_lr=1e-2), r"min_lr \(--min-lr\) .* must be <= max_lr"),
+    (dict(betas=(0.9, 1.5)), r"betas \(--betas\) must be two numbers"),
+    (dict(model="gpt5"), r"model \(--model\) must be auto or one of"),
+    (dict(batch_size=4, seq_len=32, total_batch_size=1000),
+     r"total_batch_size \(--total-batch-size\) 1000 is not divisible by .* = 128"),
+    (dict(max_steps=5, warmup_steps=6), r"warmup_steps \(--warmup-steps\) \(6\) must be <= max_steps"),
+    (dict(resume="x", init_from="y"), r"--init-from and --resume exclude each other"),
+])
+def test_config_validation_names_the_field(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_total_batch_divisibility_includes_world_size():
+    cfg = TrainConfig(batch_size=4, seq_len=32, total_batch_size=128)
+    assert cfg.resolved("cpu", world_size=1).total_batch_size == 128
+    with pytest.raises(UserInputError, match=r"4 \* 32 \* 2 = 256"):
+        cfg.resolved("cpu", world_size=2)
+
+
+def test_auto_defaults_follow_the_device():
+    cpu = TrainConfig().resolved("cpu")
+    cuda = TrainConfig().resolved("cuda")
+    assert (cpu.model, cpu.batch_size, cpu.seq_len) == ("tiny", 8, 64)
+    assert cpu.total_batch_size == 8 * 64  # one micro-step per step on CPU
+    assert (cuda.model, cuda.seq_len, cuda.total_batch_size, cuda.max_steps, cuda.warmup_steps,
+            cuda.max_lr) == ("gpt2", 1024, 524288, 19073, 715, 6e-4)
+    assert cuda.total_batch_size % (cuda.batch_size * cuda.seq_len) == 0
+    assert set(AUTO_DEFAULTS["cpu"]) == set(AUTO_DEFAULTS["cuda"])
+    # explicit values win over auto
+    assert TrainConfig(batch_size=2).resolved("cuda").batch_size == 2
+
+
+# --------------------------------------------------------------------- optimizer
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig.from_preset("tiny", n_layer=1, vocab_size=256, backend="torch"))
+    groups = param_groups(model, 0.1)
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in groups[0]["params"])
+    assert all(p.dim() < 2 for p in groups[1]["params"])
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == model.num_parameters()  # the tied embedding counted once
+    lines = []
+    opt = configure_optimizer(model, TrainConfig(max_lr=1e-3), "cpu", "torch", log=lines.append)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert any("num decayed parameter tensors" in ln for ln in lines)
+
+
+# --------------------------------------------------------------------- accumulation
+
+def test_gradient_accumulation_equals_the_big_batch():
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", n_layer=2, n_embd=64, vocab_size=256, backend="torch")
+    model = GPT(cfg)
+    x = torch.randint(0, 256, (8, 32))
+    y = torch.randint(0, 256, (8, 32))
+    import contextlib
+
+    def grads(batches, accum):
+        model.zero_grad(set_to_none=True)
+        loss = sum(micro_step(model, bx, by, accum, contextlib.nullcontext) for bx, by in batches)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_big, g_big = grads([(x, y)], 1)
+    loss_acc, g_acc = grads([(x[:4], y[:4]), (x[4:], y[4:])], 2)
+    assert abs(loss_big.item() - loss_acc.item()) <= 1e-6 * abs(loss_big.item())
+    for name in g_big:
+        err = rel_err(g_acc[name], g_big[name])
+        assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+    # and the check can fail: a missing 1/accum doubles the gradients
+    _, g_wrong = grads([(x[:4], y[:4]), (x[4:], y[4:])], 1)
+    assert rel_err(g_wrong["transformer.wte.weight"], g_big["transformer.wte.weight"]) > 0.5
+
+
+# --------------------------------------------------------------------- the loop
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent")
+def test_loss_falls_on_tinyshakespeare(tmp_path):
+    lines = []
+    # the tiny preset as it is (4 layers, 128 wide), byte-level vocabulary
+    cfg = tiny_cfg(SHAKESPEARE, tmp_path / "run", n_layer=None, n_embd=None, n_head=None,
+                   batch_size=8, seq_len=64,
+                   max_steps=40, warmup_steps=5, max_lr=3e-3, eval_interval=20, eval_batches=2,
+                   sample_interval=39, checkpoint_interval=40)
+    trainer = train(cfg, log=lines.append)
+    losses = [h["loss"] for h in trainer.history]
+    assert len(losses) == 40
+    first, last = losses[0], sum(losses[-5:]) / 5
+    assert first > 5.0  # about ln(256) for a fresh byte-level model
+    assert last < first - 2.0, f"loss went from {first:.3f} to {last:.3f}"
+    # the log: device/dtype/backend/optimizer/corpus/tokenizer/params, then one line per step
+    assert lines[0].startswith("device: cpu")  # the header comes first
+    text = "\n".join(lines)
+    for word in ("device: cpu", "dtype: fp32", "backend: torch", "optimizer: torch AdamW",
+                 "tokenizer: bytes", "parameters", "corpus:", "cuda graphs: off"):
+        assert word in text, word
+    step_lines = [ln for ln in lines if ln.startswith("step ")]
+    assert len(step_lines) == 40 and all(LOG_LINE.match(ln) for ln in step_lines), step_lines[:2]
+    assert sum("validation loss" in ln for ln in lines) == 3  # steps 0, 20, 39
+    assert any(ln.startswith("sample 0:") for ln in lines)
+    # the CSV matches the history; val loss where evaluated
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(40))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(losses)
+    assert [r["step"] for r in rows if r["val_loss"]] == ["0", "20", "39"]
+    assert (tmp_path / "run" / "ckpt_000040.pt").is_file()
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    full = train(tiny_cfg(corpus, tmp_path / "a", checkpoint_interval=2, keep_checkpoints=0), log=quiet)
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "a")] == ["ckpt_000002.pt", "ckpt_000004.pt"]
+    resumed = train(tiny_cfg(corpus, tmp_path / "b", resume=str(tmp_path / "a" / "ckpt_000002.pt")),
+                    log=quiet)
+    a = [h["loss"] for h in full.history]
+    b = [h["loss"] for h in resumed.history]
+    assert [h["step"] for h in resumed.history] == [2, 3]
+    assert b == pytest.approx(a[2:], rel=1e-6, abs=0)
+    # the resumed model ends where the uninterrupted one ended
+    for (name, p), q in zip(full.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert rel_err(q, p) <= 1e-6, name
+    # and a run folder resumes from its latest checkpoint (step 4 = max_steps: nothing to do)
+    again = Trainer(tiny_cfg(corpus, tmp_path / "c", resume=str(tmp_path / "a")), log=quiet)
+    assert again.step == 4
+
+
+def test_resume_rejects_a_different_batch_geometry(corpus, tmp_path):
+    train(tiny_cfg(corpus, tmp_path / "a", max_steps=1, warmup_steps=0, checkpoint_interval=1), log=quiet)
+    with pytest.raises(UserInputError, match="cannot resume the data loader"):
+        Trainer(tiny_cfg(corpus, tmp_path / "b", batch_size=2, resume=str(tmp_path / "a")), log=quiet)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    trainer = Trainer(tiny_cfg(corpus, tmp_path / "run", max_steps=5, checkpoint_interval=1,
+                               keep_checkpoints=0), log=quiet)
+    ops = trainer.raw_model.ops
+    original = ops.linear_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss  # step 2's forward
+
+    ops.linear_cross_entropy = poisoned
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        trainer.run()
+    names = [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "run")]
+    assert names == ["ckpt_000001.pt", "ckpt_000002.pt"]
+    state = ckpt_lib.load_checkpoint(tmp_path / "run")
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_init_from_hugging_face(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = tiny_cfg(corpus, tmp_path / "run", init_from=str(tmp_path / "hf"), max_steps=1,
+                   warmup_steps=0)
+    trainer = Trainer(cfg, log=quiet)
+    assert trainer.model_config.n_embd == 32 and trainer.model_config.block_size == 64
+    x, y = trainer.train_loader.next_batch()
+    trainer.train_loader.reset()
+    with torch.no_grad():
+        logits = hf(input_ids=x).logits
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1)).item()
+    trainer.run()
+    assert trainer.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_init_from_rejects_a_too_short_context(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_positions=16, n_embd=32,
+                                                              n_layer=1, n_head=2))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserInputError, match="seq_len .* exceeds the model's block_size 16"):
+        Trainer(tiny_cfg(corpus, tmp_path / "run", init_from=str(tmp_path / "hf")), log=quiet)
+
+
+# --------------------------------------------------------------------- CUDA graphs
+
+@pytest.mark.parametrize("args, reason", [
+    (("auto", "cpu", "triton", False, False), "the device is cpu"),
+    (("auto", "mps", "torch", False, False), "the device is mps"),
+    (("auto", "cuda", "torch", False, False), "the backend is torch"),
+    (("auto", "cuda", "triton", True, False), "compile is on"),
+    (("auto", "cuda", "triton", False, True), "DDP is on"),
+    (("off", "cuda", "triton", False, False), "cuda_graphs=off"),
+])
+def test_graph_fallback_reasons(args, reason):
+    use, why = graph_decision(*args)
+    assert not use and reason in why
+
+
+def test_graphs_used_where_possible():
+    assert graph_decision("auto", "cuda", "triton", False, False) == (True, "capturing the training step "
+                                                                            "in a CUDA graph")
+    assert graph_decision("on", "cuda", "triton", False, False)[0]
+
+
+@pytest.mark.parametrize("args", [("on", "cpu", "torch", False, False), ("on", "cuda", "triton", True, False),
+                                  ("on", "cuda", "triton", False, True)])
+def test_graphs_on_errors_where_impossible(args):
+    with pytest.raises(UserInputError, match="cuda_graphs=on but"):
+        graph_decision(*args)
+
+
+def test_graphs_on_with_the_cpu_trainer_errors(corpus, tmp_path):
+    with pytest.raises(UserInputError, match="cuda_graphs=on but the device is cpu"):
+        Trainer(tiny_cfg(corpus, tmp_path / "run", cuda_graphs="on"), log=quiet)
+
+
+def _gpu_cfg(corpus, run_dir, graphs, **kw):
+    # head dim 64: a size every attention kernel configuration supports
+    return tiny_cfg(corpus, run_dir, device="cuda", backend="triton", cuda_graphs=graphs, dtype="bf16",
+                    n_embd=128, n_head=2, max_steps=8, batch_size=4, seq_len=64,
+                    total_batch_size=512, **kw)
+
+
+@pytest.mark.gpu
+def test_graph_replay_matches_eager_steps(corpus, tmp_path):
+    eager = train(_gpu_cfg(corpus, tmp_path / "eager", "off"), log=quiet)
+    lines = []
+    graphed = train(_gpu_cfg(corpus, tmp_path / "graph", "on"), log=lines.append)
+    assert graphed.graphed is not None and graphed.graphed.captured, lines
+    a = [h["loss"] for h in eager.history]
+    b = [h["loss"] for h in graphed.history]
+    assert len(a) == len(b) == 8
+    for s, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= 1e-2 * abs(x), f"step {s}: eager {x} vs graph {y}"
+    na = [h["grad_norm"] for h in eager.history]
+    nb = [h["grad_norm"] for h in graphed.history]
+    assert nb == pytest.approx(na, rel=5e-2)
+
+
+@pytest.mark.gpu
+def test_graph_replay_has_no_host_sync(corpus, tmp_path):
+    from engine.optim import set_lr
+    trainer = Trainer(_gpu_cfg(corpus, tmp_path / "run", "on"), log=quiet)
+    for step in range(4):  # warm-up steps, then the capture
+        trainer.train_step(step)
+    assert trainer.graphed.captured
+    x, y = trainer.train_loader.next_batch()
+    xs = torch.stack([x] * trainer.accum)
+    ys = torch.stack([y] * trainer.accum)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        set_lr(trainer.optimizer, 1e-4)
+        loss, norm = trainer.graphed.step(xs, ys)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(loss.item()) and math.isfinite(norm.item())
+
+
+# --------------------------------------------------------------------- other modes
+
+def test_profile_writes_a_trace(corpus, tmp_path):
+    lines = []
+    trainer = train(tiny_cfg(corpus, tmp_path / "run", profile=True, max_steps=10), log=lines.append)
+    assert (tmp_path / "run" / "trace.json").is_file()
+    assert len(trainer.history) == 5  # wait + warmup + active steps
+    trace = (tmp_path / "run" / "trace.json").read_text()
+    for phase in ("forward", "backward", "optimizer_step", "data_loading"):
+        assert f'"{phase}"' in trace, phase
+
+
+def test_triton_optimizer_in_the_interpreter(corpus, tmp_path):
+    """The FusedAdamW path (set_lr into its device lr, zero_grad keeping grads) gives
+    the same losses as torch's AdamW."""
+    pytest.importorskip("triton")
+    kw = dict(max_steps=3, warmup_steps=1, n_layer=1, n_embd=32, batch_size=2, seq_len=16)
+    ref = train(tiny_cfg(corpus, tmp_path / "torch", optimizer="torch", **kw), log=quiet)
+    ours = train(tiny_cfg(corpus, tmp_path / "triton", optimizer="triton", **kw), log=quiet)
+    assert ours.optimizer_kind == "triton"
+    a = [h["loss"] for h in ref.history]
+    b = [h["loss"] for h in ours.history]
+    assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_bf16_params_mode_trains(corpus, tmp_path):
+    lines = []
+    trainer = train(tiny_cfg(corpus, tmp_path / "run", dtype="bf16-params", max_steps=3, warmup_steps=1),
+                    log=lines.append)
+    assert trainer.raw_model.lm_head.weight.dtype == torch.bfloat16
+    assert all(math.isfinite(h["loss"]) for h in trainer.history)
+    assert any("torch's AdamW keeps its moments in bf16" in ln for ln in lines)
