@@ -10,16 +10,15 @@ a run killed mid-save leaves the previous checkpoints intact, and the temp file
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 from engine.errors import UserInputError
+from engine.fileio import atomic_write
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.pt$")
 TMP_PREFIX = ".ckpt_"
@@ -70,42 +69,14 @@ def _remove_stale_temps(run_dir: pathlib.Path) -> None:
                 pass
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some platforms (Windows) cannot open folders
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir, step: int, state: dict, keep: int = 0) -> pathlib.Path:
     """Write `state` atomically as run_dir/ckpt_{step:06d}.pt; keep the last `keep`
     checkpoints (0 keeps all). Returns the path written."""
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(run_dir)  # left by a run killed mid-save
-    dest = run_dir / checkpoint_name(step)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f"{TMP_PREFIX}{step:06d}.", suffix=TMP_SUFFIX)
-    try:
-        # mkstemp creates the file 0600; a checkpoint gets the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(run_dir)
+    dest = atomic_write(run_dir / checkpoint_name(step), lambda f: torch.save(state, f),
+                        tmp_prefix=f"{TMP_PREFIX}{step:06d}.", tmp_suffix=TMP_SUFFIX)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink()

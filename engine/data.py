@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from engine.errors import UserInputError
+from engine.fileio import atomic_write
 from engine.tokenizer import ByteTokenizer, get_tokenizer, load_tokenizer
 
 SHARD_MAGIC = 20240520
@@ -77,12 +78,10 @@ def write_shard(path, tokens, vocab_size: int = 0) -> Path:
             f"{int(tokens.min())}..{int(tokens.max())}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:4] = (SHARD_MAGIC, SHARD_VERSION, tokens.size, vocab_size)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    def write(f):
         f.write(header.tobytes())
         f.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, write)
 
 
 def read_shard_header(path) -> tuple[int, int]:
@@ -658,12 +657,6 @@ def _urlopen_fetch(url: str, timeout: float) -> bytes:
         return r.read()
 
 
-def _atomic_write(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def resolve_default_corpus(cache_dir=None, *, cwd=None, fetch=None, url: str = TINY_SHAKESPEARE_URL,
                            timeout: float = 5.0) -> tuple[Path, str]:
     """(path, description) of the text to train on when no --data is given.
@@ -696,7 +689,7 @@ def resolve_default_corpus(cache_dir=None, *, cwd=None, fetch=None, url: str = T
         reason = f"{type(e).__name__}: {e}"
     else:
         try:
-            _atomic_write(shakespeare, data)
+            atomic_write(shakespeare, lambda f: f.write(data))
         except OSError as e:
             raise UserInputError(f"{shakespeare}: cannot write the downloaded corpus: {e}") from e
         return shakespeare, f"tiny-shakespeare (downloaded from {url} into {shakespeare})"
@@ -706,7 +699,7 @@ def resolve_default_corpus(cache_dir=None, *, cwd=None, fetch=None, url: str = T
     if not (fallback.is_file() and fallback.stat().st_size):
         text = "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
         try:
-            _atomic_write(fallback, text.encode("utf-8"))
+            atomic_write(fallback, lambda f: f.write(text.encode("utf-8")))
         except OSError as e:
             raise UserInputError(f"{fallback}: cannot write the offline corpus: {e}") from e
     return fallback, (f"CPython's documentation topics from pydoc_data ({len(topics)} topics, "

@@ -7,14 +7,13 @@ unpickling arbitrary objects. HF's GPT-2 stores its projections as Conv1D,
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import torch
 
 from engine.config import GPTConfig
 from engine.errors import UserInputError
+from engine.fileio import atomic_write
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
@@ -141,20 +140,6 @@ def hf_config_dict(config: GPTConfig) -> dict:
     }
 
 
-def _atomic_write(dest: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_pretrained(model, path) -> None:
     if not model.config.bias:
         raise ValueError("save_pretrained: Hugging Face GPT-2 has biases; this model has bias=False")
@@ -172,15 +157,12 @@ def save_pretrained(model, path) -> None:
             tensor = tensor[: config.vocab_size]
         state[name] = tensor.contiguous().clone()
 
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(hf_config_dict(config), f, indent=2)
-
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
     except ImportError:
-        _atomic_write(path / "pytorch_model.bin", lambda tmp: torch.save(state, tmp))
+        atomic_write(path / "pytorch_model.bin", lambda f: torch.save(state, f))
     else:
-        _atomic_write(path / "model.safetensors",
-                      lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / "config.json", write_config)
+        atomic_write(path / "model.safetensors",
+                     lambda f: f.write(safetensors_bytes(state, metadata={"format": "pt"})))
+    atomic_write(path / "config.json",
+                 lambda f: f.write(json.dumps(hf_config_dict(config), indent=2).encode()))

@@ -6,11 +6,9 @@ nanoGPT and (Conv1D transposed aside) of Hugging Face's GPT2LMHeadModel.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.config import GPTConfig
 from engine.errors import UserInputError

@@ -73,3 +73,13 @@ class poisoned_allocations:
         for name, original in self._saved.items():
             setattr(torch, name, original)
         return False
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+# matplotlib is an optional extra: without it the trainer writes no loss.png.
+HAS_MATPLOTLIB = has_module("matplotlib")
+PLOT_FILES = ["loss.png"] if HAS_MATPLOTLIB else []

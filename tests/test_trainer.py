@@ -16,7 +16,7 @@ from engine.model import GPT
 from engine.optim import configure_optimizer, param_groups
 from engine.trainer import (AUTO_DEFAULTS, TrainConfig, Trainer, TrainingDiverged, get_lr,
                             micro_step, train)
-from tests.helpers import rel_err
+from tests.helpers import HAS_MATPLOTLIB, rel_err
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 LOG_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \| norm \d+\.\d{4} \| "
@@ -185,7 +185,7 @@ def test_loss_falls_on_tinyshakespeare(tmp_path):
     assert [float(r["loss"]) for r in rows] == pytest.approx(losses)
     assert [r["step"] for r in rows if r["val_loss"]] == ["0", "20", "39"]
     assert (tmp_path / "run" / "ckpt_000040.pt").is_file()
-    assert (tmp_path / "run" / "loss.png").is_file()
+    assert (tmp_path / "run" / "loss.png").is_file() == HAS_MATPLOTLIB
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
@@ -370,3 +370,12 @@ def test_bf16_params_mode_trains(corpus, tmp_path):
     assert trainer.raw_model.lm_head.weight.dtype == torch.bfloat16
     assert all(math.isfinite(h["loss"]) for h in trainer.history)
     assert any("torch's AdamW keeps its moments in bf16" in ln for ln in lines)
+
+
+def test_without_matplotlib_a_note_replaces_the_plot(corpus, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    lines = []
+    train(tiny_cfg(corpus, tmp_path / "run", max_steps=2, warmup_steps=0), log=lines.append)
+    assert any("matplotlib is not installed" in ln for ln in lines)
+    assert not (tmp_path / "run" / "loss.png").exists()
