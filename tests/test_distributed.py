@@ -17,14 +17,6 @@ from tests.helpers import PLOT_FILES
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-    text = "\n\n".join(topics[k] for k in sorted(topics))[:60_000]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -27,14 +27,6 @@ def _load_train_module():
 cli = _load_train_module()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-    text = "\n\n".join(topics[k] for k in sorted(topics))[:60_000]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 def small_args(corpus, run_dir, *extra):
     return ["--data", str(corpus), "--tokenizer", "bytes", "--device", "cpu", "--n-layer", "1",

@@ -23,15 +23,6 @@ LOG_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \|
                       r"dt \d+\.\d{2}ms \| tok/sec \d+\.\d{2}$")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """~150 KB of English that ships with CPython: always present, offline."""
-    from pydoc_data.topics import topics
-    text = "\n\n".join(topics[k] for k in sorted(topics))[:150_000]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 def tiny_cfg(corpus, run_dir, **kw) -> TrainConfig:
     """The tiny preset shrunk further, byte tokenizer: a step takes milliseconds."""
