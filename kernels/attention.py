@@ -380,9 +380,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # BLOCK_N there on purpose, so the stage boundaries are exercised the way the
 # GPU's unequal tiles use them.
 if _INTERPRET:
-    _FWD_TILES = [(32, 16, 1, 4)]
-    _DKDV_TILES = [(16, 32, 1, 4)]
-    _DQ_TILES = [(32, 16, 1, 4)]
+    _FWD_TILES = _FWD_TILES_FP32 = [(32, 16, 1, 4)]
+    _DKDV_TILES = _DKDV_TILES_FP32 = [(16, 32, 1, 4)]
+    _DQ_TILES = _DQ_TILES_FP32 = [(32, 16, 1, 4)]
 else:
     # Hopper: 128-row query tiles feed wgmma; 64-wide key tiles keep the
     # softmax registers in budget at D=128; small BLOCK_M covers decoding.
@@ -394,6 +394,14 @@ else:
     # dQ: a program owns BLOCK_M queries and walks BLOCK_N-key steps.
     _DQ_TILES = [(128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
                  (64, 32, 4, 4), (16, 64, 3, 4)]
+    # float32 uses IEEE dots, which run on CUDA cores with both operands in
+    # registers: every 16-bit tile above spills there (ptxas for sm_90 gives
+    # 1-20 KB of stack per thread) and takes up to 80 s to compile. These small
+    # tiles need no spill at D=64, and at least one of each list none at D=128
+    # (tests/test_sm90_compile.py measures them).
+    _FWD_TILES_FP32 = [(16, 64, 3, 4), (16, 32, 3, 8), (32, 32, 3, 8), (64, 32, 3, 8)]
+    _DKDV_TILES_FP32 = [(16, 32, 3, 8), (16, 32, 3, 4), (32, 32, 3, 8), (16, 64, 3, 8)]
+    _DQ_TILES_FP32 = [(16, 32, 3, 8), (32, 32, 3, 8), (64, 32, 3, 8), (16, 64, 3, 4)]
 
 _SMEM_BUDGET = 200 * 1024  # H100 allows 227 KiB per block; leave room for Triton's scratch
 
@@ -413,17 +421,33 @@ def _smem_bytes(kind, block_m, block_n, num_stages, head_dim, element_size):
     return rows * head_dim * element_size
 
 
-def _configs(tiles):
+_TILES = {
+    "fwd": (_FWD_TILES, _FWD_TILES_FP32),
+    "dkdv": (_DKDV_TILES, _DKDV_TILES_FP32),
+    "dq": (_DQ_TILES, _DQ_TILES_FP32),
+}
+
+
+def _tile(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+
+
+def _configs(kind):
+    # One autotuner serves every dtype; the pruner below picks each dtype's tiles.
+    tiles16, tiles32 = _TILES[kind]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-            for bm, bn, s, w in tiles]
+            for bm, bn, s, w in dict.fromkeys(tiles16 + tiles32)]
 
 
 def _smem_pruner(kind):
-    """Drops configs whose pipelined tiles cannot fit in shared memory (they
-    would only fail to compile, after costing the compile time)."""
+    """Keeps the tiles meant for the operands' dtype, minus those whose
+    pipelined tiles cannot fit in shared memory (they would only fail to
+    launch, after costing the compile time)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         head_dim, elsize = args["HEAD_DIM"], args["Q"].element_size()
+        wanted = set(_TILES[kind][1] if elsize == 4 else _TILES[kind][0])
+        configs = [c for c in configs if _tile(c) in wanted] or configs
 
         def need(c):
             return _smem_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
@@ -435,15 +459,15 @@ def _smem_pruner(kind):
 
 _AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL"]
 _attn_fwd_tuned = triton.autotune(
-    _configs(_FWD_TILES), key=_AUTOTUNE_KEY,
+    _configs("fwd"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _smem_pruner("fwd")})(_attn_fwd)
 # The backward kernels only store (never accumulate into) their outputs, so
 # the autotuner's repeated runs cannot corrupt them.
 _attn_bwd_dkdv_tuned = triton.autotune(
-    _configs(_DKDV_TILES), key=_AUTOTUNE_KEY,
+    _configs("dkdv"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _smem_pruner("dkdv")})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(
-    _configs(_DQ_TILES), key=_AUTOTUNE_KEY,
+    _configs("dq"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _smem_pruner("dq")})(_attn_bwd_dq)
 
 _PREPROCESS_BLOCK_M = 32 if _INTERPRET else 128

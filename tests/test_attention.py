@@ -365,13 +365,14 @@ def _fitting(tiles, kind, D, elsize):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_every_autotune_config_gpu(D, dtype):
     """Autotune may pick any config for some shape: each must be right."""
     elsize = torch.empty((), dtype=dtype).element_size()
-    fwd = _fitting(attn_mod._FWD_TILES, "fwd", D, elsize)
-    dkdv = _fitting(attn_mod._DKDV_TILES, "dkdv", D, elsize)
-    dq = _fitting(attn_mod._DQ_TILES, "dq", D, elsize)
+    fp32 = dtype == torch.float32  # float32 has its own (smaller) tiles
+    fwd = _fitting(attn_mod._FWD_TILES_FP32 if fp32 else attn_mod._FWD_TILES, "fwd", D, elsize)
+    dkdv = _fitting(attn_mod._DKDV_TILES_FP32 if fp32 else attn_mod._DKDV_TILES, "dkdv", D, elsize)
+    dq = _fitting(attn_mod._DQ_TILES_FP32 if fp32 else attn_mod._DQ_TILES, "dq", D, elsize)
     # Pair the lists cyclically so each config runs at least once.
     n = max(len(fwd), len(dkdv), len(dq))
     for Tq, Tk, causal in [(300, 300, True), (45, 300, True), (300, 300, False)]:
@@ -383,7 +384,10 @@ def test_every_autotune_config_gpu(D, dtype):
             tiles = (fwd[i % len(fwd)], (dkdv[i % len(dkdv)], dq[i % len(dq)]))
             ours = run_ours(q, k, v, do, causal, tiles=tiles)
             for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
-                assert_bf16_comparable(a, t, e, f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+                if fp32:
+                    assert_close(a, e, TOL[torch.float32], f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+                else:
+                    assert_bf16_comparable(a, t, e, f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
 
 
 @pytest.mark.gpu
