@@ -102,16 +102,14 @@ class TritonOps:
         self._k = kernels
 
     def layer_norm(self, x, weight, bias, eps):
-        y = self._k.layer_norm(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), eps)
-        low = _autocast_dtype(x)
-        return y if low is None else y.to(low)
+        # Under autocast the kernel writes y straight in the matmul dtype: no cast pass.
+        return self._k.layer_norm(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                                  eps, out_dtype=_autocast_dtype(x))
 
     def add_layer_norm(self, x, residual, weight, bias, eps):
-        residual = residual.to(x.dtype)
-        h, y = self._k.add_layer_norm(x, residual, weight.to(x.dtype),
-                                      None if bias is None else bias.to(x.dtype), eps)
-        low = _autocast_dtype(x)
-        return h, (y if low is None else y.to(low))
+        return self._k.add_layer_norm(x, residual.to(x.dtype), weight.to(x.dtype),
+                                      None if bias is None else bias.to(x.dtype), eps,
+                                      out_dtype=_autocast_dtype(x))
 
     def attention(self, q, k, v, causal=True, dropout_p=0.0):
         if dropout_p:

@@ -178,11 +178,12 @@ def _rows2d(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2
 
 
-def _ln_forward(x2, residual2, weight, bias, eps):
-    """x2, residual2: (rows, C) with unit column stride. Returns (h2 or None, y2, mean, rstd)."""
+def _ln_forward(x2, residual2, weight, bias, eps, out_dtype):
+    """x2, residual2: (rows, C) with unit column stride; y2 is written in out_dtype.
+    Returns (h2 or None, y2, mean, rstd)."""
     n_rows, n_cols = x2.shape
-    y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    h2 = torch.empty_like(y2) if residual2 is not None else None
+    y2 = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
+    h2 = torch.empty_like(x2) if residual2 is not None else None
     mean = torch.empty((n_rows,), dtype=torch.float32, device=x2.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2.device)
     if n_rows == 0:
@@ -273,12 +274,12 @@ def _ln_backward(dy2, dh2, x2, weight, mean, rstd, compute_dx, compute_dw, compu
 
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, out_dtype):
         n_cols = x.shape[-1]
         x2 = _rows2d(x, n_cols)
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
-        _, y2, mean, rstd = _ln_forward(x2, None, weight, bias, eps)
+        _, y2, mean, rstd = _ln_forward(x2, None, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
@@ -291,23 +292,23 @@ class _LayerNormFn(torch.autograd.Function):
         compute_dw = ctx.needs_input_grad[1]
         compute_db = ctx.has_bias and ctx.needs_input_grad[2]
         if not (compute_dx or compute_dw or compute_db):
-            return None, None, None, None
+            return None, None, None, None, None
         dy2 = _rows2d(dy, x2.shape[1])
         dx2, dw, db = _ln_backward(dy2, None, x2, weight, mean, rstd,
                                    compute_dx, compute_dw, compute_db)
         dx = dx2.view(ctx.x_shape) if dx2 is not None else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype):
         n_cols = x.shape[-1]
         x2 = _rows2d(x, n_cols)
         r2 = _rows2d(residual, n_cols)
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
-        h2, y2, mean, rstd = _ln_forward(x2, r2, weight, bias, eps)
+        h2, y2, mean, rstd = _ln_forward(x2, r2, weight, bias, eps, out_dtype)
         ctx.save_for_backward(h2, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
@@ -338,7 +339,7 @@ class _AddLayerNormFn(torch.autograd.Function):
         # x and residual get the same gradient tensor, as PyTorch's own add does.
         return (dx if ctx.needs_input_grad[0] else None,
                 dx if ctx.needs_input_grad[1] else None,
-                dw, db, None)
+                dw, db, None, None)
 
 
 # ----------------------------------------------------------------------------- public
@@ -348,7 +349,7 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _check(fn: str, x, weight, bias, eps, residual=None, has_residual=False):
+def _check(fn: str, x, weight, bias, eps, residual=None, has_residual=False, out_dtype=None):
     named = [("x", x)]
     if has_residual:
         named.append(("residual", residual))
@@ -391,13 +392,16 @@ def _check(fn: str, x, weight, bias, eps, residual=None, has_residual=False):
     for name, t in named[-2:]:
         if t is not None and tuple(t.shape) != (n_cols,):
             raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; expected ({n_cols},)")
+    if out_dtype is not None and out_dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: out_dtype is {out_dtype}; supported: "
+                        + ", ".join(_dtype_name(d) for d in _SUPPORTED_DTYPES))
     if (not isinstance(eps, numbers.Real) or isinstance(eps, bool)
             or not (eps >= 0.0) or eps == float("inf")):
         raise ValueError(f"{fn}: eps must be a finite real number >= 0, got {eps!r}")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               eps: float = 1e-5) -> torch.Tensor:
+               eps: float = 1e-5, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LayerNorm over the last dimension, with gradients for x, weight and bias.
 
     x: (..., C), any leading shape (rows = x.numel() // C; zero rows give an empty
@@ -409,25 +413,30 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     weight: (C,), bias: (C,) or None (treated as zero; then no bias gradient);
     same dtype and device as x. Statistics and accumulation are fp32.
 
-    Returns y: contiguous, x's shape and dtype. Equals
-    `torch.nn.functional.layer_norm(x, (C,), weight, bias, eps)`.
+    Returns y: contiguous, x's shape, in `out_dtype` (default: x's dtype). Equals
+    `torch.nn.functional.layer_norm(x, (C,), weight, bias, eps).to(out_dtype)`.
+    out_dtype lets an fp32 residual stream feed bf16 matmuls (autocast) without a
+    separate cast pass: y is rounded once, from the fp32 result.
     """
-    _check("layer_norm", x, weight, bias, eps)
-    return _LayerNormFn.apply(x, weight, bias, float(eps))
+    _check("layer_norm", x, weight, bias, eps, out_dtype=out_dtype)
+    return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype or x.dtype)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor | None, eps: float = 1e-5):
+                   bias: torch.Tensor | None, eps: float = 1e-5, *,
+                   out_dtype: torch.dtype | None = None):
     """Residual add fused with LayerNorm: h = x + residual; y = LayerNorm(h).
 
     x, residual: (..., C), same shape, dtype (float32, float16, bfloat16) and
     device; weight: (C,), bias: (C,) or None; layout and limits as `layer_norm`.
     h is rounded to x's dtype before it is normalised, as in PyTorch.
 
-    Returns (h, y), both contiguous with x's shape and dtype. Equals
-    `(x + residual, F.layer_norm(x + residual, (C,), weight, bias, eps))`.
+    Returns (h, y), both contiguous with x's shape; h in x's dtype, y in `out_dtype`
+    (default: x's dtype). Equals
+    `(x + residual, F.layer_norm(x + residual, (C,), weight, bias, eps).to(out_dtype))`.
     Backward: d(x) = d(residual) = dh + dLayerNorm(dy), computed in one pass;
     x and residual receive the same gradient tensor (as with PyTorch's add).
     """
-    _check("add_layer_norm", x, weight, bias, eps, residual=residual, has_residual=True)
-    return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps))
+    _check("add_layer_norm", x, weight, bias, eps, residual=residual, has_residual=True,
+           out_dtype=out_dtype)
+    return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps), out_dtype or x.dtype)

@@ -524,3 +524,50 @@ def test_gpu_more_than_2_31_elements():
     (dxt,) = torch.autograd.grad(yt, [xt], dy[tail].float())
     assert_close(y[tail].float(), yt, 1e-2, "y tail")
     assert_close(dx[tail].float(), dxt, 2e-2, "dx tail")
+
+
+# ----------------------------------------------------------------------------- out_dtype
+
+
+def _out_dtype_case(out_dtype, rows=17, width=257, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g).to(DEVICE)
+    r = torch.randn(rows, width, generator=g).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(width, generator=g)).to(DEVICE)
+    b = (0.1 * torch.randn(width, generator=g)).to(DEVICE)
+    dy = torch.randn(rows, width, generator=g).to(DEVICE, out_dtype)
+    dh = torch.randn(rows, width, generator=g).to(DEVICE)
+    return x, r, w, b, dy, dh
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else []))
+def test_out_dtype_matches_layer_norm_then_cast(out_dtype):
+    """An fp32 residual stream normalised straight into the matmul dtype (autocast):
+    y equals F.layer_norm(...).to(out_dtype), gradients flow back in fp32."""
+    x, r, w, b, dy, dh = _out_dtype_case(out_dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    ref = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    with poisoned_allocations():
+        h, y = add_layer_norm(*leaves, out_dtype=out_dtype)
+        torch.autograd.backward([h, y], [dh, dy])
+        y_plain = layer_norm(leaves[0].detach(), w, b, out_dtype=out_dtype)
+    assert y.dtype == y_plain.dtype == out_dtype and h.dtype == torch.float32
+    h_ref = ref[0] + ref[1]
+    y_ref = F.layer_norm(h_ref, (x.shape[-1],), ref[2], ref[3]).to(out_dtype)
+    torch.autograd.backward([h_ref, y_ref], [dh, dy])
+    # One rounding of the same fp32 value: at most one ulp of out_dtype apart.
+    assert_close(y, y_ref, RTOL[torch.float16] if out_dtype == torch.float16 else 8e-3, "y")
+    assert_close(h, h_ref, 1e-6, "h")
+    y_plain_ref = F.layer_norm(x, (x.shape[-1],), w, b).to(out_dtype)
+    assert_close(y_plain, y_plain_ref, RTOL[torch.float16] if out_dtype == torch.float16 else 8e-3, "y")
+    for name, a, e in zip(("dx", "dresidual", "dweight", "dbias"), leaves, ref):
+        assert a.grad.dtype == torch.float32
+        assert_close(a.grad, e.grad, 1e-5, name)
+
+
+def test_bad_out_dtype():
+    x, r, w, b, _, _ = _out_dtype_case(torch.float16, rows=2, width=8)
+    with pytest.raises(TypeError, match="layer_norm: out_dtype is torch.int32"):
+        layer_norm(x, w, b, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="add_layer_norm: out_dtype is torch.float64"):
+        add_layer_norm(x, r, w, b, out_dtype=torch.float64)

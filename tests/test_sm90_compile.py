@@ -131,15 +131,19 @@ def _record(full):
                     x = _meta((rows, width), dtype, True)
                     w = _meta((width,), dtype, True)
                     b = _meta((width,), dtype, True) if bias else None
-                    y = ln._LayerNormFn.apply(x, w, b, 1e-5)
+                    y = ln._LayerNormFn.apply(x, w, b, 1e-5, dtype)
                     y.backward(torch.empty_like(y))
                     label[0] = f"add_layer_norm {dtype} C={width} bias={bias}"
                     r = _meta((rows, width), dtype, True)
-                    h, y = ln._AddLayerNormFn.apply(x, r, w, b, 1e-5)
+                    h, y = ln._AddLayerNormFn.apply(x, r, w, b, 1e-5, dtype)
                     torch.autograd.backward([h, y], [torch.empty_like(h), torch.empty_like(y)])
                     # The last block's h feeds nothing but the final LayerNorm.
-                    h, y = ln._AddLayerNormFn.apply(x, r, w, b, 1e-5)
+                    h, y = ln._AddLayerNormFn.apply(x, r, w, b, 1e-5, dtype)
                     y.backward(torch.empty_like(y))
+                    if dtype == fp32:  # the autocast path: fp32 stream, bf16 y
+                        label[0] = f"add_layer_norm fp32->bf16 C={width} bias={bias}"
+                        h, y = ln._AddLayerNormFn.apply(x, r, w, b, 1e-5, bf16)
+                        torch.autograd.backward([h, y], [torch.empty_like(h), torch.empty_like(y)])
 
         # --- linear_gelu: stored and recomputed pre-activation, cuBLAS pieces.
         for dtype in (bf16, fp16, fp32):
