@@ -81,8 +81,9 @@ class GraphedTrainStep:
         self.static_x = torch.zeros(shape, dtype=torch.long, device=device)
         self.static_y = torch.zeros(shape, dtype=torch.long, device=device)
         # Pinned staging: host->device copies are then asynchronous (no host sync).
-        self.pinned_x = torch.zeros(shape, dtype=torch.long).pin_memory()
-        self.pinned_y = torch.zeros(shape, dtype=torch.long).pin_memory()
+        pin = device.type == "cuda"
+        self.pinned_x = torch.zeros(shape, dtype=torch.long, pin_memory=pin)
+        self.pinned_y = torch.zeros(shape, dtype=torch.long, pin_memory=pin)
         self.copied = None  # event: the last copy out of the pinned buffers finished
         self.graph = None
         self.static_loss = None
