@@ -571,12 +571,15 @@ class Trainer:
             self.optimizer.step()
         return loss_accum, norm
 
-    def _flush(self):
+    def _flush(self, keep_newest: bool = False):
         """Read the pending steps' loss and norm (one host sync), log them, and stop
-        on a non-finite loss."""
-        if not self._pending:
+        on a non-finite loss. keep_newest leaves the step just queued pending, so
+        the host waits on the step before it while the GPU already runs this one."""
+        keep = 1 if keep_newest else 0
+        if len(self._pending) <= keep:
             return
-        pending, self._pending = self._pending, []
+        pending = self._pending[:len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep:]
         values = torch.stack([torch.stack([l.float(), n.float()]) for _, _, l, n in pending]).tolist()
         now = time.perf_counter()
         dt = (now - self._t_mark) / len(pending)
@@ -672,7 +675,9 @@ class Trainer:
             self._pending.append((step, lr, loss, norm))
             self.step = step + 1
             if (step + 1) % cfg.log_interval == 0 or last:
-                self._flush()
+                # On CUDA a step's line is printed once the next step is queued, so
+                # reading the loss never leaves the GPU idle.
+                self._flush(keep_newest=self.device_type == "cuda" and not last)
             if cfg.checkpoint_interval > 0 and ((step + 1) % cfg.checkpoint_interval == 0 or last):
                 self.save_checkpoint(step + 1)
                 self._reset_clock()

@@ -409,3 +409,18 @@ def test_graphed_step_body_equals_an_eager_step():
     assert norm_e.item() > 0.5  # the clip was active, so it is what was compared
     for (name, a), b in zip(graphed_model.named_parameters(), eager_model.parameters()):
         assert rel_err(a, b) <= 1e-6, name
+
+
+def test_logging_can_lag_one_step_behind_the_queued_step(corpus, tmp_path):
+    """On CUDA the log reads step N's loss after step N+1 is queued (no idle GPU):
+    _flush(keep_newest=True) logs all but the newest pending step."""
+    lines = []
+    trainer = Trainer(tiny_cfg(corpus, tmp_path / "run"), log=lines.append)
+    for step in range(3):
+        trainer._pending.append((step, 1e-3, torch.tensor(2.0 + step), torch.tensor(0.5)))
+    trainer._flush(keep_newest=True)
+    logged = [ln for ln in lines if ln.startswith("step ")]
+    assert [ln.split("|")[0].strip() for ln in logged] == ["step     0", "step     1"]
+    assert [p[0] for p in trainer._pending] == [2]
+    trainer._flush()
+    assert not trainer._pending and sum(ln.startswith("step ") for ln in lines) == 3
