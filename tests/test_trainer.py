@@ -416,6 +416,7 @@ def test_logging_can_lag_one_step_behind_the_queued_step(corpus, tmp_path):
     _flush(keep_newest=True) logs all but the newest pending step."""
     lines = []
     trainer = Trainer(tiny_cfg(corpus, tmp_path / "run"), log=lines.append)
+    trainer._reset_clock()
     for step in range(3):
         trainer._pending.append((step, 1e-3, torch.tensor(2.0 + step), torch.tensor(0.5)))
     trainer._flush(keep_newest=True)
