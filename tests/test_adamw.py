@@ -4,6 +4,7 @@ import io
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.adamw import FusedAdamW
 from tests.helpers import DEVICE, ON_GPU, assert_bf16_comparable, assert_close, poisoned_allocations
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels import attention as attn_mod
 from kernels.attention import flash_attention
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,

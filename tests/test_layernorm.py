@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.layernorm import add_layer_norm, layer_norm
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 import kernels.mlp as mlp
 from kernels.mlp import MatmulBackends, linear_gelu
 from tests.helpers import (DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
