@@ -29,7 +29,7 @@ WARMUP_STEPS = 3
 
 
 def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp: bool,
-                   optimizer: str = "triton") -> tuple[bool, str]:
+                   optimizer: str = "triton", profile: bool = False) -> tuple[bool, str]:
     """(use graphs?, reason). `on` raises UserInputError where graphs cannot be used;
     `auto` returns False with the reason, for one log line."""
     if mode not in GRAPH_MODES:
@@ -47,6 +47,9 @@ def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp
         reason = "DDP is on; its gradient all-reduce hooks are not captured"
     elif optimizer not in ("triton", "torch"):
         reason = f"optimizer {optimizer!r} has no capturable step"
+    elif profile:
+        # The profiled window is a few steps: it would hold the capture, not the replays.
+        reason = "--profile traces eager steps (a capture inside the window would hide them)"
     if reason is None:
         return True, "capturing the training step in a CUDA graph"
     if mode == "on":
@@ -90,6 +93,7 @@ class GraphedTrainStep:
         self.static_norm = None
         self.calls = 0
         self.failed = False
+        self.side_stream = None
 
     def _body(self):
         self.optimizer.zero_grad(set_to_none=False)
@@ -118,7 +122,11 @@ class GraphedTrainStep:
         self.copied.record()
 
     def _eager_on_side_stream(self):
-        side = torch.cuda.Stream(device=self.device)
+        # One side stream for all warm-up steps: the caching allocator reuses blocks
+        # only on the stream that freed them.
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device=self.device)
+        side = self.side_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             loss, norm = self._body()

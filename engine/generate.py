@@ -65,6 +65,10 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     else:
         generator.seed()
     block = model.config.block_size
+    # Under autocast the keys and values come out of the projections in the autocast dtype.
+    device_type = idx.device.type
+    cache_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                   else model.lm_head.weight.dtype)
     out = idx
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     cache = None
@@ -73,8 +77,7 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
             if use_cache:
                 if cache is None or cache.length >= cache.capacity:
                     keep = out[:, -(block // 2 if cache is not None else block):]
-                    cache = KVCache(model.config, idx.size(0), idx.device,
-                                    model.lm_head.weight.dtype)
+                    cache = KVCache(model.config, idx.size(0), idx.device, cache_dtype)
                     logits, _ = model(keep, kv_cache=cache)
                 else:
                     logits, _ = model(out[:, -1:], kv_cache=cache)

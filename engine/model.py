@@ -58,6 +58,8 @@ class CausalSelfAttention(nn.Module):
             kv_cache.v[layer, :, :, start:start + T] = v
             k = kv_cache.k[layer, :, :, :start + T]
             v = kv_cache.v[layer, :, :, :start + T]
+            if k.dtype != q.dtype:  # a cache kept in another precision than this forward's
+                k, v = k.to(q.dtype), v.to(q.dtype)
         y = ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))

@@ -316,6 +316,9 @@ class Trainer:
             self.backend = resolve_backend(cfg.backend)
         except RuntimeError as e:
             raise UserInputError(f"backend (--backend): {e}") from None
+        if self.backend == "triton" and cfg.dropout > 0:
+            raise UserInputError(f"dropout (--dropout) {cfg.dropout}: the triton backend's attention "
+                                 "has no dropout; use --dropout 0 or --backend torch")
 
         resume_path = ckpt_lib.resolve_checkpoint(cfg.resume) if cfg.resume else None
         self.run_dir = pathlib.Path(self._choose_run_dir(cfg, resume_path))
@@ -348,7 +351,8 @@ class Trainer:
 
         self.optimizer_kind = resolve_optimizer(cfg.optimizer, self.device_type, self.backend)
         self.use_graphs, graph_reason = graph_decision(cfg.cuda_graphs, self.device_type, self.backend,
-                                                       cfg.compile, info.ddp, self.optimizer_kind)
+                                                       cfg.compile, info.ddp, self.optimizer_kind,
+                                                       profile=cfg.profile)
         optimizer_lines = []  # printed after the header lines below
         self.optimizer = configure_optimizer(self.raw_model, cfg, self.device, self.optimizer_kind,
                                              capturable=self.use_graphs, log=optimizer_lines.append)

@@ -13,6 +13,7 @@ Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
 and `step()` reads nothing back from the device, so a CUDA graph can capture it.
 """
+import contextlib
 import os
 import struct
 
@@ -169,6 +170,16 @@ class _GroupBuffers:
         self.key = key
 
 
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be t's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _as_float(value) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else value
+
+
 def _validate_hyper(lr, betas, eps, weight_decay):
     if isinstance(lr, torch.Tensor):
         raise TypeError("FusedAdamW: lr must be a Python number, not a Tensor "
@@ -319,14 +330,15 @@ class FusedAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             b1_hi, b1_lo = _split_f64(beta1)
             b2_hi, b2_lo = _split_f64(beta2)
-            _adamw_kernel[(buffers.n_blocks,)](
-                buffers.table, buffers.block_param,
-                buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
-                group["params"][0],
-                b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
-                group["eps"], group["weight_decay"],
-                TABLE_W=_TABLE_W, BLOCK=block, num_warps=num_warps,
-            )
+            with _on_device(group["params"][0]):
+                _adamw_kernel[(buffers.n_blocks,)](
+                    buffers.table, buffers.block_param,
+                    buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
+                    group["params"][0],
+                    b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
+                    group["eps"], group["weight_decay"],
+                    TABLE_W=_TABLE_W, BLOCK=block, num_warps=num_warps,
+                )
         return loss
 
     # -- checkpoints --------------------------------------------------------------------
@@ -347,7 +359,7 @@ class FusedAdamW(torch.optim.Optimizer):
             if sg.get("decoupled_weight_decay", True) is False and sg.get("weight_decay", 0):
                 raise ValueError("FusedAdamW: the state dict is from Adam with L2 weight decay "
                                  "(decoupled_weight_decay=False), not AdamW")
-            _validate_hyper(sg["lr"], sg["betas"], sg["eps"], sg["weight_decay"])
+            _validate_hyper(_as_float(sg["lr"]), sg["betas"], sg["eps"], sg["weight_decay"])
         saved_state = state_dict["state"]
         for i, (g, sg) in enumerate(zip(groups, saved_groups)):
             buffers = self._group_buffers[i]
@@ -366,6 +378,10 @@ class FusedAdamW(torch.optim.Optimizer):
                     views[name].copy_(value.reshape(p.shape))
                 views["step"].copy_(torch.as_tensor(st["step"], dtype=torch.float32))
             for k, v in sg.items():
-                if k not in ("params", "param_names"):
+                if k == "lr":
+                    # torch's capturable AdamW saves a tensor lr; ours is a float
+                    # that step() copies into the device lr.
+                    g[k] = _as_float(v)
+                elif k not in ("params", "param_names"):
                     g[k] = tuple(v) if k == "betas" else v
             buffers.lr_value = None  # force the next step to refresh the device lr

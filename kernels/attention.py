@@ -470,7 +470,9 @@ _attn_bwd_dq_tuned = triton.autotune(
     _configs("dq"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _smem_pruner("dq")})(_attn_bwd_dq)
 
-_PREPROCESS_BLOCK_M = 32 if _INTERPRET else 128
+# O and dO tiles of 64 rows x D=128 in fp32 over 4 warps: 128 values per thread
+# in registers; 128 rows would double that and spill.
+_PREPROCESS_BLOCK_M = 32 if _INTERPRET else 64
 
 
 def _precision(dtype):

@@ -9,6 +9,7 @@ share of dx and dweight. The gradient is therefore computed in the forward pass
 memory holds one chunk of logits instead of all N x V of them plus their
 float32 upcast.
 """
+import contextlib
 import os
 
 import torch
@@ -38,15 +39,19 @@ def _ce_fwd_grad_kernel(
     # (>= n_classes) behave as -inf logits.
     m = tl.full((), float("-inf"), tl.float32)
     d = tl.full((), 0.0, tl.float32)
+    # The target's logit is picked up in this read-only pass: read after the
+    # gradient pass began, it could already hold another warp's gradient (the
+    # row is overwritten in place and warps are not ordered without a barrier).
+    x_target = tl.full((), 0.0, tl.float32)
     for start in range(0, n_classes, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < n_classes, other=float("-inf")).to(tl.float32)
+        x_target += tl.sum(tl.where(cols == safe_target, x, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(d)
 
-    x_target = tl.load(row_ptr + safe_target).to(tl.float32)
     loss = tl.where(counted, lse - x_target, 0.0)
     tl.store(loss_ptr + row, loss)
 
@@ -61,6 +66,12 @@ def _ce_fwd_grad_kernel(
             p = tl.exp(x - lse)
             g = (p - tl.where(cols == safe_target, 1.0, 0.0)) * scale
             tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be t's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _interpreting() -> bool:
@@ -282,5 +293,6 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, num_classes=None
     if n == 0:
         # Nothing counts: loss 0 with zero gradients, consistent with all-ignored.
         return (x.sum() * 0 + weight.sum() * 0).float()
-    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, num_classes,
-                                     chunk_size, compute_dx, compute_dw)
+    with _on_device(x):  # the gradients are computed here, in the forward pass
+        return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, num_classes,
+                                         chunk_size, compute_dx, compute_dw)

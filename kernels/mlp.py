@@ -8,6 +8,7 @@ bias gradient, then runs the same Triton matmul twice: dx = dpre @ W and
 dW = dpre.T @ x. db is the fp32 sum of those partials (no atomics, so the result
 is bit-identical run to run).
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -303,6 +304,11 @@ def _gelu_backward(g, pre, dpre, want_db, db_dtype):
     return dpre, db
 
 
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be t's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
 @dataclass(frozen=True)
 class MatmulBackends:
     """Which library runs each of the three matmuls of `linear_gelu`.
@@ -479,9 +485,10 @@ def linear_gelu(x, weight, bias=None, *, recompute=False, backends=None):
         bias = bias.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad:
-        y2d = _LinearGelu.apply(x2d, weight, bias, bool(recompute), backends)
-    else:
-        # Inference: skip autograd and do not store the pre-activation.
-        y2d, _ = _forward(x2d, weight, bias, store_pre=False, backend=backends.forward)
+    with _on_device(x):  # backward runs on autograd's thread for x's device
+        if needs_grad:
+            y2d = _LinearGelu.apply(x2d, weight, bias, bool(recompute), backends)
+        else:
+            # Inference: skip autograd and do not store the pre-activation.
+            y2d, _ = _forward(x2d, weight, bias, store_pre=False, backend=backends.forward)
     return y2d.reshape(*lead, N)

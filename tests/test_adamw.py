@@ -320,3 +320,19 @@ def test_cuda_graph_capture_matches_eager():
     for i, (p, e) in enumerate(zip(static, eager)):
         assert torch.equal(p.detach(), e.detach()), f"param {i}: graph replay != eager"
         assert opt_g.state[p]["step"].item() == 8
+
+
+def test_loads_a_state_dict_with_a_tensor_lr():
+    """torch's capturable AdamW (the CUDA-graph path of `--optimizer torch`) saves its lr
+    as a tensor; resuming such a checkpoint with FusedAdamW must work."""
+    params = _leaves(9)
+    opt = _make("torch", params)
+    _run(opt, params, _grads(10, 2), range(2))
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["lr"] = torch.tensor(g["lr"])
+    again = [p.detach().clone().requires_grad_() for p in params]
+    fused = _make("fused", again)
+    fused.load_state_dict(sd)
+    assert all(isinstance(g["lr"], float) for g in fused.param_groups)
+    _run(fused, again, _grads(10, 3), range(2, 3))

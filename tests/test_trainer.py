@@ -262,6 +262,7 @@ def test_init_from_rejects_a_too_short_context(tmp_path, corpus):
     (("auto", "cuda", "triton", True, False), "compile is on"),
     (("auto", "cuda", "triton", False, True), "DDP is on"),
     (("off", "cuda", "triton", False, False), "cuda_graphs=off"),
+    (("auto", "cuda", "triton", False, False, "triton", True), "--profile traces eager steps"),
 ])
 def test_graph_fallback_reasons(args, reason):
     use, why = graph_decision(*args)
@@ -425,3 +426,9 @@ def test_logging_can_lag_one_step_behind_the_queued_step(corpus, tmp_path):
     assert [p[0] for p in trainer._pending] == [2]
     trainer._flush()
     assert not trainer._pending and sum(ln.startswith("step ") for ln in lines) == 3
+
+
+def test_dropout_with_the_triton_backend_is_a_clear_input_error(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the triton backend resolve on CPU
+    with pytest.raises(UserInputError, match=r"dropout \(--dropout\) 0.1: the triton backend"):
+        Trainer(tiny_cfg(corpus, tmp_path / "run", backend="triton", dropout=0.1), log=quiet)
