@@ -71,9 +71,10 @@ def run_case(section: str, build, ceilings: Ceilings | None, log=print) -> list[
             r.seconds = statistics.median(time_call(call, case.device))
             r.metrics = metrics_for(case, r.seconds, ceilings)
             if case.track_memory:
-                peak, delta = peak_memory(call, case.device)
+                peak, delta, reserved = peak_memory(call, case.device)
                 r.metrics["peak_mem_MB"] = peak / 2 ** 20
                 r.metrics["extra_mem_MB"] = delta / 2 ** 20
+                r.metrics["peak_reserved_MB"] = reserved / 2 ** 20
         except Unavailable as e:
             r.check = f"skipped: {e}"
         except CheckFailed as e:
@@ -106,6 +107,15 @@ def run_case(section: str, build, ceilings: Ceilings | None, log=print) -> list[
 COLUMNS = ("op", "shape", "variant", "ms", "baseline ms", "speedup", "throughput", "% of ceiling", "check")
 
 
+def _memory_text(m: dict) -> str:
+    if "peak_mem_MB" not in m:
+        return ""
+    text = f", peak {m['peak_mem_MB']:,.0f} MB"
+    if "peak_reserved_MB" in m:  # what a graphed step's private pool shows up in
+        text += f" ({m['peak_reserved_MB']:,.0f} MB reserved)"
+    return text
+
+
 def _cells(r: Result, base_ms: float | None) -> tuple[str, ...]:
     m = r.metrics
     pct = m.get("MFU_pct", m.get("pct_of_ceiling"))
@@ -113,7 +123,7 @@ def _cells(r: Result, base_ms: float | None) -> tuple[str, ...]:
             f"{r.seconds * 1e3:.4g}" if r.seconds is not None else "-",
             f"{base_ms:.4g}" if base_ms is not None else "-",
             f"{r.speedup:.2f}x" if r.speedup is not None else "-",
-            throughput_text(m) + (f", peak {m['peak_mem_MB']:,.0f} MB" if "peak_mem_MB" in m else ""),
+            throughput_text(m) + _memory_text(m),
             f"{pct:.1f}%" if pct is not None else "-",
             r.check)
 

@@ -364,6 +364,8 @@ class Trainer:
         self.step = 0
         if ckpt is not None:
             self._restore(ckpt, resume_path)
+            if info.master:
+                self._set_aside_later_checkpoints()
         self.graphed = None
         if self.use_graphs:
             self.graphed = GraphedTrainStep(self.model, self.optimizer, self.accum, cfg.batch_size,
@@ -398,6 +400,20 @@ class Trainer:
             with open(self.run_dir / "config.json", "w") as f:
                 json.dump({"train": cfg.to_dict(), "model": self.model_config.to_dict()}, f, indent=2)
             self._init_csv()
+
+    def _set_aside_later_checkpoints(self):
+        """Resuming from an earlier checkpoint abandons the steps after it: their
+        checkpoints move to superseded/ (kept, never deleted), so that `--resume
+        RUN_DIR` keeps meaning this run's latest step."""
+        later = [p for p in ckpt_lib.list_checkpoints(self.run_dir)
+                 if int(ckpt_lib.CKPT_RE.match(p.name).group(1)) > self.step]
+        if not later:
+            return
+        aside = self.run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in later:
+            os.replace(p, aside / p.name)
+        self._log(f"resume: moved {len(later)} later checkpoint(s) of the abandoned steps to {aside}")
 
     def _choose_run_dir(self, cfg, resume_path) -> str:
         if cfg.run_dir != "auto":

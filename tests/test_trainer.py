@@ -432,3 +432,16 @@ def test_dropout_with_the_triton_backend_is_a_clear_input_error(corpus, tmp_path
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the triton backend resolve on CPU
     with pytest.raises(UserInputError, match=r"dropout \(--dropout\) 0.1: the triton backend"):
         Trainer(tiny_cfg(corpus, tmp_path / "run", backend="triton", dropout=0.1), log=quiet)
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(corpus, tmp_path):
+    run = tmp_path / "a"
+    train(tiny_cfg(corpus, run, checkpoint_interval=2, keep_checkpoints=0), log=quiet)
+    lines = []
+    train(tiny_cfg(corpus, run, checkpoint_interval=2, keep_checkpoints=0, max_steps=3,
+                   resume=str(run / "ckpt_000002.pt")), log=lines.append)
+    assert any("moved 1 later checkpoint" in ln for ln in lines)
+    assert [p.name for p in ckpt_lib.list_checkpoints(run)] == ["ckpt_000002.pt", "ckpt_000003.pt"]
+    aside = list((run / "superseded").glob("*/ckpt_000004.pt"))
+    assert len(aside) == 1  # kept, not deleted
+    assert Trainer(tiny_cfg(corpus, run, max_steps=3, resume=str(run)), log=quiet).step == 3
