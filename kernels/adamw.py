@@ -4,10 +4,22 @@ Layout. Each group owns two flat float32 buffers (exp_avg, exp_avg_sq) and a
 float32 step counter per parameter; the per-parameter optimizer state that
 `state_dict()` exposes ('step', 'exp_avg', 'exp_avg_sq', torch.optim.AdamW's
 format) is made of views into them. Parameters and gradients stay where they
-are: the kernel reads their addresses from a small int64 table
-(param address, grad address, numel, state offset, first block, slot), and a
-block map sends each program of a 1-D grid to its parameter, so a group of any
-shapes is one launch with no padding and no empty programs.
+are: the kernel reads where they are from a small int64 table (see _COL_*), and
+a block map sends each program of a 1-D grid to its parameter, so a group of any
+shapes is one launch with no empty programs.
+
+Vectorized access (16-byte loads/stores) needs alignment the compiler can see.
+Each parameter's slice of the moment buffers starts at a multiple of
+_STATE_ALIGN elements (a little padding between slices). Param and grad
+positions are stored twice: as raw addresses, and, where the host checked that
+the param, its grad and the base pointer p_like_ptr are all 16-byte aligned, as
+element offsets from p_like_ptr, which are then multiples of 16 bytes. The
+first numel rounded down to a multiple of 16 bytes of elements of an aligned
+parameter take a vector path with tl.multiple_of hints on those offsets and on
+that bound (so that its mask is constant over each 16 bytes); the few elements
+left and all of an unaligned parameter take the scalar path through the raw
+addresses, with no hints. A hint is only ever given where the host established
+it, since a false one would silently corrupt results.
 
 Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
@@ -21,9 +33,28 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of the per-parameter table: param address, grad address, numel,
-# state offset, first block, slot.
-_TABLE_W = 6
+# Columns of the per-parameter table (int64). p_off/g_off: param and grad
+# positions in ELEMENTS relative to the kernel's p_like_ptr argument, valid (and
+# multiples of 16 bytes) only where vec_numel > 0, else 0. p_addr/g_addr: raw
+# addresses, always valid (the scalar path). state_off: offset into the flat
+# moment buffers, a multiple of _STATE_ALIGN. first_block: the parameter's first
+# program. slot: index of its step counter. vec_numel: numel rounded down to a
+# multiple of 16 bytes' worth of elements where the param, its grad and
+# p_like_ptr are all 16-byte aligned (else 0); those elements take the vector path.
+_COL_P_OFF = tl.constexpr(0)
+_COL_G_OFF = tl.constexpr(1)
+_COL_P_ADDR = tl.constexpr(2)
+_COL_G_ADDR = tl.constexpr(3)
+_COL_NUMEL = tl.constexpr(4)
+_COL_STATE = tl.constexpr(5)
+_COL_FIRST = tl.constexpr(6)
+_COL_SLOT = tl.constexpr(7)
+_COL_VEC_NUMEL = tl.constexpr(8)
+_TABLE_W = 9
+# Bytes of a vector access, and the alignment (in float32 elements) of each
+# parameter's slice of the moment buffers: 16 elements = 64 bytes.
+_VEC_BYTES = 16
+_STATE_ALIGN = 16
 
 
 @triton.jit
@@ -38,27 +69,43 @@ def _pow_by_squaring(base, n):
 
 
 @triton.jit
+def _adamw_update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, step_size, bias_correction2_sqrt,
+                  beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay):
+    """One tile of the update, where `mask` is true."""
+    p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
+
+    # Same operation order as torch.optim.AdamW's single-tensor path.
+    p = p * (1.0 - lr * weight_decay)
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
+
+
+@triton.jit
 def _adamw_kernel(
     table_ptr, block_param_ptr,
     exp_avg_ptr, exp_avg_sq_ptr, steps_ptr, lr_ptr,
     p_like_ptr,
     beta1, beta1_lo, beta2, beta2_lo, one_minus_beta1, one_minus_beta2,
     eps, weight_decay,
-    TABLE_W: tl.constexpr, BLOCK: tl.constexpr,
+    TABLE_W: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STATE_ALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_param_ptr + pid) * TABLE_W
-    # Params and grads share the group's dtype (torch guarantees grad.dtype == param.dtype).
-    elem_ptr_ty = tl.pointer_type(p_like_ptr.dtype.element_ty)
-    p_ptr = tl.load(row + 0).to(elem_ptr_ty)
-    g_ptr = tl.load(row + 1).to(elem_ptr_ty)
-    numel = tl.load(row + 2)
-    state_off = tl.load(row + 3)
-    first_block = tl.load(row + 4)
-    slot = tl.load(row + 5)
+    numel = tl.load(row + _COL_NUMEL)
+    first_block = tl.load(row + _COL_FIRST)
+    slot = tl.load(row + _COL_SLOT)
+    vec_numel = tl.load(row + _COL_VEC_NUMEL)  # elements [0, vec_numel) take the vector path
 
-    offs = (pid - first_block).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+    block_start = (pid - first_block).to(tl.int64) * BLOCK
 
     # Bias corrections 1 - beta**step in float64: in float32, 1 - 0.999**1 loses
     # four digits to cancellation. The betas arrive as float32 hi + lo pairs
@@ -74,21 +121,37 @@ def _adamw_kernel(
     step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt_rn(bias_correction2.to(tl.float32))
 
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg_ptr + state_off + offs, mask=mask, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + state_off + offs, mask=mask, other=0.0)
-
-    # Same operation order as torch.optim.AdamW's single-tensor path.
-    p = p * (1.0 - lr * weight_decay)
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * (g * g)
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    p = p - step_size * tl.div_rn(m, denom)
-
-    tl.store(p_ptr + offs, p.to(p_like_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_ptr + state_off + offs, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + state_off + offs, v, mask=mask)
+    if block_start < vec_numel:
+        # Vector path. vec_numel > 0 only where the host found the param, its grad
+        # and p_like_ptr 16-byte aligned: their element offsets from p_like_ptr are
+        # then multiples of VEC (16 bytes), vec_numel is numel rounded down to a
+        # multiple of VEC, and state offsets are multiples of STATE_ALIGN by
+        # construction, so these hints are true. They are loaded here, inside the
+        # branch, because a hint attaches to the op that defines its value and
+        # must not reach the scalar path below.
+        p_off = tl.multiple_of(tl.load(row + _COL_P_OFF), VEC)
+        g_off = tl.multiple_of(tl.load(row + _COL_G_OFF), VEC)
+        state_off = tl.multiple_of(tl.load(row + _COL_STATE), STATE_ALIGN)
+        vec_end = tl.multiple_of(tl.load(row + _COL_VEC_NUMEL), VEC)
+        offs = block_start + tl.arange(0, BLOCK)
+        _adamw_update(p_like_ptr + p_off + offs, p_like_ptr + g_off + offs,
+                      exp_avg_ptr + state_off + offs, exp_avg_sq_ptr + state_off + offs,
+                      offs < vec_end, lr, step_size, bias_correction2_sqrt,
+                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
+    if (vec_numel < numel) & (block_start + BLOCK > vec_numel):
+        # Scalar path, elements [vec_numel, numel) of this tile: all of an
+        # unaligned parameter (vec_numel = 0), or the last numel % VEC of an
+        # aligned one. Pointers from the raw addresses, no hints.
+        # Params and grads share the group's dtype (torch guarantees grad.dtype == param.dtype).
+        elem_ptr_ty = tl.pointer_type(p_like_ptr.dtype.element_ty)
+        p_ptr = tl.load(row + _COL_P_ADDR).to(elem_ptr_ty)
+        g_ptr = tl.load(row + _COL_G_ADDR).to(elem_ptr_ty)
+        state_off = tl.load(row + _COL_STATE)
+        offs = block_start + tl.arange(0, BLOCK)
+        _adamw_update(p_ptr + offs, g_ptr + offs,
+                      exp_avg_ptr + state_off + offs, exp_avg_sq_ptr + state_off + offs,
+                      (offs >= vec_numel) & (offs < numel), lr, step_size, bias_correction2_sqrt,
+                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
 
 
 def _interpreting() -> bool:
@@ -119,7 +182,8 @@ class _GroupBuffers:
         total = 0
         for s in sizes:
             self.offsets.append(total)
-            total += s
+            # Each slice starts at a multiple of _STATE_ALIGN elements (the kernel's hint).
+            total += triton.cdiv(s, _STATE_ALIGN) * _STATE_ALIGN
         self.exp_avg = torch.zeros(total, device=device, dtype=torch.float32)
         self.exp_avg_sq = torch.zeros(total, device=device, dtype=torch.float32)
         # float32 like torch.optim.AdamW's 'step' tensors; exact up to 2**24 steps.
@@ -128,6 +192,7 @@ class _GroupBuffers:
         self.lr_value = None  # the float last written into self.lr
         self.key = None  # identifies the table below: (slot, param addr, grad addr) of active params
         self.table = None
+        self.base_slot = None  # the parameter passed as p_like_ptr, which p_off/g_off are relative to
         self.slots = None  # identifies block_param / active_mask / first_blocks
         self.first_blocks = []
         self.block_param = None
@@ -164,10 +229,44 @@ class _GroupBuffers:
             mask[list(slots)] = 1.0
             self.active_mask = self._to_device(mask)
             self.slots = slots
-        rows = [[p_addr, g_addr, params[slot].numel(), self.offsets[slot], first, slot]
-                for (slot, p_addr, g_addr), first in zip(key, self.first_blocks)]
+        rows, self.base_slot = _table_rows(key, params, self.offsets, self.first_blocks)
         self.table = self._to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1))
         self.key = key
+
+
+def _table_rows(key, params, offsets, first_blocks):
+    """The launch table's rows (columns _COL_*) for the active params in `key`,
+    and the slot of the parameter to pass as the kernel's p_like_ptr.
+
+    The base is the first active parameter whose address is 16-byte aligned (so
+    that Triton's specialisation marks p_like_ptr divisible by 16); it is part of
+    `key`, so a change of its address rebuilds this table. A row is aligned
+    only when its param and grad addresses are 16-byte aligned and so is the
+    base: then (addr - base) is a multiple of 16 bytes, its element offset is
+    exact and a multiple of 16 // element_size, and vec_numel (numel rounded
+    down to such a multiple) is > 0 -- what the kernel's hints claim. Other
+    rows have vec_numel = 0: the scalar path only."""
+    esize = params[key[0][0]].element_size()
+    base_slot, base_addr = key[0][0], None
+    for slot, p_addr, _ in key:
+        if p_addr % _VEC_BYTES == 0 and params[slot].numel() > 0:  # an empty one may be null
+            base_slot, base_addr = slot, p_addr
+            break
+    vec = _VEC_BYTES // esize
+    rows = []
+    for (slot, p_addr, g_addr), first in zip(key, first_blocks):
+        numel = params[slot].numel()
+        aligned = (base_addr is not None and p_addr % _VEC_BYTES == 0
+                   and g_addr % _VEC_BYTES == 0)
+        vec_numel = numel // vec * vec if aligned else 0
+        p_off = g_off = 0
+        if vec_numel > 0:
+            p_off, g_off = (p_addr - base_addr) // esize, (g_addr - base_addr) // esize
+            assert (base_addr + p_off * esize == p_addr and base_addr + g_off * esize == g_addr
+                    and p_off % vec == 0 and g_off % vec == 0)
+        assert offsets[slot] % _STATE_ALIGN == 0 and vec_numel % vec == 0
+        rows.append([p_off, g_off, p_addr, g_addr, numel, offsets[slot], first, slot, vec_numel])
+    return rows, base_slot
 
 
 
@@ -334,10 +433,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 _adamw_kernel[(buffers.n_blocks,)](
                     buffers.table, buffers.block_param,
                     buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
-                    group["params"][0],
+                    group["params"][buffers.base_slot],
                     b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
                     group["eps"], group["weight_decay"],
-                    TABLE_W=_TABLE_W, BLOCK=block, num_warps=num_warps,
+                    TABLE_W=_TABLE_W, BLOCK=block,
+                    VEC=_VEC_BYTES // buffers.dtype.itemsize, STATE_ALIGN=_STATE_ALIGN,
+                    num_warps=num_warps,
                 )
         return loss
 

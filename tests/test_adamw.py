@@ -336,3 +336,136 @@ def test_loads_a_state_dict_with_a_tensor_lr():
     fused.load_state_dict(sd)
     assert all(isinstance(g["lr"], float) for g in fused.param_groups)
     _run(fused, again, _grads(10, 3), range(2, 3))
+
+
+# --- Vectorized path: the launch table's alignment logic and misaligned params ---
+
+def _rows(opt, group=0):
+    from kernels.adamw import _TABLE_W
+    buffers = opt._group_buffers[group]
+    return buffers.table.cpu().view(-1, _TABLE_W).tolist(), buffers.base_slot
+
+
+def _check_rows(rows, params, base_slot):
+    """What the kernel's hints claim, for every row flagged aligned."""
+    base = params[base_slot]
+    esize = base.element_size()
+    vec = 16 // esize
+    for p_off, g_off, p_addr, g_addr, numel, state_off, _, slot, vec_numel in rows:
+        p = params[slot]
+        assert (p_addr, g_addr, numel) == (p.data_ptr(), p.grad.data_ptr(), p.numel())
+        assert state_off % 16 == 0
+        aligned = p_addr % 16 == 0 and g_addr % 16 == 0 and base.data_ptr() % 16 == 0
+        assert vec_numel == (numel // vec * vec if aligned else 0)
+        if vec_numel:
+            assert base.data_ptr() + p_off * esize == p_addr and p_off % (16 // esize) == 0
+            assert base.data_ptr() + g_off * esize == g_addr and g_off % (16 // esize) == 0
+
+
+def test_table_rows_alignment_logic():
+    """Host-side rules on synthetic addresses: base = first aligned non-empty param;
+    a row is aligned only if its param and grad are 16-byte aligned; offsets are
+    exact element counts and may be negative or huge (separate allocations)."""
+    from kernels.adamw import _table_rows
+    for dtype, esize in ((torch.float32, 4), (torch.bfloat16, 2)):
+        params = [torch.zeros(n, dtype=dtype) for n in (5, 0, 300, 40, 7, 9)]
+        offsets = [0, 16, 16, 320, 368, 384]
+        key = ((0, 1000 + esize, 5000),  # misaligned param: not the base, scalar path
+               (1, 0, 0),  # empty, null address: never the base
+               (2, 1 << 40, (1 << 40) + 4096),  # the base
+               (3, 4096, 8192),  # below the base: negative offsets
+               (4, (1 << 41) + 32, (1 << 41) + 16 + esize),  # misaligned grad
+               (5, (1 << 45), 64))
+        rows, base_slot = _table_rows(key, params, offsets, [0, 1, 1, 4, 5, 6])
+        assert base_slot == 2
+        vec = 16 // esize
+        # vec_numel: numel rounded down to a multiple of 16 bytes where aligned, else 0.
+        assert [r[8] for r in rows] == [0, 0, 300 // vec * vec, 40, 0, 8]
+        base = 1 << 40
+        for (slot, p_addr, g_addr), row in zip(key, rows):
+            assert row[2:4] == [p_addr, g_addr] and row[4] == params[slot].numel()
+            assert row[5] == offsets[slot] and row[7] == slot
+            if row[8]:
+                assert base + row[0] * esize == p_addr and base + row[1] * esize == g_addr
+                assert row[0] % (16 // esize) == 0 and row[1] % (16 // esize) == 0
+            else:
+                assert row[0] == row[1] == 0
+        assert rows[3][0] < 0 and rows[5][1] < 0
+    # No aligned param at all: every row takes the scalar path.
+    params = [torch.zeros(8), torch.zeros(8)]
+    rows, base_slot = _table_rows(((0, 4, 64), (1, 36, 128)), params, [0, 16], [0, 1])
+    assert [r[0:2] for r in rows] == [[0, 0], [0, 0]]
+    assert base_slot == 0 and [r[8] for r in rows] == [0, 0]
+
+
+def test_state_offsets_padded_to_16_elements():
+    params = [torch.zeros(n, device=DEVICE, requires_grad=True) for n in (3, 17, 16, 1)]
+    opt = FusedAdamW(params)
+    buffers = opt._group_buffers[0]
+    assert buffers.offsets == [0, 16, 48, 64]
+    for p in params:
+        assert opt.state[p]["exp_avg"].shape == p.shape
+        assert opt.state[p]["exp_avg"].data_ptr() % 64 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_views_and_separate_allocations(dtype):
+    """Params and grads at odd element offsets (scalar path), 16-byte aligned ones
+    in separate allocations, some below the base (negative element offsets), all
+    several blocks long with a partial tail; bytes around the views stay intact."""
+    big = torch.randn(4000, device=DEVICE).to(dtype)
+    before = big.clone()
+    gbig = torch.empty(4000, device=DEVICE, dtype=dtype)
+    views = [(1, 300), (1001, 257), (2000, 512), (3003, 129)]  # element offset, numel
+    separate = [torch.randn(n, device=DEVICE).to(dtype) for n in (384, 203, 1001)]
+    # The base is the first 16-byte aligned param: put the highest address first
+    # so that the other aligned params lie below it.
+    separate.sort(key=lambda t: -t.data_ptr())
+    params = [torch.nn.Parameter(big[o:o + n]) for o, n in views[:2]]
+    params += [torch.nn.Parameter(t) for t in separate]
+    params += [torch.nn.Parameter(big[o:o + n]) for o, n in views[2:]]
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]  # own, aligned allocations
+    opt = FusedAdamW(params, lr=0.05, weight_decay=0.1)
+    plain_opt = FusedAdamW(plain, lr=0.05, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=0.05, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(3):
+        for i, (p, q, r) in enumerate(zip(params, plain, ref)):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            q.grad = g.to(DEVICE)
+            if i in (0, 5):  # misaligned grads, one of an aligned param (big[2000:])
+                o = 3 + 1100 * (i // 5)  # disjoint slices
+                p.grad = gbig[o:o + p.numel()]
+                p.grad.copy_(g)
+            else:
+                p.grad = g.to(DEVICE)
+            r.grad = g.float().to(DEVICE)
+        opt.step()
+        plain_opt.step()
+        ref_opt.step()
+        if dtype == torch.bfloat16:  # no master copy: the reference rounds too
+            with torch.no_grad():
+                for r in ref:
+                    r.copy_(r.bfloat16().float())
+    rows, base_slot = _rows(opt)
+    _check_rows(rows, params, base_slot)
+    assert any(r[8] == 0 for r in rows), "no row on the scalar path only"
+    assert any(0 < r[8] < r[4] for r in rows), "no row split between the paths"
+    assert any(r[8] == r[4] for r in rows), "no row on the vector path only"
+    assert any(r[8] and r[0] < 0 for r in rows), "no negative element offset"
+    assert all(r[8] for r in _rows(plain_opt)[0] if r[4] >= 8)
+    # The vector and scalar paths do the same arithmetic: the layout changes no bit.
+    # Against torch, bf16 is loose: the interpreter's float32 -> bfloat16 cast
+    # does not round to nearest (the GPU's does).
+    tol = 1e-6 if dtype == torch.float32 else 5e-2
+    for i, (p, q, r) in enumerate(zip(params, plain, ref)):
+        assert p.dtype == dtype
+        assert torch.equal(p.detach(), q.detach()), f"param {i}: layout changed the result"
+        assert torch.equal(opt.state[p]["exp_avg_sq"], plain_opt.state[q]["exp_avg_sq"])
+        assert_close(p.detach().float(), r.detach(), tol, f"param {i}")
+        assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], tol, f"exp_avg {i}")
+    untouched = torch.ones(4000, dtype=torch.bool)
+    for o, n in views:
+        untouched[o:o + n] = False
+    assert torch.equal(big[untouched], before[untouched])
