@@ -25,13 +25,13 @@ Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
 and `step()` reads nothing back from the device, so a CUDA graph can capture it.
 """
-import contextlib
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import interpreting as _interpreting, on_device as _on_device
 
 # Columns of the per-parameter table (int64). p_off/g_off: param and grad
 # positions in ELEMENTS relative to the kernel's p_like_ptr argument, valid (and
@@ -154,10 +154,6 @@ def _adamw_kernel(
                       beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _block_config():
     """(BLOCK, num_warps). No autotune: the kernel updates its operands in place."""
     if _interpreting():
@@ -267,12 +263,6 @@ def _table_rows(key, params, offsets, first_blocks):
         assert offsets[slot] % _STATE_ALIGN == 0 and vec_numel % vec == 0
         rows.append([p_off, g_off, p_addr, g_addr, numel, offsets[slot], first, slot, vec_numel])
     return rows, base_slot
-
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be t's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _as_float(value) -> float:

@@ -17,15 +17,16 @@ is the usual lower-triangular mask; for Tq < Tk it is what decoding with a KV
 cache needs).
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._common import interpreting as _interpreting, on_device as _on_device
+
 # The flag is read when `@triton.jit` decorates a function, so the value at
 # import time is the one the kernels below were built with.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = _interpreting()
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -579,21 +580,6 @@ class _FlashAttention(torch.autograd.Function):
         if not ctx.needs_input_grad[2]:
             dv = None
         return dq, dk, dv, None, None, None
-
-
-def _on_device(t):
-    # Triton launches on the current CUDA device, which need not be t's.
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_inputs(q, k, v, causal, sm_scale, dropout_p):

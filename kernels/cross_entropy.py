@@ -9,12 +9,12 @@ share of dx and dweight. The gradient is therefore computed in the forward pass
 memory holds one chunk of logits instead of all N x V of them plus their
 float32 upcast.
 """
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import interpreting as _interpreting, on_device as _on_device
 
 
 @triton.jit
@@ -66,16 +66,6 @@ def _ce_fwd_grad_kernel(
             p = tl.exp(x - lse)
             g = (p - tl.where(cols == safe_target, 1.0, 0.0)) * scale
             tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
-
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be t's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # A chunk's logits may take this many bytes: 4096 rows of GPT-2's padded vocab

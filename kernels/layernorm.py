@@ -19,13 +19,13 @@ Design:
   add; its backward adds the upstream grad of h into dLN, so
   d(x) = d(residual) = dh + dLN(dy) comes out of the same pass.
 """
-import contextlib
 import numbers
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import interpreting as _interpreting, on_device as _on_device
 
 
 @triton.jit
@@ -147,17 +147,6 @@ def _ln_bwd_reduce_kernel(
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensor's.
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _block_n(n_cols: int) -> int:
     # Whole row in one block; at least 16 wide so tiny C avoids degenerate
     # 1- or 2-element layouts (masking makes the extra lanes inert).
@@ -191,7 +180,7 @@ def _ln_forward(x2, residual2, weight, bias, eps, out_dtype):
     block_n = _block_n(n_cols)
     r_arg = residual2 if residual2 is not None else x2
     h_arg = h2 if h2 is not None else y2
-    with _device_ctx(x2):
+    with _on_device(x2):
         _ln_fwd_kernel[(n_rows,)](
             x2, r_arg, h_arg, y2, weight, bias if bias is not None else weight, mean, rstd,
             x2.stride(0), r_arg.stride(0), h_arg.stride(0), y2.stride(0),
@@ -233,7 +222,7 @@ def _ln_backward(dy2, dh2, x2, weight, mean, rstd, compute_dx, compute_dw, compu
     db_part = (torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device)
                if compute_db else None)
     dummy = mean  # never dereferenced where its flag is off
-    with _device_ctx(x2):
+    with _on_device(x2):
         _ln_bwd_kernel[(n_progs,)](
             x2, weight, dy2,
             dh2 if dh2 is not None else dummy,

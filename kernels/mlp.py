@@ -8,14 +8,14 @@ bias gradient, then runs the same Triton matmul twice: dx = dpre @ W and
 dW = dpre.T @ x. db is the fp32 sum of those partials (no atomics, so the result
 is bit-identical run to run).
 """
-import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import interpreting as _interpreting, on_device as _on_device
 
 # Epilogues of the generic matmul.
 _EPI_NONE = 0       # c = acc (+ bias)
@@ -24,10 +24,6 @@ _EPI_GELU_GRAD = 2  # c = aux * gelu'(acc + bias): recompute-mode backward
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------
@@ -303,11 +299,6 @@ def _gelu_backward(g, pre, dpre, want_db, db_dtype):
             _column_sum_kernel[(triton.cdiv(N, bn),)](partial, db, rows, N, BLOCK_R=br, BLOCK_N=bn)
     return dpre, db
 
-
-
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be t's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 @dataclass(frozen=True)
 class MatmulBackends:
