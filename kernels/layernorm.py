@@ -167,16 +167,22 @@ def _rows2d(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2
 
 
-def _ln_forward(x2, residual2, weight, bias, eps, out_dtype):
-    """x2, residual2: (rows, C) with unit column stride; y2 is written in out_dtype.
-    Returns (h2 or None, y2, mean, rstd)."""
-    n_rows, n_cols = x2.shape
+def _ln_forward(x, residual, weight, bias, eps, out_dtype):
+    """x, residual: (..., C), viewed as rows; y2 is written in out_dtype.
+    Returns (the rows that were normalised: h2 = x + residual, or x2 without a
+    residual; y2; mean; rstd; the contiguous weight), all the backward needs."""
+    n_cols = x.shape[-1]
+    x2 = _rows2d(x, n_cols)
+    residual2 = _rows2d(residual, n_cols) if residual is not None else None
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    n_rows = x2.shape[0]
     y2 = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     h2 = torch.empty_like(x2) if residual2 is not None else None
     mean = torch.empty((n_rows,), dtype=torch.float32, device=x2.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2.device)
     if n_rows == 0:
-        return h2, y2, mean, rstd
+        return (h2 if h2 is not None else x2), y2, mean, rstd, weight
     block_n = _block_n(n_cols)
     r_arg = residual2 if residual2 is not None else x2
     h_arg = h2 if h2 is not None else y2
@@ -188,7 +194,7 @@ def _ln_forward(x2, residual2, weight, bias, eps, out_dtype):
             HAS_RESIDUAL=residual2 is not None, HAS_BIAS=bias is not None,
             BLOCK_N=block_n, num_warps=_num_warps(block_n),
         )
-    return h2, y2, mean, rstd
+    return (h2 if h2 is not None else x2), y2, mean, rstd, weight
 
 
 def _bwd_num_programs(x2: torch.Tensor, n_rows: int) -> int:
@@ -264,11 +270,7 @@ def _ln_backward(dy2, dh2, x2, weight, mean, rstd, compute_dx, compute_dw, compu
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        n_cols = x.shape[-1]
-        x2 = _rows2d(x, n_cols)
-        weight = weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        _, y2, mean, rstd = _ln_forward(x2, None, weight, bias, eps, out_dtype)
+        x2, y2, mean, rstd, weight = _ln_forward(x, None, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
@@ -292,12 +294,7 @@ class _LayerNormFn(torch.autograd.Function):
 class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, out_dtype):
-        n_cols = x.shape[-1]
-        x2 = _rows2d(x, n_cols)
-        r2 = _rows2d(residual, n_cols)
-        weight = weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        h2, y2, mean, rstd = _ln_forward(x2, r2, weight, bias, eps, out_dtype)
+        h2, y2, mean, rstd, weight = _ln_forward(x, residual, weight, bias, eps, out_dtype)
         ctx.save_for_backward(h2, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape

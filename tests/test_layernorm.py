@@ -455,11 +455,9 @@ def test_rejects_cpu_without_interpreter(monkeypatch):
 GPU_SHAPES = [((16, 1024), 768), ((64,), 8192), ((17,), 1000)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("lead,C", GPU_SHAPES, ids=lambda v: str(v))
-def test_gpu_bf16_comparable(lead, C):
-    dtype = torch.bfloat16
-    x, r, w, b, dy, dh = _make(lead, C, dtype, seed=C, residual=True)
+def _layer_norm_three_ways(x, w, b, dy):
+    """(y, [dx, dw, db]) from the kernel (poisoned outputs), from F.layer_norm, and in float64."""
+    C = x.shape[-1]
     xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
     with poisoned_allocations():
         y = layer_norm(xs, ws, bs)
@@ -468,6 +466,15 @@ def test_gpu_bf16_comparable(lead, C):
     yt = F.layer_norm(xt, (C,), wt, bt, 1e-5)
     grads_t = _grads([yt], [dy], [xt, wt, bt])
     y6, *grads_6 = _ln_ref64(x, w, b, dy)
+    return (y, grads), (yt, grads_t), (y6, grads_6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead,C", GPU_SHAPES, ids=lambda v: str(v))
+def test_gpu_bf16_comparable(lead, C):
+    dtype = torch.bfloat16
+    x, r, w, b, dy, dh = _make(lead, C, dtype, seed=C, residual=True)
+    (y, grads), (yt, grads_t), (y6, grads_6) = _layer_norm_three_ways(x, w, b, dy)
     assert_bf16_comparable(y, yt, y6, "y")
     for name, a, t, e in zip(("dx", "dweight", "dbias"), grads, grads_t, grads_6):
         assert_bf16_comparable(a, t, e, name)
@@ -491,14 +498,7 @@ def test_gpu_real_shapes(lead, C, dtype):
     if 65536 // torch.tensor([], dtype=dtype).element_size() < C:
         pytest.skip("beyond this dtype's width limit")
     x, _, w, b, dy, _ = _make(lead, C, dtype, seed=C + 3)
-    xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
-    with poisoned_allocations():
-        y = layer_norm(xs, ws, bs)
-        grads = _grads([y], [dy], [xs, ws, bs])
-    xt, wt, bt = _leaf(x), _leaf(w), _leaf(b)
-    yt = F.layer_norm(xt, (C,), wt, bt, 1e-5)
-    grads_t = _grads([yt], [dy], [xt, wt, bt])
-    y6, *grads_6 = _ln_ref64(x, w, b, dy)
+    (y, grads), (yt, grads_t), (y6, grads_6) = _layer_norm_three_ways(x, w, b, dy)
     rtol = RTOL[dtype]
     _check("y", y, yt, y6, rtol)
     for name, a, t, e in zip(("dx", "dweight", "dbias"), grads, grads_t, grads_6):
