@@ -9,10 +9,13 @@ is not timed), then CUDA-event timing (`bench.common.time_call`). One comparison
 that fails (an OOM, a compile error) becomes an error row; the rest continue.
 Comparisons left when the time budget is spent become "skipped" rows.
 
-Writes to bench/results/<gpu-name-slug>-<YYYY-MM-DD>/ (or --out): results.json,
-results.md (the table with versions and ceilings), attention_tflops.png and
-training_tokens_per_s.png. Exit status: 2 without CUDA, 1 if any check failed,
-else 0.
+Writes to bench/results/<gpu-name-slug>-<YYYY-MM-DD>/ (or --out): results.json
+(with the configuration each autotuned kernel chose for each key), results.md (the
+table with versions and ceilings), attention_tflops.png and training_tokens_per_s.png.
+The tables are rewritten after every comparison, so a run stopped from outside
+keeps what it measured; an interrupt (Ctrl-C, SIGINT) skips the comparisons left and
+writes the outputs. Exit status: 2 without CUDA, 130 when interrupted, 1 if any check
+failed, else 0.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 
 from bench.common import (Ceilings, CheckFailed, Result, Unavailable, environment, measure_ceilings,
                           metrics_for, peak_memory, slug, throughput_text, time_call)
+from engine.fileio import atomic_write
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_BUDGET_S = 420  # the whole run stays under 8 minutes with the ceilings and plots
@@ -218,19 +222,46 @@ def plot_training(results: list[Result], path: pathlib.Path) -> bool:
     return True
 
 
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def autotune_choices() -> dict[str, list[dict]]:
+    """The configuration each autotuned kernel picked, per autotune key, in this
+    process: what the next tuning round prunes from."""
+    from kernels import attention, mlp
+
+    tuned = {"attention_fwd": getattr(attention, "_attn_fwd_tuned", None),
+             "attention_bwd_dkdv": getattr(attention, "_attn_bwd_dkdv_tuned", None),
+             "attention_bwd_dq": getattr(attention, "_attn_bwd_dq_tuned", None),
+             "matmul": getattr(mlp, "_matmul_kernel", None)}
+    choices = {}
+    for name, tuner in tuned.items():
+        cache = getattr(tuner, "cache", None)
+        if cache:
+            choices[name] = [{"key": [str(k) for k in key], "config": str(config)}
+                             for key, config in cache.items()]
+    return choices
+
+
 def write_outputs(out_dir, env: dict, ceilings: Ceilings | None, results: list[Result],
-                  args: dict, elapsed_s: float | None = None) -> dict[str, pathlib.Path]:
-    """results.json, results.md and the plots in out_dir; returns what was written."""
+                  args: dict, elapsed_s: float | None = None, plots: bool = True,
+                  autotune: dict | None = None) -> dict[str, pathlib.Path]:
+    """results.json, results.md and (with `plots`) the plots in out_dir; returns
+    what was written. Each file is replaced atomically, so a reader (or a run
+    killed mid-write) never sees half a table."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     payload = {"environment": env, "ceilings": ceilings.as_dict() if ceilings else None,
                "options": args, "elapsed_s": elapsed_s,
-               "results": [r.as_dict() for r in results]}
+               "results": [r.as_dict() for r in results], "autotune": autotune or {}}
     written["json"] = out / "results.json"
-    written["json"].write_text(json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
+    atomic_write_text(written["json"], json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
     written["markdown"] = out / "results.md"
-    written["markdown"].write_text(markdown(env, ceilings, results, args))
+    atomic_write_text(written["markdown"], markdown(env, ceilings, results, args))
+    if not plots:
+        return written
     for name, plot in (("attention_tflops.png", plot_attention), ("training_tokens_per_s.png", plot_training)):
         try:
             if plot(results, out / name):
@@ -282,21 +313,32 @@ def main(argv=None) -> int:
     _free_memory()
 
     results: list[Result] = []
+    interrupted = False
     for section, build in gpu_plan(args.quick):
         if args.only and not any(o in section for o in args.only):
             continue
-        if time.monotonic() - start > args.budget:
-            results.append(Result(section, "-", "-", "-",
-                                  check=f"skipped: time budget of {args.budget:.0f} s spent"))
+        if interrupted or time.monotonic() - start > args.budget:
+            why = "interrupted" if interrupted else f"time budget of {args.budget:.0f} s spent"
+            results.append(Result(section, "-", "-", "-", check=f"skipped: {why}"))
             continue
-        results.extend(run_case(section, build, ceilings, log=lambda s: print(s, flush=True)))
+        try:
+            results.extend(run_case(section, build, ceilings, log=lambda s: print(s, flush=True)))
+        except KeyboardInterrupt:  # Ctrl-C or a deadline's SIGINT: keep what was measured
+            interrupted = True
+            results.append(Result(section, "-", "-", "-", check="skipped: interrupted"))
+            print("bench.report: interrupted; writing what was measured", flush=True)
+        write_outputs(out_dir, env, ceilings, results, options, time.monotonic() - start,
+                      plots=False, autotune=autotune_choices())
 
     elapsed = time.monotonic() - start
-    written = write_outputs(out_dir, env, ceilings, results, options, elapsed)
+    written = write_outputs(out_dir, env, ceilings, results, options, elapsed,
+                            autotune=autotune_choices())
     print()
     print(text_table(results))
     print(f"\nbench.report: {len(results)} rows in {elapsed:.0f} s; wrote "
           + ", ".join(str(p) for p in written.values()))
+    if interrupted:
+        return 130
     return 1 if any(r.check.startswith("FAIL") for r in results) else 0
 
 

@@ -51,8 +51,14 @@ def profile_training(run_step, out_dir, device_type: str, wait: int = 1, warmup:
     trace_path = out / "trace.json"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
+    tables = []
+
     def on_trace_ready(prof):
+        # Read the events here, inside the active cycle: some torch releases clear
+        # them once the cycle ends (and warn when asked afterwards).
         prof.export_chrome_trace(str(trace_path))
+        events = prof.key_averages()
+        tables.append(events.table(sort_by=_sort_key(device_type, events), row_limit=TOP_OPS))
 
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active),
                  on_trace_ready=on_trace_ready, record_shapes=True, with_stack=False) as prof:
@@ -62,8 +68,7 @@ def profile_training(run_step, out_dir, device_type: str, wait: int = 1, warmup:
                 torch.cuda.synchronize()  # the step's kernels belong to the step's window
             prof.step()
 
-    events = prof.key_averages()
-    table = events.table(sort_by=_sort_key(device_type, events), row_limit=TOP_OPS)
+    table = tables[-1]
     (out / "top_ops.txt").write_text(table + "\n")
     log(f"profile: top {TOP_OPS} ops by {'self CUDA' if cuda else 'CPU'} time over {active} steps")
     log(table)

@@ -3,6 +3,7 @@ engine.profiling: what they measure, check and write, without timing anything.""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _env(**extra):
-    env = dict(os.environ)
+    # A child pytest must not think it is an xdist worker of this run (pytest-benchmark
+    # then refuses --benchmark-only), whether or not this run uses pytest-xdist.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
@@ -150,6 +153,74 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
             assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     table = report.text_table(_fake_results())
     assert table.splitlines()[0].split()[:3] == ["op", "shape", "variant"]
+
+
+def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, monkeypatch):
+    import triton
+
+    from bench import report
+    from kernels import attention
+    # What a GPU run's autotuner holds after tuning one key: the report must carry it.
+    fake = {(1024, 1024, 64, True): triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8,
+                                                  num_stages=3)}
+    monkeypatch.setattr(attention._attn_fwd_tuned, "cache", fake, raising=False)
+    choices = report.autotune_choices()
+    assert choices["attention_fwd"] == [{"key": ["1024", "1024", "64", "True"],
+                                         "config": str(fake[(1024, 1024, 64, True)])}]
+    assert "BLOCK_M: 128" in choices["attention_fwd"][0]["config"]
+    env = {"device": "Fake GPU", "date": "2026-01-01 00:00 UTC"}
+    written = report.write_outputs(tmp_path, env, None, _fake_results()[:2], {}, 1.0,
+                                   plots=False, autotune=choices)
+    assert set(written) == {"json", "markdown"} and not list(tmp_path.glob("*.png"))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["results"]) == 2 and data["autotune"] == choices
+    # A later write replaces the tables whole, leaving no temp files behind.
+    report.write_outputs(tmp_path, env, None, _fake_results(), {}, 2.0, plots=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["results"]) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the session script's no-CUDA path")
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
+    script = str(ROOT / "bench" / "gpu_session.sh")
+    bad = subprocess.run(["bash", script, "everything"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage: bash bench/gpu_session.sh" in bad.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", script, "report"], cwd=ROOT, capture_output=True, text=True,
+                          env=_env(OUT=str(out), GPU_SESSION_SECONDS="120", PYTHON=sys.executable), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    env_lines = (out / "environment.txt").read_text()
+    assert "| torch " in env_lines and "commit: " in env_lines
+    assert "no CUDA GPU" in (out / "report.log").read_text()
+    assert "--quick --budget" in proc.stdout and proc.stdout.rstrip().endswith("exit 1")
+    assert not (out / "pytest.log").exists()  # the report phase alone ran
+
+
+def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
+    """The whole entry point on CPU with a fake plan: the second comparison is
+    interrupted (a deadline's SIGINT); the first stays in the written tables."""
+    from bench import report
+
+    def toy():
+        return Case("toy", "n=4", ["torch"], "torch", lambda v: (lambda i: torch.ones(4)),
+                    reference=lambda: torch.ones(4), device="cpu", bytes=16)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    plan = [("toy", toy), ("toy-interrupted", interrupted), ("toy-after", toy)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(report, "environment", lambda: {"device": "Fake GPU", "torch": "x",
+                                                        "triton": "y", "cuda_runtime": "z"})
+    monkeypatch.setattr(report, "measure_ceilings", lambda device: 1 / 0)
+    monkeypatch.setattr(cases, "gpu_plan", lambda quick: plan)
+    assert report.main(["--out", str(tmp_path)]) == 130
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["group"], r["check"][:4]) for r in rows] == [("toy", "pass"), ("toy-interrupted", "skip"),
+                                                            ("toy-after", "skip")]
+    assert rows[1]["check"] == "skipped: interrupted" and rows[0]["seconds"] > 0
 
 
 def test_report_run_case_records_failures_and_continues():
