@@ -79,7 +79,8 @@ fi
 if [ -f "$out/pytest.log" ]; then
   echo "== tests (full log: pytest.log)"
   grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-300 | head -n 40
-  tail -n 1 "$out/pytest.log"
+  grep -E "(passed|failed|error).* in [0-9.]+s" "$out/pytest.log" | tail -n 1
+  grep -E "^tests: stopped" "$out/pytest.log"
 fi
 if [ -f "$out/report/results.md" ]; then
   echo "== report (full table: report/results.md)"
