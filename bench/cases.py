@@ -447,7 +447,7 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
 
 
 def _eager_step(model, opt, xs, ys, device, autocast, fwd=None):
-    fwd = fwd or model
+    fwd = model if fwd is None else fwd  # `or` would call len() on a compiled module
     params = [p for p in model.parameters() if p.requires_grad]
     xd = [x.to(device) for x in xs]
     yd = [y.to(device) for y in ys]

@@ -379,13 +379,17 @@ def test_small_attention_case_reports_unavailable_sdpa_backends():
     assert all(v.startswith(("pass", "unavailable: SDPA backend")) for v in verdicts.values()), verdicts
 
 
-def test_training_case_eager_variant_checks_its_first_loss():
+@pytest.mark.parametrize("variant", ["torch-eager", "torch-compile"])
+def test_training_case_torch_variants_check_their_first_loss(variant):
     device = DEVICE.type
     case = cases.training_case(batch_size=1, seq_len=16, preset="tiny", device=device)
-    fn = case.make("torch-eager")
-    assert case.check("torch-eager", fn) == "pass"
-    losses = [float(fn(1))]
-    assert all(0 < l < 20 for l in losses)
+    try:
+        fn = case.make(variant)
+        assert case.check(variant, fn) == "pass"
+        second = float(fn(1))
+    finally:
+        torch._dynamo.reset()
+    assert 0 < second < 20
 
 
 @pytest.mark.gpu

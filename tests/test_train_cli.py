@@ -158,6 +158,29 @@ def test_run_then_resume_through_the_cli(corpus, tmp_path, capsys):
     assert [r.split(",")[0] for r in rows] == ["step", "0", "1", "2", "3", "4"]
 
 
+def test_compile_runs_and_its_checkpoint_resumes_without_compile(corpus, tmp_path, capsys):
+    """--compile wraps the model in torch.compile: training, eval and sampling run through
+    it, and the checkpoint holds the plain module's keys (no `_orig_mod.`), so a run
+    without --compile resumes from it."""
+    import torch
+
+    run = tmp_path / "run"
+    try:
+        rc, out, err = run_main(small_args(corpus, run, "--compile", "--max-steps", "2",
+                                           "--eval-interval", "2", "--sample-interval", "2",
+                                           "--checkpoint-interval", "2"), capsys)
+    finally:
+        torch._dynamo.reset()
+    assert rc == 0, err
+    assert sum(ln.startswith("step ") for ln in out.splitlines()) == 2
+    state = torch.load(run / "ckpt_000002.pt", map_location="cpu", weights_only=True)
+    keys = list(state["model"])
+    assert keys and not any("_orig_mod" in k for k in keys), keys[:5]
+    rc, out, err = run_main(small_args(corpus, run, "--resume", str(run), "--max-steps", "3"), capsys)
+    assert rc == 0, err
+    assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2"]
+
+
 def _subprocess(args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True,
