@@ -41,6 +41,22 @@ def pytest_configure(config):
             config.option.benchmark_disable = True
 
 
+def pytest_report_header(config):
+    try:
+        import numpy
+        import triton
+    except ImportError as e:
+        return f"kernels: not runnable here ({e})"
+    mode = "compiled for the GPU" if HAS_CUDA else "Triton's CPU interpreter"
+    lines = [f"kernels: {mode} (triton {triton.__version__}, numpy {numpy.__version__})"]
+    if not HAS_CUDA:
+        from kernels._common import interpreter_problem
+        problem = interpreter_problem()
+        if problem:
+            lines.append(f"kernels: every kernel test will fail: {problem}")
+    return lines
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

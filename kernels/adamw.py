@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting as _interpreting, on_device as _on_device
+from kernels._common import (check_device as _check_device, interpreting as _interpreting,
+                             on_device as _on_device)
 
 # Columns of the per-parameter table (int64). p_off/g_off: param and grad
 # positions in ELEMENTS relative to the kernel's p_like_ptr argument, valid (and
@@ -349,9 +350,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"FusedAdamW: parameter {i} of a group is not contiguous")
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"FusedAdamW: parameters have dtype {dtype}; supported: float32, bfloat16")
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(f"FusedAdamW: parameters are on {device}; CUDA tensors are needed "
-                             "(CPU tensors only run under TRITON_INTERPRET=1)")
+        _check_device("FusedAdamW", "a parameter", device)
         buffers = _GroupBuffers(params, device, dtype)
         for slot, p in enumerate(params):
             self.state[p] = buffers.state_views(slot, p)

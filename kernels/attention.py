@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting as _interpreting, on_device as _on_device
+from kernels._common import (check_device as _check_device, interpreting as _interpreting,
+                             on_device as _on_device)
 
 # The flag is read when `@triton.jit` decorates a function, so the value at
 # import time is the one the kernels below were built with.
@@ -600,9 +601,7 @@ def _check_inputs(q, k, v, causal, sm_scale, dropout_p):
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"{name}: q, k, v must be on the same device; got "
                          f"q on {q.device}, k on {k.device}, v on {v.device}")
-    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
-        raise ValueError(f"{name}: q is on {q.device}; a CUDA tensor is needed "
-                         "(CPU tensors only under TRITON_INTERPRET=1)")
+    _check_device(name, "q", q.device)
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
     for arg, t in (("k", k), ("v", v)):

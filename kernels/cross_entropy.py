@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting as _interpreting, on_device as _on_device
+from kernels._common import (check_device as _check_kernel_device, interpreting as _interpreting,
+                             on_device as _on_device)
 
 
 @triton.jit
@@ -192,15 +193,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def _check_device(name, tensors):
+def _check_same_device(name, tensors):
     device = tensors[0][1].device
     for arg, t in tensors:
         if t.device != device:
             raise ValueError(f"{name}: {arg} is on {t.device} but x is on {device}; "
                              "all inputs must be on the same device")
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"{name}: x is on {device}; a CUDA tensor is needed "
-                         "(CPU tensors only run under TRITON_INTERPRET=1)")
+    _check_kernel_device(name, "x", device)
 
 
 def linear_cross_entropy(x, weight, targets, ignore_index=-100, num_classes=None,
@@ -238,7 +237,7 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-100, num_classes=None
     for arg, t in (("x", x), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    _check_device(name, [("x", x), ("weight", weight), ("targets", targets)])
+    _check_same_device(name, [("x", x), ("weight", weight), ("targets", targets)])
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: x has dtype {x.dtype}; supported: float32, float16, bfloat16")
     if weight.dtype != x.dtype:

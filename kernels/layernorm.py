@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting as _interpreting, on_device as _on_device
+from kernels._common import (check_device as _check_device, interpreting as _interpreting,
+                             on_device as _on_device)
 
 
 @triton.jit
@@ -346,12 +347,7 @@ def _check(fn: str, x, weight, bias, eps, residual=None, has_residual=False, out
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     dev = x.device
-    if dev.type == "cpu":
-        if not _interpreting():
-            raise ValueError(f"{fn}: x is on the CPU; a CUDA tensor is needed "
-                             "(CPU tensors run only under TRITON_INTERPRET=1)")
-    elif dev.type != "cuda":
-        raise ValueError(f"{fn}: x is on device '{dev}'; a CUDA tensor is needed")
+    _check_device(fn, "x", dev)
     for name, t in named[1:]:
         if t is not None and t.device != dev:
             raise ValueError(f"{fn}: {name} is on device '{t.device}' but x is on '{dev}'; "

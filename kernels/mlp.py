@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreting as _interpreting, on_device as _on_device
+from kernels._common import (check_device as _check_device, interpreting as _interpreting,
+                             on_device as _on_device)
 
 # Epilogues of the generic matmul.
 _EPI_NONE = 0       # c = acc (+ bias)
@@ -417,9 +418,7 @@ def _check(x, weight, bias):
         if t.device != x.device:
             raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}; "
                              "all inputs must be on one device")
-        if t.device.type != "cuda" and not (t.device.type == "cpu" and _interpreting()):
-            raise ValueError(f"{name}: {arg} is on {t.device}; a CUDA tensor is needed "
-                             "(CPU tensors only with TRITON_INTERPRET=1)")
+        _check_device(name, arg, t.device)
     if x.dim() < 1:
         raise ValueError(f"{name}: x must have at least 1 dimension (..., in_features); "
                          "got a 0-d tensor")

@@ -249,7 +249,7 @@ def test_bad_param_groups_rejected():
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter message")
 def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="CUDA tensors are needed"):
+    with pytest.raises(ValueError, match="FusedAdamW: a parameter is on cpu; a CUDA tensor is needed"):
         FusedAdamW([torch.randn(3, requires_grad=True)])
 
 

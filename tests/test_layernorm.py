@@ -399,7 +399,7 @@ def test_rejects_bad_inputs():
     x, w, b = _ok()
     meta = torch.device("meta")
     cases = [
-        (ValueError, "layer_norm: x is on device 'meta'",
+        (ValueError, "layer_norm: x is on meta; a CUDA tensor is needed",
          lambda: layer_norm(x.to(meta), w.to(meta), b.to(meta))),
         (ValueError, "layer_norm: weight is on device 'meta'",
          lambda: layer_norm(x, w.to(meta), b)),
@@ -444,9 +444,9 @@ def test_rejects_bad_inputs():
 def test_rejects_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, w, b = _ok(device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="^layer_norm: x is on the CPU; a CUDA tensor is needed"):
+    with pytest.raises(ValueError, match="^layer_norm: x is on cpu; a CUDA tensor is needed"):
         layer_norm(x, w, b)
-    with pytest.raises(ValueError, match="^add_layer_norm: x is on the CPU"):
+    with pytest.raises(ValueError, match="^add_layer_norm: x is on cpu"):
         add_layer_norm(x, x, w, b)
 
 

@@ -177,20 +177,19 @@ def _record(full):
                                      False, False)
         torch.is_autocast_enabled = real_autocast
 
-        # --- FusedAdamW over fp32 and bf16 parameters. Its constructor accepts
-        # CPU/meta tensors only when interpreting; the step itself must see the
-        # GPU path, so the flag is faked for construction only.
+        # --- FusedAdamW over fp32 and bf16 parameters. Its constructor refuses
+        # meta tensors; the device rule is lifted for construction only.
         for dtype in (fp32, bf16):
             label[0] = f"FusedAdamW {dtype}"
             params = [torch.nn.Parameter(_meta(s, dtype)) for s in ((50304, C), (C,), (C, 3 * C))]
             for p in params:
                 p.grad = torch.empty_like(p)
-            real = adamw._interpreting
-            adamw._interpreting = lambda: True
+            real = adamw._check_device
+            adamw._check_device = lambda *args: None
             try:
                 opt = adamw.FusedAdamW(params, lr=6e-4, weight_decay=0.1)
             finally:
-                adamw._interpreting = real
+                adamw._check_device = real
             opt.step()
     finally:
         for (mname, attr), obj in saved.items():
