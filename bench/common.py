@@ -192,7 +192,7 @@ class Case:
 
     def baseline_outputs(self, fn=None):
         if "base" not in self._cache:
-            fn = fn or self.make(self.baseline)
+            fn = fn if fn is not None else self.make(self.baseline)
             self._cache["base"] = _detached(fn(0))
         return self._cache["base"]
 
