@@ -279,7 +279,10 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
     def make(variant):
         if variant == "ours":
             lce = _kernel("cross_entropy", "linear_cross_entropy")[0]
-            op = lambda x, w, t: lce(x, w, t, ignore_index=-100, num_classes=classes)  # noqa: E731
+            # As the model calls it: the ids are checked once upstream, not per call
+            # (that check reads a flag back to the host: a sync in every timed call).
+            op = lambda x, w, t: lce(x, w, t, ignore_index=-100, num_classes=classes,  # noqa: E731
+                                     check_targets=False)
         else:
             op = torch_op
         return lambda i: run(op, x, w)
@@ -409,8 +412,10 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
             graphs = GraphedTrainStep is not None and torch.device(device).type == "cuda"
             opt = configure_optimizer(model, opt_cfg, device, kind=kind, capturable=graphs, log=quiet)
             if graphs:
+                from engine.trainer import autocast_factory
                 step = GraphedTrainStep(model, opt, accum=1, batch_size=B, seq_len=T,
-                                        device=torch.device(device), autocast_ctx=autocast,
+                                        device=torch.device(device),
+                                        autocast_ctx=autocast_factory("bf16", "cuda", cache_enabled=False),
                                         grad_clip=1.0, log=quiet)
 
                 def fn(i):

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from engine.config import GPTConfig
 from engine.errors import UserInputError
-from engine.ops import get_ops
+from engine.ops import AutoOps, get_ops
 
 
 class LayerNorm(nn.Module):
@@ -111,6 +111,10 @@ class GPT(nn.Module):
 
     @property
     def backend(self) -> str:
+        """The op set the model's calls use now: torch or triton (auto resolves
+        by the device the weights are on)."""
+        if isinstance(self.ops, AutoOps):
+            return self.ops.for_device(self.lm_head.weight.device).name
         return self.ops.name
 
     def _init_weights(self, module):

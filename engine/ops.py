@@ -6,7 +6,9 @@ Two backends with the same methods:
 - `TritonOps`: the hand-written kernels in `kernels/`. Imported lazily, so a machine
   without Triton (macOS, Windows) never touches it.
 
-`resolve_backend("auto")` picks triton when CUDA and Triton are available, else torch.
+`auto` means triton for CUDA tensors when Triton is installed, torch for any other
+device: the trainer resolves it once for its device (`resolve_backend`); a model
+built with it decides per call (`AutoOps`), so it runs wherever it is moved.
 """
 from __future__ import annotations
 
@@ -26,21 +28,28 @@ def triton_runs_on_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(name: str) -> str:
-    """Map `auto` to a concrete backend and check that the one named can run."""
+def resolve_backend(name: str, device_type: str | None = None) -> str:
+    """The concrete backend (torch or triton) that `name` means for tensors on
+    `device_type` (None: this machine's default device), checking that it can run.
+    `auto` is triton on CUDA when Triton is installed, torch anywhere else."""
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {name!r}; expected auto, torch or triton")
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "auto":
-        return "triton" if (torch.cuda.is_available() and triton_available()) else "torch"
+        return "triton" if device_type == "cuda" and triton_available() else "torch"
     if name == "torch":
         return name
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError("backend 'triton' needs the triton package (Linux only); "
-                               "install it or use backend='torch'")
-        if not torch.cuda.is_available() and not triton_runs_on_cpu():
-            raise RuntimeError("backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for "
-                               "the slow CPU interpreter); use backend='torch' on CPU/MPS")
+    if not triton_available():
+        raise RuntimeError("backend 'triton' needs the triton package (Linux only); "
+                           "install it or use backend='torch'")
+    if device_type == "cuda" and torch.cuda.is_available():
         return name
-    raise ValueError(f"unknown backend {name!r}; expected auto, torch or triton")
+    if device_type == "cpu" and triton_runs_on_cpu():
+        return name
+    raise RuntimeError(f"backend 'triton' runs its kernels on CUDA tensors (CPU ones only under "
+                       f"TRITON_INTERPRET=1, the slow interpreter), and this model is on "
+                       f"{device_type}: use backend='torch' there")
 
 
 def causal_mask_aligned_to_end(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -135,7 +144,41 @@ class TritonOps:
                                                 check_targets=False)
 
 
+class AutoOps:
+    """backend='auto' for a model built before its device is known: each call takes
+    the kernels for CUDA tensors and PyTorch's ops for any other device, so one
+    model works on the CPU and on a GPU, and can move between them."""
+
+    name = "auto"
+
+    def __init__(self):
+        self._torch = TorchOps()
+        self._triton = TritonOps() if triton_available() else None
+
+    def for_device(self, device: torch.device):
+        """The op set calls on `device` use."""
+        return self._triton if device.type == "cuda" and self._triton is not None else self._torch
+
+    def layer_norm(self, x, *args, **kwargs):
+        return self.for_device(x.device).layer_norm(x, *args, **kwargs)
+
+    def add_layer_norm(self, x, *args, **kwargs):
+        return self.for_device(x.device).add_layer_norm(x, *args, **kwargs)
+
+    def attention(self, q, *args, **kwargs):
+        return self.for_device(q.device).attention(q, *args, **kwargs)
+
+    def linear_gelu(self, x, *args, **kwargs):
+        return self.for_device(x.device).linear_gelu(x, *args, **kwargs)
+
+    def linear_cross_entropy(self, x, *args, **kwargs):
+        return self.for_device(x.device).linear_cross_entropy(x, *args, **kwargs)
+
+
 def get_ops(backend: str):
-    """The op set for a backend name (auto, torch or triton)."""
+    """The op set for a backend name: torch, triton, or auto (chosen per call by
+    the tensors' device)."""
+    if backend == "auto":
+        return AutoOps()
     name = resolve_backend(backend)
     return TorchOps() if name == "torch" else TritonOps()

@@ -291,8 +291,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, log=print):
-        torch.set_float32_matmul_precision("high")
         device_type = resolve_device(cfg.device)
+        if device_type == "cuda":
+            # As build-nanogpt: fp32 matmuls (--dtype fp32, and those autocast leaves
+            # in fp32) on TF32 tensor cores. Process-wide, as torch's switch is.
+            torch.set_float32_matmul_precision("high")
         self.dist = dist_lib.init_distributed(device_type)
         try:
             self._setup(cfg, device_type, log)
@@ -313,7 +316,7 @@ class Trainer:
         self.autocast_ctx = autocast_factory(self.dtype, self.device_type)
         from engine.ops import resolve_backend
         try:
-            self.backend = resolve_backend(cfg.backend)
+            self.backend = resolve_backend(cfg.backend, self.device_type)
         except RuntimeError as e:
             raise UserInputError(f"backend (--backend): {e}") from None
         if self.backend == "triton" and cfg.dropout > 0:

@@ -13,3 +13,21 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_wide_torch_state(request):
+    """A test must not leak process-wide switches into the next one: the trainer
+    turns on TF32 for fp32 matmuls on CUDA, which would loosen every later fp32
+    check (kernels/mlp.py follows that switch). The GPU tests' large buffers are
+    handed back too, since several pytest-xdist workers may share the card."""
+    import gc
+
+    import torch
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    yield
+    if torch.backends.cuda.matmul.allow_tf32 != tf32:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    if torch.cuda.is_available() and request.node.get_closest_marker("gpu"):
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -344,9 +344,10 @@ def test_gpu_tf32_follows_torch_setting():
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
         ours = _ours(x, w, b, dy)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ieee = _ours(x, w, b, dy)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    ieee = _ours(x, w, b, dy)
     ref = _f64_ref(x, w, b, dy)
     for name, o, e, r in zip(("y", "dx", "dW", "db"), ours, ieee, ref):
         assert_close(o, r, 5e-3, name=f"{name} (tf32)")

@@ -137,6 +137,33 @@ def test_backend_resolution_on_cpu():
     assert GPT(tiny(backend="auto")).backend == "torch"
 
 
+def test_backend_follows_the_device_on_a_machine_with_a_gpu(monkeypatch):
+    """On a CUDA machine, a model on the CPU must not call the kernels: `auto` picks
+    by the tensors' device, and an explicit triton backend on a device it cannot run
+    on is refused by name."""
+    from engine.ops import AutoOps, TorchOps, resolve_backend, triton_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_backend("auto", "cpu") == resolve_backend("auto", "mps") == "torch"
+    assert resolve_backend("auto", "cuda") == ("triton" if triton_available() else "torch")
+    if triton_available():
+        assert resolve_backend("triton", "cuda") == "triton"
+        for device in ("cpu", "mps"):
+            with pytest.raises(RuntimeError, match=f"this model is on {device}: use backend='torch'"):
+                resolve_backend("triton", device)
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        resolve_backend("jax", "cpu")
+    model = GPT(tiny(backend="auto"))
+    assert isinstance(model.ops, AutoOps) and model.backend == "torch"
+    assert isinstance(model.ops.for_device(torch.device("cpu")), TorchOps)
+    idx = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    reference = GPT(tiny(backend="torch"))
+    reference.load_state_dict(model.state_dict())
+    logits, loss = model(idx, idx)
+    ref_logits, ref_loss = reference(idx, idx)
+    assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
+
+
 def test_token_id_validation_can_be_turned_off_for_trusted_loaders():
     model = GPT(tiny())
     model.validate_token_ids = False  # the trainer's loader checks ids on the CPU instead

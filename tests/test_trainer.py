@@ -16,7 +16,7 @@ from engine.model import GPT
 from engine.optim import configure_optimizer, param_groups
 from engine.trainer import (AUTO_DEFAULTS, TrainConfig, Trainer, TrainingDiverged, get_lr,
                             micro_step, train)
-from tests.helpers import HAS_MATPLOTLIB, rel_err
+from tests.helpers import HAS_MATPLOTLIB, ON_GPU, rel_err
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 LOG_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \| norm \d+\.\d{4} \| "
@@ -342,6 +342,22 @@ def test_profile_writes_a_trace(corpus, tmp_path):
         assert f'"{phase}"' in trace, phase
 
 
+def test_cpu_run_on_a_machine_with_a_gpu_uses_the_torch_backend(corpus, tmp_path, monkeypatch):
+    """`--device cpu` on a CUDA machine: backend auto must resolve for the CPU, and
+    TF32 (a CUDA-only switch the trainer flips process-wide) stays untouched."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    lines = []
+    trainer = train(tiny_cfg(corpus, tmp_path / "run", max_steps=1, warmup_steps=0, backend="auto"),
+                    log=lines.append)
+    assert trainer.backend == "torch" and trainer.raw_model.backend == "torch"
+    assert any("backend: torch" in line for line in lines), lines[:5]
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32
+
+
+@pytest.mark.skipif(ON_GPU, reason="runs FusedAdamW on CPU tensors through the interpreter; on a GPU "
+                                   "test_adamw.py and the gpu-marked trainer tests cover it")
 def test_triton_optimizer_in_the_interpreter(corpus, tmp_path):
     """The FusedAdamW path (set_lr into its device lr, zero_grad keeping grads) gives
     the same losses as torch's AdamW."""
