@@ -24,9 +24,18 @@ def _isolate_process_wide_torch_state(request):
     import gc
 
     import torch
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+
+    def precision():
+        try:
+            return torch.get_float32_matmul_precision()
+        except RuntimeError:  # the legacy allow_tf32 flag and the new API were mixed
+            return None
+    before, tf32 = precision(), torch.backends.cuda.matmul.allow_tf32
     yield
-    if torch.backends.cuda.matmul.allow_tf32 != tf32:
+    if before is not None:
+        if precision() != before:  # resets every backend's switch, CUDA's and oneDNN's
+            torch.set_float32_matmul_precision(before)
+    elif torch.backends.cuda.matmul.allow_tf32 != tf32:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     if torch.cuda.is_available() and request.node.get_closest_marker("gpu"):
         gc.collect()
