@@ -378,8 +378,8 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
     opt_cfg = types.SimpleNamespace(max_lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
     meta: dict = {}
 
-    def autocast():
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    from engine.trainer import autocast_factory
+    autocast = autocast_factory("bf16", torch.device(device).type)
 
     def build(backend):
         cfg = GPTConfig.from_dict({**base_cfg.to_dict(), "backend": backend})
@@ -412,7 +412,6 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
             graphs = GraphedTrainStep is not None and torch.device(device).type == "cuda"
             opt = configure_optimizer(model, opt_cfg, device, kind=kind, capturable=graphs, log=quiet)
             if graphs:
-                from engine.trainer import autocast_factory
                 step = GraphedTrainStep(model, opt, accum=1, batch_size=B, seq_len=T,
                                         device=torch.device(device),
                                         autocast_ctx=autocast_factory("bf16", "cuda", cache_enabled=False),

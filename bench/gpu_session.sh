@@ -39,12 +39,15 @@ else
   echo "WARNING: device_cache/tiktoken is missing: gpt2-tokenizer tests will try the network" >&2
 fi
 
+have_xdist=0
+"$py" -c "import xdist, pytest_timeout" 2>/dev/null && have_xdist=1
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat device_cache/commit.txt 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
   "$py" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| numpy', numpy.__version__)"
-  "$py" -c "import xdist, pytest_timeout" 2>/dev/null && echo "pytest-xdist and pytest-timeout: present" || echo "pytest-xdist or pytest-timeout: missing (tests run in one process)"
+  if [ "$have_xdist" = 1 ]; then echo "pytest-xdist and pytest-timeout: present"
+  else echo "pytest-xdist or pytest-timeout: missing (tests run in one process)"; fi
   echo "cpus: $(nproc)"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
@@ -54,9 +57,7 @@ if [ "$phase" != report ]; then
   if [ "$phase" = all ]; then tests_s=$(( $(left) - 330 )); else tests_s=$(( $(left) - 10 )); fi
   [ "$tests_s" -gt 240 ] && [ "$phase" = all ] && tests_s=240
   parallel=()
-  if "$py" -c "import xdist, pytest_timeout" 2>/dev/null; then
-    parallel=(-n 8 --timeout 180)
-  fi
+  [ "$have_xdist" = 1 ] && parallel=(-n 8 --timeout 180)
   # test_sm90_compile.py compiles every kernel ahead of time, serially: on a GPU
   # the real launches below compile (and run) them all anyway.
   echo "== tests: pytest tests ${parallel[*]} (${tests_s} s at most)"

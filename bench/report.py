@@ -231,10 +231,10 @@ def autotune_choices() -> dict[str, list[dict]]:
     process: what the next tuning round prunes from."""
     from kernels import attention, mlp
 
-    tuned = {"attention_fwd": getattr(attention, "_attn_fwd_tuned", None),
-             "attention_bwd_dkdv": getattr(attention, "_attn_bwd_dkdv_tuned", None),
-             "attention_bwd_dq": getattr(attention, "_attn_bwd_dq_tuned", None),
-             "matmul": getattr(mlp, "_matmul_kernel", None)}
+    tuned = {"attention_fwd": attention._attn_fwd_tuned,
+             "attention_bwd_dkdv": attention._attn_bwd_dkdv_tuned,
+             "attention_bwd_dq": attention._attn_bwd_dq_tuned,
+             "matmul": mlp._matmul_kernel}
     choices = {}
     for name, tuner in tuned.items():
         cache = getattr(tuner, "cache", None)

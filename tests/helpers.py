@@ -1,5 +1,11 @@
-"""Shared test utilities: one place for devices, tolerances and poisoning."""
+"""Shared test utilities: one place for devices, tolerances, poisoning and the
+environment of child processes."""
+import os
+import pathlib
+
 import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -83,3 +89,13 @@ def has_module(name: str) -> bool:
 # matplotlib is an optional extra: without it the trainer writes no loss.png.
 HAS_MATPLOTLIB = has_module("matplotlib")
 PLOT_FILES = ["loss.png"] if HAS_MATPLOTLIB else []
+
+
+def child_env(*extra_paths, **extra) -> dict:
+    """os.environ for a child Python process: the repo (and `extra_paths`) first on
+    PYTHONPATH, plus `extra`. A child pytest must not think it is an xdist worker of
+    this run (pytest-benchmark then refuses --benchmark-only), so PYTEST_XDIST_* go."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_paths), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env

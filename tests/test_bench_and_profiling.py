@@ -1,7 +1,6 @@
 """The benchmark machinery (bench/common.py, bench/cases.py, bench/report.py) and
 engine.profiling: what they measure, check and write, without timing anything."""
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -17,18 +16,9 @@ from bench.common import (Case, CheckFailed, Registry, Result, Unavailable, atte
 from engine.config import GPTConfig
 from engine.model import GPT
 from engine.profiling import profile_training
-from tests.helpers import DEVICE, HAS_MATPLOTLIB, ON_GPU
+from tests.helpers import DEVICE, HAS_MATPLOTLIB, ON_GPU, child_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _env(**extra):
-    # A child pytest must not think it is an xdist worker of this run (pytest-benchmark
-    # then refuses --benchmark-only), whether or not this run uses pytest-xdist.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
 
 
 # --------------------------------------------------------------------------
@@ -88,7 +78,7 @@ def test_profile_training_cuda_without_a_gpu_is_refused(tmp_path):
 
 
 def test_train_py_profile_writes_the_trace_in_the_run_folder(tmp_path):
-    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=_env(),
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=child_env(),
                                capture_output=True, text=True, timeout=120).stdout
     if "--profile" not in help_text:
         pytest.skip("train.py has no --profile flag")
@@ -100,7 +90,7 @@ def test_train_py_profile_writes_the_trace_in_the_run_folder(tmp_path):
            "--data", str(data), "--tokenizer", "bytes", "--device", "cpu", "--backend", "torch",
            "--run-dir", str(run_dir), "--eval-interval", "0", "--sample-interval", "0",
            "--checkpoint-interval", "0", "--profile"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     trace = run_dir / "trace.json"
@@ -115,7 +105,7 @@ def test_train_py_profile_writes_the_trace_in_the_run_folder(tmp_path):
 
 def test_report_without_cuda_exits_2_with_one_clear_line():
     proc = subprocess.run([sys.executable, "-m", "bench.report", "--quick"], cwd=ROOT,
-                          env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
+                          env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0] and lines[0].startswith("bench.report:")
@@ -189,7 +179,8 @@ def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_p
     assert bad.returncode == 2 and "usage: bash bench/gpu_session.sh" in bad.stderr
     out = tmp_path / "out"
     proc = subprocess.run(["bash", script, "report"], cwd=ROOT, capture_output=True, text=True,
-                          env=_env(OUT=str(out), GPU_SESSION_SECONDS="120", PYTHON=sys.executable), timeout=300)
+                          env=child_env(OUT=str(out), GPU_SESSION_SECONDS="120", PYTHON=sys.executable),
+                          timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     env_lines = (out / "environment.txt").read_text()
     assert "| torch " in env_lines and "commit: " in env_lines
@@ -324,7 +315,7 @@ def test_cpu_benchmarks_time_and_record_the_cpu_group(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "bench/test_bench_cpu.py",
                            "-p", "no:cacheprovider", "-q", f"--benchmark-json={out}"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "benchmark ratios" in proc.stdout
     assert "cpu-model-fwdbwd" in proc.stdout and "cpu-data-loader" in proc.stdout

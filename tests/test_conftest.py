@@ -1,13 +1,14 @@
 """The root conftest's session decisions, seen from a child pytest: on a machine that
 reports CUDA, the gpu-marked tests are collected first (a deadline-bound GPU run
 keeps their verdicts); without CUDA they are skipped with a reason."""
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.helpers import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,9 +18,8 @@ def _collect(tmp_path, fake_cuda: bool) -> list[str]:
     plugin_dir.mkdir(parents=True)
     (plugin_dir / "fake_cuda.py").write_text(
         "import torch\ntorch.cuda.is_available = lambda: True\n" if fake_cuda else "")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PYTEST_XDIST") and k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(plugin_dir), str(ROOT), env.get("PYTHONPATH", "")])
+    env = child_env(plugin_dir)
+    env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_cuda", "-p", "no:cacheprovider",
                            "--collect-only", "-q", "tests/test_layernorm.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
