@@ -32,17 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE",
                    help="run folder, checkpoint file (ckpt_NNNNNN.pt) or Hugging Face GPT-2 folder")
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="",
+    prompt.add_argument("--prompt", default="", metavar="TEXT",
                         help="text to continue (empty: start a new document at <|endoftext|>, or at a "
                              "newline for a byte-level model)")
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument("--num-samples", type=int, default=3, help="how many samples")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens generated per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (always the likeliest token)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+    p.add_argument("--num-samples", type=int, metavar="N", default=3, help="how many samples")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=200, help="tokens generated per sample")
+    p.add_argument("--temperature", type=float, metavar="T", default=0.8, help="0 = greedy (always the likeliest token)")
+    p.add_argument("--top-k", type=int, metavar="K", default=200, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling: the smallest set of tokens "
                                                             "whose probability reaches p (1: all)")
-    p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i (with --batch: seed)")
+    p.add_argument("--seed", type=int, metavar="S", default=1337, help="sample i uses seed + i (with --batch: seed)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")

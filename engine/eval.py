@@ -11,11 +11,13 @@ over the ending's tokens only. `pred` is the ending with the lowest summed loss,
 `pred_norm` the one with the lowest mean loss per token; `acc` and `acc_norm`
 are the fractions of items where they equal the label. The four endings of an
 item are rows of one forward, several items per forward, padded to the longest
-row (positions after a row's end cannot affect it: attention is causal).
+row rounded up to a multiple of 32 (positions after a row's end cannot affect
+it: attention is causal).
 
 A row longer than the model's block size (never for GPT-2's 1024 on HellaSwag;
 possible for small models) keeps its ending and the end of its context: the
-context is cut from the left, by the same amount for all four endings.
+context is cut from the left, by the same amount for all four endings; such
+items are counted in the result's "truncated".
 
 Without --data the validation split (10,042 items) is downloaded once into the
 engine's cache folder (`$XDG_CACHE_HOME/gpt2-engine`, else `~/.cache/gpt2-engine`).
@@ -42,6 +44,7 @@ HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/d
 HELLASWAG_VAL_FILE = "hellaswag_val.jsonl"
 NUM_ENDINGS = 4
 PAD_ID = 0  # any valid id: padded positions come after every scored one
+WIDTH_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -164,24 +167,27 @@ def fetch_hellaswag(cache_dir=None, fetch=None, url: str = HELLASWAG_VAL_URL,
 # --------------------------------------------------------------------------
 
 def render_item(item: HellaSwagItem, tokenizer, block_size: int) -> tuple[list[list[int]], int, bool]:
-    """(the four rows of context + ending tokens, the context length, truncated)."""
+    """(the four rows of context + ending tokens, the context length, truncated).
+
+    Never fails, so that no process of a sharded evaluation stops alone: a row
+    that does not fit keeps the end of its context (at least one token) and,
+    only if an ending alone fills the block, the start of its ending."""
     ctx = tokenizer.encode(item.ctx)
     endings = [tokenizer.encode(" " + e) for e in item.endings]
-    longest = max(len(e) for e in endings)
-    room = block_size - longest
-    if room < 1:
-        raise UserInputError(f"hellaswag item {item.ind}: an ending is {longest} tokens, which leaves no "
-                             f"room for its context in the model's block size {block_size}")
+    room = block_size - max(len(e) for e in endings)
     truncated = len(ctx) > room
     if truncated:
-        ctx = ctx[-room:]
+        ctx = ctx[-max(room, 1):]
+        endings = [e[:block_size - len(ctx)] for e in endings]
     return [ctx + e for e in endings], len(ctx), truncated
 
 
 @torch.no_grad()
-def _score_batch(model, rendered, device, autocast_ctx) -> list[tuple[list[float], list[float]]]:
+def _score_batch(model, rendered, device, autocast_ctx, block_size: int) -> list[tuple[list[float], list[float]]]:
     rows = [row for item_rows, _, _ in rendered for row in item_rows]
-    width = max(len(r) for r in rows)
+    # Widths rounded up to a multiple of WIDTH_MULTIPLE: a few dozen shapes over
+    # the whole set instead of one per length, so kernels tuned per shape tune rarely.
+    width = min(-(-max(len(r) for r in rows) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, block_size)
     tokens = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     # mask[r, j]: position j's prediction (of token j + 1) belongs to row r's ending.
     mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
@@ -221,6 +227,9 @@ def score_items(model, items, tokenizer, device, autocast_ctx=contextlib.nullcon
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # scoring is per process: no gradient sync wanted
     config = dist_lib.unwrap_model(model).config
+    if tokenizer.vocab_size > config.vocab_size:  # checked on every process alike, before any work
+        raise UserInputError(f"hellaswag: the {tokenizer.name} tokenizer has {tokenizer.vocab_size:,} ids, the "
+                             f"model's vocabulary {config.vocab_size:,} (not the tokenizer it was trained with?)")
     was_training = model.training
     model.eval()
     scores: list[ItemScore] = []
@@ -228,12 +237,8 @@ def score_items(model, items, tokenizer, device, autocast_ctx=contextlib.nullcon
         for start in range(0, len(items), batch_items):
             batch = items[start:start + batch_items]
             rendered = [render_item(item, tokenizer, config.block_size) for item in batch]
-            top = max(t for rows, _, _ in rendered for row in rows for t in row)
-            if top >= config.vocab_size:
-                raise UserInputError(f"hellaswag: the {tokenizer.name} tokenizer gives id {top}, outside the "
-                                     f"model's vocabulary of {config.vocab_size} (wrong tokenizer?)")
             for item, (rows, _, truncated), (sums, avgs) in zip(
-                    batch, rendered, _score_batch(model, rendered, device, autocast_ctx)):
+                    batch, rendered, _score_batch(model, rendered, device, autocast_ctx, config.block_size)):
                 scores.append(ItemScore(ind=item.ind, label=item.label, pred=_argmin(sums),
                                         pred_norm=_argmin(avgs), sum_losses=sums, avg_losses=avgs,
                                         truncated=truncated))
@@ -290,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder, checkpoint file (ckpt_NNNNNN.pt) or Hugging Face GPT-2 folder")
     h.add_argument("--data", metavar="FILE.jsonl",
                    help="HellaSwag jsonl (default: the validation split, downloaded once into the cache)")
-    h.add_argument("--limit", type=int, help="score only the first N items")
+    h.add_argument("--limit", type=int, metavar="N", help="score only the first N items")
     h.add_argument("--json", metavar="OUT", help="write acc, acc_norm, n and every prediction to this file")
-    h.add_argument("--batch-items", type=int, default=8, help="items per forward (4 rows each)")
+    h.add_argument("--batch-items", type=int, metavar="N", default=8, help="items per forward (4 rows each)")
     h.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
     h.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")

@@ -15,6 +15,7 @@ Hugging Face GPT-2 folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 
@@ -265,7 +266,9 @@ def load_model(source, *, device="cpu", backend: str = "auto", dtype: str = "fp3
         if problem and backend != "auto":
             raise UserInputError(f"--backend triton: {problem}; use --backend torch")
         if problem:
-            model, tokenizer_name, what = build("torch")
+            weights = model.state_dict()
+            model = GPT(dataclasses.replace(model.config, backend="torch"))
+            model.load_state_dict(weights)
             model = model.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
             what += f" | backend torch: the triton kernels refuse this model ({problem})"
     return model, tokenizer_name, f"{what} | {describe(model)}"

@@ -212,3 +212,25 @@ def check_encodable(text: str, what: str) -> None:
         raise UserInputError(
             f"{what}: character {ascii(text[e.start])} at position {e.start} is not valid Unicode "
             "text (bytes that are not UTF-8?); give UTF-8 text") from None
+
+
+# Vocabulary sizes that name their tokenizer (token shards record only the size).
+TOKENIZER_OF_VOCAB = {50257: "gpt2", 256: "bytes"}
+
+
+def data_tokenizer_mismatch(where: str, data_vocab: int, run_tokenizer: str, run_vocab: int,
+                            requested: str = "") -> str:
+    """The message for token data written by one tokenizer and read by a run with
+    another: which tokenizer wrote the data, and the two fixes (train with that
+    one, or prepare the data again with this run's). `requested` is the run's
+    --tokenizer: "auto" that fell back to bytes says why, and how to get GPT-2 BPE."""
+    data_name = TOKENIZER_OF_VOCAB.get(data_vocab)
+    held = (f"{data_name} tokens (vocab {data_vocab:,})" if data_name
+            else f"tokens of a {data_vocab:,}-id vocabulary")
+    msg = (f"{where}: holds {held}, but this run uses the {run_tokenizer} tokenizer (vocab {run_vocab:,}); "
+           + (f"train with --tokenizer {data_name}, or " if data_name else "")
+           + f"prepare the data again with --tokenizer {run_tokenizer}")
+    if requested == "auto" and run_tokenizer == "bytes" and data_name == "gpt2":
+        msg += (" (--tokenizer auto chose bytes because the GPT-2 BPE files are unavailable: set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 cache)")
+    return msg

@@ -87,11 +87,10 @@ def tiktoken_or_skip():
         pytest.skip(f"GPT-2 BPE files unavailable here (set TIKTOKEN_CACHE_DIR): {e}")
 
 
-@pytest.fixture(scope="module", params=["bytes", "gpt2"])
-def setup(request, tmp_path_factory):
+def build_setup(name, tmp_path_factory):
     """(engine model folder saved with save_pretrained, transformers' model of it,
     the tokenizer, an independent encode function)."""
-    if request.param == "gpt2":
+    if name == "gpt2":
         tok = tiktoken_or_skip()
         import tiktoken
         enc = tiktoken.get_encoding("gpt2")
@@ -102,15 +101,26 @@ def setup(request, tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, backend="torch"))
     with torch.no_grad():  # random LayerNorms and larger weights: losses that differ between endings
-        for name, p in model.named_parameters():
-            if "ln" in name:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+        for pname, p in model.named_parameters():
+            if "ln" in pname:
+                p.normal_(1.0 if pname.endswith("weight") else 0.0, 0.2)
             elif p.dim() == 2:
                 p.mul_(5)
-    path = tmp_path_factory.mktemp(f"hf_{request.param}")
+    path = tmp_path_factory.mktemp(f"hf_{name}")
     model.save_pretrained(path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
     return path, hf, tok, encode
+
+
+@pytest.fixture(scope="module", params=["bytes", "gpt2"])
+def setup(request, tmp_path_factory):
+    return build_setup(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bytes_setup(tmp_path_factory):
+    """For the tests of plumbing, where one vocabulary is enough."""
+    return build_setup("bytes", tmp_path_factory)
 
 
 def test_scores_match_transformers(setup, tmp_path):
@@ -131,8 +141,8 @@ def test_scores_match_transformers(setup, tmp_path):
     assert len({r["pred"] for r in ref}) > 1 and any(r["pred"] != r["pred_norm"] for r in ref)
 
 
-def test_acc_arithmetic_limit_and_json(setup, tmp_path, capsys):
-    path, hf, tok, encode = setup
+def test_acc_arithmetic_limit_and_json(bytes_setup, tmp_path, capsys):
+    path, hf, tok, encode = bytes_setup
     items = make_items(12, seed=1)
     ref = reference_scores(hf, items, encode)
     # Labels chosen so that acc = 5/12 exactly: the first five are the predicted endings.
@@ -160,9 +170,9 @@ def test_acc_arithmetic_limit_and_json(setup, tmp_path, capsys):
     assert doc["acc"] == sum(it["label"] == r["pred"] for it, r in zip(items[:4], ref)) / 4
 
 
-def test_shards_agree_with_one_process(setup, tmp_path, monkeypatch):
+def test_shards_agree_with_one_process(bytes_setup, tmp_path, monkeypatch):
     """Each rank scores items i % world == rank; the gathered result is one process's."""
-    path, hf, tok, _ = setup
+    path, hf, tok, _ = bytes_setup
     items = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", make_items(7, seed=2)))
     model, _, _ = load_model(path, device="cpu", backend="torch")
     whole = evaluate_hellaswag(model, items, tok, "cpu", batch_items=2, return_predictions=True)
@@ -187,10 +197,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes(setup, tmp_path):
-    path, hf, tok, encode = setup
-    if tok.name != "bytes":
-        pytest.skip("one tokenizer is enough for the process-group plumbing")
+def test_torchrun_two_processes(bytes_setup, tmp_path):
+    path, hf, tok, encode = bytes_setup
     items = make_items(5, seed=3)
     ref = reference_scores(hf, items, encode)
     data = write_jsonl(tmp_path / "hs.jsonl", items)
@@ -207,10 +215,8 @@ def test_torchrun_two_processes(setup, tmp_path):
     assert [(p["pred"], p["pred_norm"]) for p in doc["predictions"]] == [(r["pred"], r["pred_norm"]) for r in ref]
 
 
-def test_triton_backend_agrees(setup, tmp_path):
-    path, hf, tok, encode = setup
-    if tok.name != "bytes":
-        pytest.skip("the interpreter is slow: one vocabulary is enough")
+def test_triton_backend_agrees(bytes_setup, tmp_path):
+    path, hf, tok, encode = bytes_setup
     items = make_items(2, seed=4)
     for item in items:  # short rows: the interpreter's cost grows with the sequence
         item["ctx"], item["endings"] = item["ctx"][:12], [e[:10] for e in item["endings"]]
@@ -223,9 +229,9 @@ def test_triton_backend_agrees(setup, tmp_path):
         assert (s.pred, s.pred_norm) == (r["pred"], r["pred_norm"])
 
 
-def test_context_cut_to_the_block_size(setup, tmp_path):
+def test_context_cut_to_the_block_size(bytes_setup, tmp_path):
     """A row longer than the block keeps its ending and the end of its context."""
-    path, hf, tok, encode = setup
+    path, hf, tok, encode = bytes_setup
     item = make_items(1, seed=5)[0]
     item["ctx"] = " ".join(["the dog runs into the water"] * 80)
     model, _, _ = load_model(path, device="cpu", backend="torch")
@@ -262,8 +268,8 @@ def test_malformed_line_names_file_and_line(tmp_path, line, needle):
     assert len(load_hellaswag(data, limit=2)) == 2  # the bad line is never read
 
 
-def test_cli_bad_input_is_one_line(setup, tmp_path, capsys):
-    path, *_ = setup
+def test_cli_bad_input_is_one_line(bytes_setup, tmp_path, capsys):
+    path, *_ = bytes_setup
     bad = write_jsonl(tmp_path / "bad.jsonl", make_items(1), extra_lines=["{oops"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
@@ -307,8 +313,8 @@ def test_fetch_once_and_offline_message(tmp_path):
     assert [it.ind for it in load_hellaswag(got)] == [1000, 1007, 1014]
 
 
-def test_cli_downloads_into_the_cache_folder(setup, tmp_path, monkeypatch, capsys):
-    path, *_ = setup
+def test_cli_downloads_into_the_cache_folder(bytes_setup, tmp_path, monkeypatch, capsys):
+    path, *_ = bytes_setup
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     import engine.eval as eval_mod
     body = "".join(json.dumps(it) + "\n" for it in make_items(2)).encode()
@@ -316,3 +322,43 @@ def test_cli_downloads_into_the_cache_folder(setup, tmp_path, monkeypatch, capsy
     assert main(["hellaswag", "--model", str(path), "--device", "cpu"]) == 0
     assert (tmp_path / "xdg" / "gpt2-engine" / HELLASWAG_VAL_FILE).read_bytes() == body
     assert "hellaswag: 2 items" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_triton_bf16_close_to_fp32(bytes_setup, tmp_path):
+    """The GPU path: triton kernels under bf16 autocast score as fp32 PyTorch does,
+    within bf16's precision."""
+    from engine.load import autocast_context
+    path, hf, tok, encode = bytes_setup
+    items = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", make_items(8, seed=6)))
+    reference, _, _ = load_model(path, device="cuda", backend="torch")
+    expected = score_items(reference, items, tok, "cuda", batch_items=3)
+    model, _, _ = load_model(path, device="cuda", backend="triton")
+    assert model.backend == "triton"
+    got = score_items(model, items, tok, "cuda", autocast_context("bf16", torch.device("cuda")), batch_items=3)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(torch.tensor(g.sum_losses), torch.tensor(e.sum_losses), rtol=3e-2, atol=0)
+
+
+def test_render_never_fails_on_a_tiny_block():
+    """An ending that fills the block alone keeps one context token and its start."""
+    from engine.eval import HellaSwagItem, render_item
+    tok = get_tokenizer("bytes")
+    item = HellaSwagItem(ind=0, ctx="context", endings=("a", "bb", "c" * 30, "d"), label=0)
+    rows, ctx_len, truncated = render_item(item, tok, block_size=8)
+    assert truncated and ctx_len == 1 and all(len(r) <= 8 for r in rows)
+    assert rows[0] == list(b"t a") and rows[2] == list(b"t " + b"c" * 6)
+    rows, ctx_len, truncated = render_item(item, tok, block_size=64)
+    assert not truncated and rows[1] == list(b"context bb")
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(bytes_setup, tmp_path):
+    path, hf, tok, encode = bytes_setup
+    model, _, _ = load_model(path, device="cpu", backend="torch")
+
+    class Wide:
+        name, vocab_size = "gpt2", 50257
+
+    items = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", make_items(1)))
+    with pytest.raises(UserInputError, match="the gpt2 tokenizer has 50,257 ids, the model's vocabulary 256"):
+        evaluate_hellaswag(model, items, Wide(), "cpu")

@@ -250,3 +250,40 @@ def test_sample_py_on_a_trained_run(trained_run):
                           capture_output=True, text=True, env=child_env(), timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_sampling_with_triton_bf16(sources):
+    out, err = run_sample([str(sources["run"]), "--prompt", "Hi", "--num-samples", "2", "--max-new-tokens", "12",
+                           "--device", "cuda", "--backend", "triton", "--dtype", "bf16"])
+    lines = err.text.strip().splitlines()
+    assert "backend: triton" in lines[1] and "dtype: bf16" in lines[1]
+    assert SPEED_LINE.match(lines[-1]) and out.text.startswith("Hi") and out.text.count(sample.SEPARATOR) == 1
+
+
+def test_backend_auto_falls_back_to_torch_where_the_kernels_refuse(tmp_path, monkeypatch):
+    """Where auto means triton (CUDA) but the kernels refuse the model's head dim."""
+    import engine.load as load_mod
+    model = tiny_model(n_head=4)
+    write_run(tmp_path, model, step=1)
+    monkeypatch.setattr(load_mod, "resolve_backend_for", lambda name, device: "triton")
+    loaded, _, what = load_model(tmp_path, device="cpu", backend="auto")
+    assert loaded.backend == "torch" and "the triton kernels refuse this model" in what and "head dim 8" in what
+    idx = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert rel_err(loaded(idx)[0], model(idx)[0]) <= 1e-6
+
+
+def test_prompt_file_and_empty_prompt(sources, tmp_path):
+    model, tok = sources["model"], get_tokenizer("bytes")
+    (tmp_path / "p.txt").write_text("Ünïcode\n", encoding="utf-8")
+    out, _ = run_sample([str(sources["checkpoint"]), "--prompt-file", str(tmp_path / "p.txt"), "--num-samples",
+                         "1", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"])
+    ids = tok.encode("Ünïcode\n")
+    new = generate(model, torch.tensor([ids]), 6, temperature=0)[0, len(ids):].tolist()
+    assert out.text == "Ünïcode\n" + tok.decode(new) + "\n"
+    # no prompt: a byte-level model (no end-of-text token) starts at a newline
+    out, err = run_sample([str(sources["checkpoint"]), "--num-samples", "1", "--max-new-tokens", "6",
+                           "--temperature", "0", "--device", "cpu"])
+    new = generate(model, torch.tensor([[10]]), 6, temperature=0)[0, 1:].tolist()
+    assert out.text == tok.decode(new) + "\n" and "prompt: 1 token" in err.text

@@ -182,3 +182,16 @@ def test_auto_prefers_gpt2(gpt2):
     assert tok.name == "gpt2" and "GPT-2" in reason
     tok, reason = load_tokenizer("bytes")
     assert tok.name == "bytes" and "requested" in reason
+
+
+def test_data_tokenizer_mismatch_names_the_fix():
+    from engine.tokenizer import data_tokenizer_mismatch
+    msg = data_tokenizer_mismatch("data/gpt2_train_000000.bin", 50257, "bytes", 256, requested="auto")
+    assert msg.startswith("data/gpt2_train_000000.bin: holds gpt2 tokens (vocab 50,257), but this run uses "
+                          "the bytes tokenizer (vocab 256); train with --tokenizer gpt2, or prepare the data "
+                          "again with --tokenizer bytes")
+    assert "auto chose bytes" in msg and "TIKTOKEN_CACHE_DIR" in msg
+    msg = data_tokenizer_mismatch("d.bin", 256, "gpt2", 50257, requested="gpt2")
+    assert msg.endswith("train with --tokenizer bytes, or prepare the data again with --tokenizer gpt2")
+    msg = data_tokenizer_mismatch("d.bin", 32000, "gpt2", 50257)
+    assert "tokens of a 32,000-id vocabulary" in msg and "train with" not in msg
