@@ -112,13 +112,12 @@ class TritonOps:
 
     def layer_norm(self, x, weight, bias, eps):
         # Under autocast the kernel writes y straight in the matmul dtype: no cast pass.
-        return self._k.layer_norm(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                                  eps, out_dtype=_autocast_dtype(x))
+        return self._k.layer_norm(x, weight, bias, eps, out_dtype=_autocast_dtype(x))
 
     def add_layer_norm(self, x, residual, weight, bias, eps):
-        return self._k.add_layer_norm(x, residual.to(x.dtype), weight.to(x.dtype),
-                                      None if bias is None else bias.to(x.dtype), eps,
-                                      out_dtype=_autocast_dtype(x))
+        # Here x is the residual stream and `residual` the branch output; the
+        # kernel takes the branch first and reads each in its own dtype.
+        return self._k.add_layer_norm(residual, x, weight, bias, eps, out_dtype=_autocast_dtype(x))
 
     def attention(self, q, k, v, causal=True, dropout_p=0.0):
         if dropout_p:

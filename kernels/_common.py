@@ -13,6 +13,7 @@ names the argument and what was expected, e.g.
 - ``check_same_dtype(op, **tensors)``: every tensor given (None skipped) in the
   first one's dtype.
 - ``check_device(op, arg, device)``: CUDA, or CPU under Triton's working interpreter.
+- ``check_dtype(op, arg, dtype, dtypes)``: a dtype argument (e.g. ``out_dtype``).
 - ``check_real(op, arg, value, *, at_least=, below=)`` and
   ``check_int(op, arg, value, *, at_least=, at_most=)``: Python scalars.
 
@@ -180,6 +181,14 @@ def check_same_dtype(op: str, **tensors) -> None:
         if t.dtype != first.dtype:
             raise TypeError(f"{op}: {arg} has dtype {dtype_name(t.dtype)} but {first_arg} has "
                             f"{dtype_name(first.dtype)}; they must match")
+
+
+def check_dtype(op: str, arg: str, dtype, dtypes) -> None:
+    """A dtype argument (e.g. out_dtype) that must be one of `dtypes`."""
+    if dtype not in dtypes:
+        shown = dtype_name(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
+        raise TypeError(f"{op}: {arg} is {shown}; supported: "
+                        + ", ".join(dtype_name(d) for d in dtypes))
 
 
 def _bounds_text(at_least, below=None, at_most=None) -> str:

@@ -118,6 +118,14 @@ def test_check_same_dtype():
     _common.check_same_dtype("op", x=x, bias=None, weight=torch.ones(3))
 
 
+def test_check_dtype():
+    _raises(TypeError, "op: out_dtype is int32; supported: float32, float16, bfloat16",
+            _common.check_dtype, "op", "out_dtype", torch.int32, _common.FLOAT_DTYPES)
+    _raises(TypeError, "op: out_dtype is 'float16'; supported: float16",
+            _common.check_dtype, "op", "out_dtype", "float16", (torch.float16,))
+    _common.check_dtype("op", "out_dtype", torch.bfloat16, _common.FLOAT_DTYPES)
+
+
 @pytest.mark.parametrize("value,kwargs,text", [
     (True, {}, "op: eps must be a finite real number, got True"),
     ("1", {}, "op: eps must be a finite real number, got '1'"),

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.layernorm import add_layer_norm, layer_norm
@@ -280,6 +281,149 @@ def test_add_layer_norm_without_bias_and_unused_outputs():
     assert_close(dr2, drt, rtol, "dresidual alone")
 
 
+# ----------------------------------------------------------------------------- mixed dtypes
+
+# (x, residual, weight and bias, out_dtype): the branch in a 16-bit dtype on an
+# fp32 residual stream with fp32 master weights (autocast's case, fp16 standing
+# in for bf16 on CPU), and the other mixes the contract allows.
+MIXED = [
+    (torch.float16, torch.float32, torch.float32, torch.float16),
+    (torch.float16, torch.float32, torch.float32, None),
+    (torch.float32, torch.float16, torch.float16, None),
+    (torch.float16, torch.float16, torch.float32, torch.float32),
+]
+_TOL_BY_DTYPE = {torch.float32: 2e-5, torch.float16: RTOL[torch.float16], torch.bfloat16: 8e-3}
+
+
+def _mixed_case(lead, C, x_dtype, r_dtype, w_dtype, out_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, C)
+    x = (torch.randn(shape, generator=g) * 0.5).to(x_dtype)
+    r = (torch.randn(shape, generator=g) * 2.0 + 0.3).to(r_dtype)
+    w = (1.0 + 0.3 * torch.randn(C, generator=g)).to(w_dtype)
+    b = (0.3 * torch.randn(C, generator=g)).to(w_dtype)
+    dh = torch.randn(shape, generator=g).to(r_dtype)
+    dy = torch.randn(shape, generator=g).to(out_dtype or r_dtype)
+    return tuple(t.to(DEVICE) for t in (x, r, w, b, dh, dy))
+
+
+def _mixed_reference(x, r, w, b, dh, dy, out_dtype):
+    """The contract in fp32: h = (r + x) rounded to r's dtype, y = LayerNorm(h)
+    rounded to out_dtype; gradients in fp32 (rounded by the caller's tolerance)."""
+    xs, rs, ws, bs = (t.detach().float().requires_grad_() for t in (x, r, w, b))
+    # h rounded to residual's dtype, its gradient left unrounded (the kernel
+    # keeps it in fp32 until each gradient is stored in its input's dtype).
+    h = rs + xs
+    h = h + (h.to(r.dtype).float() - h).detach()
+    y = F.layer_norm(h, (x.shape[-1],), ws, bs, 1e-5)
+    grads = torch.autograd.grad([h, y], [xs, rs, ws, bs], [dh.float(), dy.float()])
+    return h.to(r.dtype), y.to(out_dtype or r.dtype), grads
+
+
+def _check_mixed(x, r, w, b, dh, dy, out_dtype):
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    with poisoned_allocations():
+        h, y = add_layer_norm(*leaves, out_dtype=out_dtype)
+        grads = torch.autograd.grad([h, y], leaves, [dh, dy])
+    h_ref, y_ref, grads_ref = _mixed_reference(x, r, w, b, dh, dy, out_dtype)
+    assert h.dtype == r.dtype and y.dtype == (out_dtype or r.dtype)
+    assert torch.equal(h, h_ref), "h is not (residual + x) rounded once to residual's dtype"
+    assert_close(y, y_ref.float(), _TOL_BY_DTYPE[y.dtype], "y")
+    for name, leaf, grad, ref in zip(("dx", "dresidual", "dweight", "dbias"), leaves, grads, grads_ref):
+        assert grad.dtype == leaf.dtype, f"{name} is {grad.dtype}, its input {leaf.dtype}"
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype,w_dtype,out_dtype", MIXED, ids=str)
+@pytest.mark.parametrize("lead,C", [((3,), 17), ((2, 2), 768)], ids=str)
+def test_add_layer_norm_takes_each_dtype_as_it_is(lead, C, x_dtype, r_dtype, w_dtype, out_dtype):
+    _check_mixed(*_mixed_case(lead, C, x_dtype, r_dtype, w_dtype, out_dtype, seed=C), out_dtype)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", [
+    (torch.float16, torch.float32, None), (torch.float32, torch.float16, torch.float16)], ids=str)
+def test_layer_norm_takes_fp32_weights_with_a_16_bit_x(x_dtype, w_dtype, out_dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 33, generator=g) * 2 + 1).to(x_dtype).to(DEVICE)
+    w = (1 + 0.3 * torch.randn(33, generator=g)).to(w_dtype).to(DEVICE)
+    b = (0.3 * torch.randn(33, generator=g)).to(w_dtype).to(DEVICE)
+    dy = torch.randn(5, 33, generator=g).to(out_dtype or x_dtype).to(DEVICE)
+    leaves = [_leaf(t) for t in (x, w, b)]
+    with poisoned_allocations():
+        y = layer_norm(*leaves, out_dtype=out_dtype)
+        grads = torch.autograd.grad(y, leaves, dy)
+    refs = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    y_ref = F.layer_norm(refs[0], (33,), refs[1], refs[2], 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, refs, dy.float())
+    assert y.dtype == (out_dtype or x_dtype)
+    assert_close(y, y_ref, _TOL_BY_DTYPE[y.dtype], "y")
+    for name, leaf, grad, ref in zip(("dx", "dweight", "dbias"), leaves, grads, grads_ref):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead,C", [((16, 1024), 768), ((17,), 1000)], ids=str)
+def test_gpu_bf16_branch_on_an_fp32_stream(lead, C):
+    """Autocast's case on the GPU: a bf16 branch, fp32 residual and weights, bf16 y."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    _check_mixed(*_mixed_case(lead, C, bf16, fp32, fp32, bf16, seed=C), bf16)
+
+
+class _AtenRecorder(TorchDispatchMode):
+    """The aten ops run outside Triton launches (the interpreter copies kernel
+    arguments with aten ops of its own, which a GPU launch does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is None:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that allocate or re-view memory without touching activations.
+_NO_PASS_OPS = {"empty", "empty_like", "empty_strided", "view", "_reshape_alias", "detach"}
+
+
+def test_no_cast_or_copy_outside_the_kernels():
+    """The residual stream's dtypes cost no pass: a 16-bit branch, an fp32 stream
+    and fp32 weights go through forward and backward with nothing but
+    allocations and views outside the kernels."""
+    x, r, w, b, dh, dy = _mixed_case((4,), 48, torch.float16, torch.float32, torch.float32,
+                                     torch.float16, seed=1)
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    leaves2 = [_leaf(t) for t in (r, w, b)]
+    with _AtenRecorder() as rec:
+        h, y = add_layer_norm(*leaves, out_dtype=torch.float16)
+        torch.autograd.backward([h, y], [dh, dy])
+        y2 = layer_norm(*leaves2, out_dtype=torch.float16)
+        y2.backward(dy)
+    assert rec.ops, "the recorder saw nothing"
+    assert set(rec.ops) <= _NO_PASS_OPS, f"passes outside the kernels: {set(rec.ops) - _NO_PASS_OPS}"
+    assert [t.grad.dtype for t in leaves] == [torch.float16, torch.float32, torch.float32, torch.float32]
+
+
+def test_double_backward_is_refused():
+    """The backward kernels are not differentiable: a second derivative through
+    them raises instead of being silently wrong."""
+    x, r, w, b, _, _ = _make((3,), 17, torch.float32, seed=2, residual=True)
+    xs, rs = _leaf(x), _leaf(r)
+    y = layer_norm(xs, w, b)
+    (gx,) = torch.autograd.grad((y * y).sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    h, y = add_layer_norm(xs, rs, w, b)
+    (gr,) = torch.autograd.grad((y * y).sum() + (h * h).sum(), rs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gr.sum().backward()
+
+
 # ----------------------------------------------------------------------------- properties
 
 
@@ -401,40 +545,48 @@ def test_rejects_bad_inputs():
     cases = [
         (ValueError, "layer_norm: x is on meta; a CUDA tensor is needed",
          lambda: layer_norm(x.to(meta), w.to(meta), b.to(meta))),
-        (ValueError, "layer_norm: weight is on device 'meta'",
+        (ValueError, "layer_norm: weight is on meta but x is on cpu; all tensors must be on one device",
          lambda: layer_norm(x, w.to(meta), b)),
-        (ValueError, "add_layer_norm: residual is on device 'meta'",
+        (ValueError, "add_layer_norm: residual is on meta but x is on cpu",
          lambda: add_layer_norm(x, x.to(meta), w, b)),
-        (TypeError, "layer_norm: weight has dtype float16",
-         lambda: layer_norm(x, w.half(), b)),
-        (TypeError, "layer_norm: bias has dtype float64",
+        (TypeError, "layer_norm: bias has dtype float64; supported: float32, float16, bfloat16",
          lambda: layer_norm(x, w, b.double())),
-        (TypeError, "add_layer_norm: residual has dtype float16",
-         lambda: add_layer_norm(x, x.half(), w, b)),
+        (TypeError, "add_layer_norm: residual has dtype float64",
+         lambda: add_layer_norm(x, x.double(), w, b)),
+        (TypeError, "add_layer_norm: residual must be a torch.Tensor, got NoneType",
+         lambda: add_layer_norm(x, None, w, b)),
         (TypeError, "layer_norm: x has dtype int32",
          lambda: layer_norm(x.int(), w.int(), b.int())),
         (TypeError, "layer_norm: x has dtype float64",
          lambda: layer_norm(x.double(), w.double(), b.double())),
         (TypeError, "layer_norm: weight must be a torch.Tensor",
          lambda: layer_norm(x, None, b)),
-        (ValueError, "layer_norm: weight has shape (9,)",
+        (ValueError, "layer_norm: weight has shape (9,); expected (8,)",
          lambda: layer_norm(x, torch.randn(9, device=DEVICE), b)),
-        (ValueError, "layer_norm: weight has shape (1, 8)",
+        (ValueError, "layer_norm: weight has shape (1, 8); expected (8,)",
          lambda: layer_norm(x, w[None], b)),
-        (ValueError, "layer_norm: bias has shape (4,)",
+        (ValueError, "layer_norm: bias has shape (4,); expected (8,)",
          lambda: layer_norm(x, w, b[:4])),
-        (ValueError, "layer_norm: x is 0-d",
+        (ValueError, "layer_norm: x has shape (); expected at least 1 dimension (..., C)",
          lambda: layer_norm(x[0, 0], w[:1], b[:1])),
         (ValueError, "layer_norm: x has last dimension 0",
          lambda: layer_norm(x[:, :0], w[:0], b[:0])),
-        (ValueError, "add_layer_norm: residual has shape (1, 8)",
+        (ValueError, "add_layer_norm: residual has shape (1, 8); expected (2, 8)",
          lambda: add_layer_norm(x, x[:1], w, b)),
-        (ValueError, "layer_norm: eps must be",
+        (ValueError, "layer_norm: eps must be a finite real number >= 0.0, got -1.0",
          lambda: layer_norm(x, w, b, eps=-1.0)),
+        (ValueError, "layer_norm: eps must be a finite real number >= 0.0, got inf",
+         lambda: layer_norm(x, w, b, eps=float("inf"))),
     ]
     big = 65536 // 4 + 1
     cases.append((ValueError, f"layer_norm: x has last dimension {big}; at most 16384",
                   lambda: layer_norm(*_ok(C=big))))
+    # The widest of x and residual sets the limit.
+    half = 65536 // 2
+    xh = torch.zeros(1, half, dtype=torch.float16, device=DEVICE)
+    wh = torch.ones(half, device=DEVICE)
+    cases.append((ValueError, f"add_layer_norm: x has last dimension {half}; at most 16384",
+                  lambda: add_layer_norm(xh, xh.float(), wh, None)))
     for exc, msg, call in cases:
         with pytest.raises(exc) as info:
             call()
@@ -568,7 +720,7 @@ def test_out_dtype_matches_layer_norm_then_cast(out_dtype):
 
 def test_bad_out_dtype():
     x, r, w, b, _, _ = _out_dtype_case(torch.float16, rows=2, width=8)
-    with pytest.raises(TypeError, match="layer_norm: out_dtype is torch.int32"):
+    with pytest.raises(TypeError, match="^layer_norm: out_dtype is int32; supported: float32, float16, bfloat16$"):
         layer_norm(x, w, b, out_dtype=torch.int32)
-    with pytest.raises(TypeError, match="add_layer_norm: out_dtype is torch.float64"):
+    with pytest.raises(TypeError, match="^add_layer_norm: out_dtype is float64"):
         add_layer_norm(x, r, w, b, out_dtype=torch.float64)
