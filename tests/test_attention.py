@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels import attention as attn_mod
+from kernels._common import SMEM_BUDGET_BYTES
 from kernels.attention import flash_attention
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
@@ -73,7 +74,7 @@ def run_ours(q, k, v, do, causal, scale=None, tiles=None):
             o = flash_attention(q, k, v, causal=causal, sm_scale=scale)
         else:
             sm = q.shape[-1] ** -0.5 if scale is None else scale
-            o = attn_mod._FlashAttention.apply(q, k, v, causal, sm, tiles)
+            o = attn_mod._attention(q, k, v, attn_mod._Call(causal, sm, tiles=tiles))
     with poisoned_allocations():
         dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o, dq, dk, dv
@@ -178,19 +179,23 @@ def test_custom_scale():
 
 # Explicit tiles exercise stage boundaries that the single interpreter config
 # cannot: BLOCK_M == BLOCK_N, BLOCK_M < BLOCK_N in the forward, and the
-# opposite ratios in the backward. ((fwd tiles), ((dkdv tiles), (dq tiles)))
+# opposite ratios in the backward.
+def tiles(fwd, dkdv, dq):
+    return attn_mod._Tiles(attn_mod._Tile(*fwd), attn_mod._Tile(*dkdv), attn_mod._Tile(*dq))
+
+
 TILES = [
-    ((16, 16, 1, 4), ((16, 16, 1, 4), (16, 16, 1, 4))),
-    ((16, 32, 1, 4), ((32, 16, 1, 4), (16, 32, 1, 4))),
-    ((64, 16, 1, 4), ((16, 64, 1, 4), (64, 16, 1, 4))),
+    tiles((16, 16, 1, 4), (16, 16, 1, 4), (16, 16, 1, 4)),
+    tiles((16, 32, 1, 4), (32, 16, 1, 4), (16, 32, 1, 4)),
+    tiles((64, 16, 1, 4), (16, 64, 1, 4), (64, 16, 1, 4)),
 ]
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=["16x16", "16x32", "64x16"])
+@pytest.mark.parametrize("fixed", TILES, ids=["16x16", "16x32", "64x16"])
 @pytest.mark.parametrize("Tq,Tk,causal", [(70, 70, True), (70, 119, True), (50, 50, False)])
-def test_tile_shapes(tiles, Tq, Tk, causal):
+def test_tile_shapes(fixed, Tq, Tk, causal):
     q, k, v = make_inputs(1, 1, Tq, Tk, 16, torch.float32, seed=Tq * 7 + Tk)
-    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=tiles)
+    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=fixed)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -206,7 +211,7 @@ def test_lse_saved_for_backward():
     q, k, v = make_inputs(1, 2, 37, 37, 16, torch.float32, seed=5)
     scale = 16 ** -0.5
     with poisoned_allocations():
-        o, lse = attn_mod._flash_fwd(q.detach(), k.detach(), v.detach(), True, scale)
+        o, lse = attn_mod._forward(q.detach(), k.detach(), v.detach(), attn_mod._Call(True, scale))
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(~causal_mask(37, 37, q.device), float("-inf"))
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 37)
@@ -288,18 +293,18 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
 @pytest.mark.parametrize("make,exc,match", [
     (lambda: (_t(1, 1, 4, 16, device="meta"),) * 3, ValueError, "CUDA tensor is needed"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16, device="meta"), _t(1, 1, 4, 16)),
-     ValueError, "same device"),
+     ValueError, "all tensors must be on one device"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16, dtype=torch.float16), _t(1, 1, 4, 16)),
      TypeError, "k has dtype"),
     (lambda: (_t(1, 1, 4, 16, dtype=torch.float64),) * 3, TypeError, "q has dtype"),
-    (lambda: (_t(1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "q must be 4-d"),
+    (lambda: (_t(1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, r"q has shape \(1, 4, 16\); expected 4-d"),
     (lambda: (_t(1, 1, 4, 96),) * 3, ValueError, "q has head dim 96; supported: 16, 32, 64, 128"),
     (lambda: (_t(1, 2, 4, 16), _t(1, 3, 4, 16), _t(1, 3, 4, 16)), ValueError, "k has shape"),
     (lambda: (_t(2, 1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "k has shape"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 32), _t(1, 1, 4, 32)), ValueError, "k has shape"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 5, 16)), ValueError, "v has shape"),
     (lambda: (_t(1, 1, 4, 32)[..., ::2], _t(1, 1, 4, 16), _t(1, 1, 4, 16)),
-     ValueError, "q has last-dim stride 2"),
+     ValueError, "q has last-dimension stride 2"),
     (lambda: (_t(1, 1, 5, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "Tq <= Tk"),
     (lambda: ([[1.0]], _t(1, 1, 4, 16), _t(1, 1, 4, 16)), TypeError, "q must be a torch.Tensor"),
 ])
@@ -361,7 +366,7 @@ def test_repeat_is_bit_identical_gpu():
 
 def _fitting(tiles, kind, D, elsize):
     return [t for t in tiles
-            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= attn_mod._SMEM_BUDGET]
+            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= SMEM_BUDGET_BYTES]
 
 
 @pytest.mark.gpu
@@ -382,13 +387,13 @@ def test_every_autotune_config_gpu(D, dtype):
         theirs = run_ref(sdpa, q, k, v, do, causal)
         exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
         for i in range(n):
-            tiles = (fwd[i % len(fwd)], (dkdv[i % len(dkdv)], dq[i % len(dq)]))
-            ours = run_ours(q, k, v, do, causal, tiles=tiles)
+            fixed = attn_mod._Tiles(fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)])
+            ours = run_ours(q, k, v, do, causal, tiles=fixed)
             for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
                 if fp32:
-                    assert_close(a, e, TOL[torch.float32], f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+                    assert_close(a, e, TOL[torch.float32], f"{name} tiles={fixed} Tq={Tq} Tk={Tk}")
                 else:
-                    assert_bf16_comparable(a, t, e, f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+                    assert_bf16_comparable(a, t, e, f"{name} tiles={fixed} Tq={Tq} Tk={Tk}")
 
 
 @pytest.mark.gpu
