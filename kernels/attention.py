@@ -637,9 +637,42 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+def _unpack_qkv(qkv):
+    """(B, T, 3, H, D) -> q, k, v as (B, H, T, D) views."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+class _FlashAttentionQKVPacked(torch.autograd.Function):
+    """Attention over the q, k, v slices of one packed tensor. The backward
+    allocates one gradient of the packed shape and the kernels write dq, dk and
+    dv straight into its slices, so autograd never gathers three separate
+    gradients into the packed layout (a stack and a copy per call)."""
+
+    @staticmethod
+    def forward(ctx, qkv, call):
+        with on_device(qkv):
+            o, lse = _forward(*_unpack_qkv(qkv), call)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.call = call
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        with on_device(qkv):
+            _backward(do, *_unpack_qkv(qkv), o, lse, ctx.call, *_unpack_qkv(dqkv))
+        return dqkv, None
+
+
 def _attention(q, k, v, call):
     """The autograd entry without input checks (tests reach fixed tiles here)."""
     return _FlashAttention.apply(q, k, v, call)
+
+
+def _attention_qkvpacked(qkv, call):
+    """The packed autograd entry without input checks."""
+    return _FlashAttentionQKVPacked.apply(qkv, call)
 
 
 # ----------------------------------------------------------------------------
@@ -654,13 +687,14 @@ def _check_inputs(name, q, k, v, causal, sm_scale, dropout_p):
     check_tensor(name, "v", v, shape=k.shape, layout="(B, H, Tk, D)", last_stride_one=True)
     check_same_device(name, q=q, k=k, v=v)
     check_same_dtype(name, q=q, k=k, v=v)
-    _check_options(name, q.shape, k.shape[2], causal, sm_scale, dropout_p)
+    _check_options(name, "q", q.shape, k.shape[2], causal, sm_scale, dropout_p)
 
 
-def _check_options(name, q_shape, Tk, causal, sm_scale, dropout_p):
+def _check_options(name, arg, q_shape, Tk, causal, sm_scale, dropout_p):
+    """The checks shared by both entries; `arg` names the tensor that holds q."""
     B, H, Tq, D = q_shape
     if D not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{name}: q has head dim {D}; supported: "
+        raise ValueError(f"{name}: {arg} has head dim {D}; supported: "
                          + ", ".join(map(str, _SUPPORTED_HEAD_DIMS)))
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
@@ -703,3 +737,31 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     return _attention(q, k, v, _Call(causal, float(sm_scale)))
+
+
+def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0):
+    """`flash_attention` on the q, k, v packed in one tensor, with one packed gradient.
+
+    Args:
+        qkv: (B, T, 3, H, D), e.g. the qkv projection's (B, T, 3*H*D) output
+            viewed as (B, T, 3, H, D); q, k, v are its slices [:, :, 0], [:, :, 1],
+            [:, :, 2]. Any strides with the last one 1. Device, dtype and D as
+            for `flash_attention`.
+        causal, sm_scale, dropout_p: as for `flash_attention`.
+
+    Returns:
+        (B, H, T, D) in qkv's dtype, laid out (B, T, H, D) in memory, equal to
+        `flash_attention(q, k, v, ...)` with q, k, v = (t.transpose(1, 2) for t
+        in qkv.unbind(2)), and so to `F.scaled_dot_product_attention` on them.
+        The gradient for qkv is one contiguous (B, T, 3, H, D) tensor that the
+        kernels fill slice by slice: no stack or copy gathers dq, dk and dv.
+    """
+    name = "flash_attention_qkvpacked"
+    check_tensor(name, "qkv", qkv, dtypes=FLOAT_DTYPES, dim=5, shape=(None, None, 3, None, None),
+                 layout="(B, T, 3, H, D)", last_stride_one=True)
+    check_same_device(name, qkv=qkv)
+    B, T, _, H, D = qkv.shape
+    _check_options(name, "qkv", (B, H, T, D), T, causal, sm_scale, dropout_p)
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    return _attention_qkvpacked(qkv, _Call(causal, float(sm_scale)))

@@ -6,16 +6,20 @@ and the tile sizes are the interpreter's (32x16 / 16x32): T = 17, 64, 128 and
 run on the GPU (`@pytest.mark.gpu`).
 """
 import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels import attention as attn_mod
 from kernels._common import SMEM_BUDGET_BYTES
-from kernels.attention import flash_attention
+from kernels.attention import flash_attention, flash_attention_qkvpacked
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
 
@@ -324,6 +328,133 @@ def test_bad_arguments():
         flash_attention(q, q, q, sm_scale=float("nan"))
     with pytest.raises(ValueError, match="flash_attention: k has no keys"):
         flash_attention(q, _t(1, 1, 0, 16), _t(1, 1, 0, 16), causal=False)
+
+
+# ----------------------------------------------------------------------------
+# packed qkv
+# ----------------------------------------------------------------------------
+def make_qkv(B, T, H, D, dtype, seed, pad=0):
+    """A (B, T, 3, H, D) view of a (B, T, 3*H*D + pad) buffer, as the qkv
+    projection's output is viewed (pad > 0 makes the rows strided)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    buf = torch.randn(B, T, 3 * H * D + pad, generator=g).to(DEVICE, dtype)
+    return buf[..., :3 * H * D].view(B, T, 3, H, D) if pad == 0 else \
+        buf[..., :3 * H * D].unflatten(-1, (3, H, D))
+
+
+def unpack(qkv):
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+@pytest.mark.parametrize("B,T,H,D,causal,dtype,pad", [
+    (2, 37, 3, 16, True, torch.float32, 0),
+    (1, 64, 2, 32, False, torch.float32, 8),
+    (1, 33, 2, 64, True, torch.float16, 16),
+])
+def test_qkvpacked_matches_sdpa(B, T, H, D, causal, dtype, pad):
+    qkv = make_qkv(B, T, H, D, dtype, seed=T + D, pad=pad).requires_grad_()
+    assert (qkv.stride(-1) == 1) and (pad == 0) == qkv.is_contiguous()
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    with poisoned_allocations():
+        o = flash_attention_qkvpacked(qkv, causal=causal)
+    assert o.shape == (B, H, T, D) and o.transpose(1, 2).is_contiguous()
+    with poisoned_allocations():
+        (dqkv,) = torch.autograd.grad(o, qkv, do)
+    assert dqkv.shape == qkv.shape
+    ours = (o, *(t.transpose(1, 2) for t in dqkv.unbind(2)))
+    names = ("out", "dq", "dk", "dv")
+    exact = run_ref(reference_fp64, *unpack(qkv), do, causal, None, torch.float64)
+    for name, a, e in zip(names, ours, exact):
+        assert_matches(a, e, TOL[dtype], f"{name} vs float64")
+    if dtype == torch.float32:
+        oracle = run_ref(sdpa, *unpack(qkv), do, causal)
+        for name, a, e in zip(names, ours, oracle):
+            assert_matches(a, e, TOL[dtype], f"{name} vs SDPA")
+        # The same kernels as the unpacked entry: identical bits.
+        unpacked = run_ours(*(t.detach().requires_grad_() for t in unpack(qkv)), do, causal)
+        for name, a, b in zip(names, ours, unpacked):
+            assert torch.equal(a, b), f"{name}: packed and unpacked entries differ"
+
+
+# Ops that would copy, gather or accumulate a whole gradient.
+_COPYING_OPS = {"copy_", "_copy_from", "clone", "contiguous", "cat", "stack", "_to_copy",
+                "add", "add_", "zeros", "new_zeros", "zeros_like", "zero_", "fill_",
+                "select_backward", "slice_backward", "select_scatter", "slice_scatter",
+                "as_strided_scatter", "index_put", "index_put_"}
+
+
+def _inside_triton_interpreter():
+    # The interpreter copies every tensor argument back after a launch on its
+    # own account; those copies do not exist on the GPU.
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("triton", "runtime", "interpreter.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class AtenRecorder(TorchDispatchMode):
+    """Every aten op run outside a kernel launch, with the largest tensor it touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _inside_triton_interpreter():
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.ops.append((func.overloadpacket.__name__, max((t.numel() for t in tensors), default=0)))
+        return out
+
+    def copies(self, at_least):
+        return [(name, n) for name, n in self.ops if name in _COPYING_OPS and n >= at_least]
+
+
+def _model_like_backward(attend, B, T, H, D):
+    """x @ W -> (B, T, 3, H, D) -> attention -> (B, T, H*D), as the model uses
+    it; returns the ops of the backward pass and the grads of x and W."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B * T, 32, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(32, 3 * H * D, generator=g) / 32 ** 0.5).to(DEVICE).requires_grad_()
+    weight = torch.randn(B, T, H * D, generator=g).to(DEVICE)
+    qkv = (x @ w).view(B, T, 3, H, D)
+    y = attend(qkv).transpose(1, 2).reshape(B, T, H * D)
+    loss = (y * weight).sum()
+    with AtenRecorder() as recorder:
+        loss.backward()
+    return recorder, x.grad, w.grad
+
+
+def test_qkvpacked_backward_gathers_nothing():
+    """The packed backward writes dq, dk, dv into one packed gradient: no
+    activation-sized copy, stack, clone or add anywhere in the backward --
+    where the unpacked entry on views of the same qkv stacks its three grads."""
+    B, T, H, D = 2, 24, 2, 16
+    packed, dx, dw = _model_like_backward(flash_attention_qkvpacked, B, T, H, D)
+    unpacked, dx_ref, dw_ref = _model_like_backward(lambda qkv: flash_attention(*unpack(qkv)),
+                                                    B, T, H, D)
+    activation = B * T * H * D
+    assert unpacked.copies(activation), "the recorder saw no copy where autograd must stack"
+    assert not packed.copies(activation), f"activation-sized copies: {packed.copies(activation)}"
+    assert_close(dx, dx_ref, TOL[torch.float32], "dx")
+    assert_close(dw, dw_ref, TOL[torch.float32], "dw")
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: _t(1, 4, 3, 2), ValueError, r"qkv has shape \(1, 4, 3, 2\); expected 5-d"),
+    (lambda: _t(1, 4, 2, 1, 16), ValueError, "expected \\(\\*, \\*, 3, \\*, \\*\\)"),
+    (lambda: _t(1, 4, 3, 1, 48), ValueError, "qkv has head dim 48"),
+    (lambda: _t(1, 4, 3, 1, 32)[..., ::2], ValueError, "qkv has last-dimension stride 2"),
+    (lambda: torch.zeros(1, 4, 3, 1, 16, dtype=torch.int32, device=DEVICE), TypeError,
+     "qkv has dtype int32"),
+    (lambda: _t(1, 4, 3, 1, 16, device="meta"), ValueError, "CUDA tensor is needed"),
+])
+def test_qkvpacked_bad_inputs(make, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        flash_attention_qkvpacked(make())
+    assert str(info.value).startswith("flash_attention_qkvpacked: ")
 
 
 # ----------------------------------------------------------------------------
