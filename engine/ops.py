@@ -138,7 +138,9 @@ class TritonOps:
         with torch.autocast(x.device.type, enabled=False):
             # The model checks target ids itself (or its trusted loader did): the
             # kernel's own check would sync with the host once per call.
-            return self._k.linear_cross_entropy(x.to(dtype), weight.to(dtype), targets,
+            # The weight goes in its own dtype: the kernel makes the matmuls' copy
+            # and returns dW in the weight's dtype (never rounded to bf16 and back).
+            return self._k.linear_cross_entropy(x.to(dtype), weight, targets,
                                                 ignore_index=ignore_index, num_classes=num_classes,
                                                 check_targets=False)
 
