@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels._common import (FLOAT_DTYPES, SMEM_BUDGET_BYTES, check_real, check_same_device,
                              check_same_dtype, check_tensor, launch_autotuned, on_device, pick)
@@ -620,6 +621,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         need_dq = ctx.needs_input_grad[0]
@@ -657,6 +659,7 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         qkv, o, lse = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
@@ -732,6 +735,8 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
         top-left instead). Softmax statistics and all accumulation are fp32.
         float32 inputs use IEEE fp32 dots (no TF32), also on the GPU: exact but
         slower; the fast path is float16/bfloat16. Deterministic: no atomics.
+        The backward is once-differentiable: differentiating the gradients
+        again (after `create_graph=True`) raises.
     """
     _check_inputs("flash_attention", q, k, v, causal, sm_scale, dropout_p)
     if sm_scale is None:

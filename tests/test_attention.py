@@ -275,6 +275,17 @@ def test_no_nan(Tq, Tk, causal):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "qkvpacked"])
+def test_double_backward_is_refused(packed):
+    """The backward kernels are not differentiable: a second derivative through
+    them raises instead of being silently wrong."""
+    qkv = make_qkv(1, 20, 2, 16, torch.float32, seed=6).requires_grad_()
+    o = flash_attention_qkvpacked(qkv) if packed else flash_attention(*unpack(qkv))
+    (g,) = torch.autograd.grad((o * o).sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
 @pytest.mark.parametrize("B,H,Tq,Tk", [(0, 2, 8, 8), (1, 0, 8, 8), (1, 2, 0, 8), (1, 2, 0, 0)])
 def test_empty(B, H, Tq, Tk):
     q, k, v = make_inputs(B, H, Tq, Tk, 16, torch.float32, seed=0)
