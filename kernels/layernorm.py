@@ -3,16 +3,23 @@ transformer block fused into one pass, with their backward passes.
 
 Math, per row of C features (statistics and accumulation in fp32):
 
-    h    = residual + x                 (add_layer_norm; rounded to residual's dtype)
+    h    = residual + dropout(x)        (add_layer_norm; rounded to residual's dtype)
     mean = sum(h) / C
     rstd = 1 / sqrt(sum((h - mean)^2) / C + eps)
     xhat = (h - mean) * rstd
     y    = xhat * weight + bias
 
+    dropout(x) = x * keep / (1 - p),  keep = [u >= p],  u = Philox uniform(seed, element index)
+
     backward, with g = weight * dy:
     dh_in     = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh
-    dresidual = dh_in,  dx = dh_in
+    dresidual = dh_in,  dx = dh_in * keep / (1 - p)
     dweight   = sum over rows of dy * xhat,  dbias = sum over rows of dy
+
+Dropout's mask is never stored: the backward draws the same Philox numbers
+again from the seed (a one-element int64 device tensor, read inside the kernels,
+so a CUDA graph replays with whatever seed the tensor holds) and the element's
+index row * C + col. With p = 0 the kernels are compiled without any of it.
 
 Each tensor keeps its own dtype and is converted in registers: a bf16 branch
 output x and an fp32 residual stream are read as they are, h is written in the
@@ -30,6 +37,7 @@ gradient row by row and accumulates dweight/dbias for its group in fp32
 registers, stored to a (programs, C) fp32 buffer that a second small kernel sums
 over programs in a fixed order: deterministic, no atomics.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,18 +72,28 @@ _REDUCE_NUM_WARPS = 4
 
 
 @triton.jit
+def _dropout_keep(seed, row, cols, N_COLS, p):
+    """Whether dropout keeps element (row, cols) (row int64): a Philox uniform
+    keyed by the seed and the element's index, at least p."""
+    return tl.rand(seed, row * N_COLS + cols) >= p
+
+
+@triton.jit
 def _ln_fwd_kernel(
-    X, R, H, Y, W, B, Mean, Rstd,
+    X, R, H, Y, W, B, Mean, Rstd, SEED,
     stride_x_row, stride_r_row, stride_h_row, stride_y_row,
-    N_COLS, eps,
+    N_COLS, eps, dropout_p, dropout_scale,
     HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # int64 before multiplying by strides: rows * stride can pass 2**31.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N_COLS
     h = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(tl.load(SEED), row, cols, N_COLS, dropout_p)
+        h = tl.where(keep, h * dropout_scale, 0.0)
     if HAS_RESIDUAL:
         h += tl.load(R + row * stride_r_row + cols, mask=mask, other=0.0).to(tl.float32)
     if STORE_H:
@@ -99,19 +117,22 @@ def _ln_fwd_kernel(
 
 @triton.jit
 def _ln_bwd_kernel(
-    H, W, DY, DH, DX, DR, Mean, Rstd, DW_PART, DB_PART,
+    H, W, DY, DH, DX, DR, Mean, Rstd, DW_PART, DB_PART, SEED,
     stride_h_row, stride_dy_row, stride_dh_row, stride_dx_row, stride_dr_row,
-    N_ROWS, N_COLS, rows_per_program,
+    N_ROWS, N_COLS, rows_per_program, dropout_p, dropout_scale,
     HAS_DY: tl.constexpr, HAS_DH: tl.constexpr, STORE_DX: tl.constexpr, STORE_DR: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The input gradient dh_in = dLN(dy) + dh of each row, stored to DX (and to
-    DR, in its own dtype, where the two inputs' dtypes differ), plus this
-    program's partial column sums for dweight and dbias."""
+    """The input gradient dh_in = dLN(dy) + dh of each row, stored to DR (the
+    residual's gradient, in its dtype) and, through the dropout mask drawn again,
+    to DX (x's gradient, in x's dtype; without dropout and with one dtype DX
+    alone serves both), plus this program's partial column sums for dweight and dbias."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N_COLS
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -124,6 +145,7 @@ def _ln_bwd_kernel(
     DH += start64 * stride_dh_row
     DX += start64 * stride_dx_row
     DR += start64 * stride_dr_row
+    row64 = start64  # the row's index in int64, for the dropout counter
     for row in range(row_start, row_end):
         d_in = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if HAS_DY:
@@ -142,15 +164,19 @@ def _ln_bwd_kernel(
             d_in = (wdy - (xhat * c1 + c2)) * rstd
         if HAS_DH:
             d_in += tl.load(DH + cols, mask=mask, other=0.0).to(tl.float32)
-        if STORE_DX:
-            tl.store(DX + cols, d_in.to(DX.dtype.element_ty), mask=mask)
         if STORE_DR:
             tl.store(DR + cols, d_in.to(DR.dtype.element_ty), mask=mask)
+        if STORE_DX:
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, row64, cols, N_COLS, dropout_p)
+                d_in = tl.where(keep, d_in * dropout_scale, 0.0)
+            tl.store(DX + cols, d_in.to(DX.dtype.element_ty), mask=mask)
         H += stride_h_row
         DY += stride_dy_row
         DH += stride_dh_row
         DX += stride_dx_row
         DR += stride_dr_row
+        row64 += 1
     # Partial buffers are tiny ((programs, C) fp32): pid * N_COLS fits int32.
     if COMPUTE_DW:
         tl.store(DW_PART + pid * N_COLS + cols, dw, mask=mask)
@@ -186,6 +212,15 @@ def _ln_bwd_reduce_kernel(
         tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
+@triton.jit
+def _dropout_mask_kernel(SEED, KEEP, N_COLS, dropout_p, BLOCK_N: tl.constexpr):
+    """The dropout mask the kernels above draw, written out (for tests only)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), row, cols, N_COLS, dropout_p)
+    tl.store(KEEP + row * N_COLS + cols, keep.to(tl.int8), mask=cols < N_COLS)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -207,6 +242,37 @@ def _rows2d(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _Dropout:
+    """Dropout of x before the add: probability p, Philox seed in a device tensor."""
+
+    p: float
+    seed: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+
+def _dropout_kernel_args(dropout):
+    """(seed pointer, p, scale) as the kernels take them; inert without dropout."""
+    if dropout is None:
+        return None, 0.0, 1.0
+    return dropout.seed, dropout.p, dropout.scale
+
+
+def _dropout_mask(seed: torch.Tensor, shape, p: float) -> torch.Tensor:
+    """The keep mask (bool, `shape`, rows of shape[-1]) that add_layer_norm draws
+    with this seed and p: what its kernels regenerate, materialised for tests."""
+    n_cols = shape[-1]
+    n_rows = math.prod(shape[:-1])
+    keep = torch.empty((n_rows, n_cols), dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        with on_device(seed):
+            _dropout_mask_kernel[(n_rows,)](seed, keep, n_cols, p, BLOCK_N=_block_n(n_cols))
+    return keep.view(shape).bool()
+
+
+@dataclass(frozen=True)
 class _Forward:
     """What the forward launcher returns: the rows that were normalised (h2, or
     x2 when nothing was added), y2, and the statistics the backward needs."""
@@ -217,14 +283,16 @@ class _Forward:
     rstd: torch.Tensor
 
 
-def _ln_forward(x2, residual2, weight, bias, eps, out_dtype) -> _Forward:
-    """x2, residual2 (or None): (rows, C), unit column stride. h is written in
-    residual2's dtype when there is a residual; y2 in out_dtype."""
+def _ln_forward(x2, residual2, weight, bias, eps, out_dtype, dropout=None) -> _Forward:
+    """x2, residual2 (or None): (rows, C), unit column stride. h = residual2 +
+    dropout(x2) is written in residual2's dtype (x2's without a residual); with
+    neither a residual nor dropout h is x2 itself, not written. y2 in out_dtype."""
     n_rows, n_cols = x2.shape
     device = x2.device
     y2 = torch.empty((n_rows, n_cols), dtype=out_dtype, device=device)
-    h2 = (torch.empty((n_rows, n_cols), dtype=residual2.dtype, device=device)
-          if residual2 is not None else None)
+    h_dtype = residual2.dtype if residual2 is not None else x2.dtype
+    store_h = residual2 is not None or dropout is not None
+    h2 = torch.empty((n_rows, n_cols), dtype=h_dtype, device=device) if store_h else None
     mean = torch.empty((n_rows,), dtype=torch.float32, device=device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=device)
     normalised = h2 if h2 is not None else x2
@@ -232,14 +300,16 @@ def _ln_forward(x2, residual2, weight, bias, eps, out_dtype) -> _Forward:
         return _Forward(normalised, y2, mean, rstd)
     block_n = _block_n(n_cols)
     r_arg = residual2 if residual2 is not None else x2  # never read without a residual
-    h_arg = h2 if h2 is not None else y2  # never written without a residual
+    h_arg = h2 if h2 is not None else y2  # never written unless stored
+    seed, p, scale = _dropout_kernel_args(dropout)
     with on_device(x2):
         _ln_fwd_kernel[(n_rows,)](
             x2, r_arg, h_arg, y2, weight, bias if bias is not None else weight, mean, rstd,
+            seed if seed is not None else mean,
             x2.stride(0), r_arg.stride(0), h_arg.stride(0), y2.stride(0),
-            n_cols, eps,
-            HAS_RESIDUAL=residual2 is not None, STORE_H=h2 is not None,
-            HAS_BIAS=bias is not None,
+            n_cols, eps, p, scale,
+            HAS_RESIDUAL=residual2 is not None, STORE_H=store_h,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout is not None,
             BLOCK_N=block_n, num_warps=_num_warps(block_n),
         )
     return _Forward(normalised, y2, mean, rstd)
@@ -253,18 +323,19 @@ def _bwd_num_programs(device: torch.device, n_rows: int) -> int:
 
 
 def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
-                 dx_dtype, dr_dtype, compute_dw, compute_db):
+                 dx_dtype, dr_dtype, compute_dw, compute_db, dropout=None):
     """dy2 (or None), dh2 (or None): (rows, C), unit column stride.
 
     Returns (dx2 in dx_dtype, dr2 in dr_dtype, dweight, dbias); a dtype None
-    means that gradient is not wanted. Where dx_dtype == dr_dtype the two are
-    one tensor, written once."""
+    means that gradient is not wanted. Without dropout and where dx_dtype ==
+    dr_dtype the two are one tensor, written once."""
     h2, mean, rstd = saved.normalised, saved.mean, saved.rstd
     n_rows, n_cols = h2.shape
     device = h2.device
     compute_dw = compute_dw and dy2 is not None
     compute_db = compute_db and dy2 is not None and bias_dtype is not None
-    if dr_dtype == dx_dtype:
+    shared = dropout is None and dr_dtype == dx_dtype
+    if shared:
         dr_dtype = None  # dr2 is dx2
     dx2 = torch.empty((n_rows, n_cols), dtype=dx_dtype, device=device) if dx_dtype else None
     dr2 = torch.empty((n_rows, n_cols), dtype=dr_dtype, device=device) if dr_dtype else None
@@ -272,7 +343,7 @@ def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
     db = torch.empty((n_cols,), dtype=bias_dtype, device=device) if compute_db else None
     if n_rows == 0:
         # Sums over zero rows are zero.
-        return (dx2, dr2 if dr2 is not None else dx2,
+        return (dx2, dx2 if shared else dr2,
                 dw.zero_() if compute_dw else None, db.zero_() if compute_db else None)
     block_n = _block_n(n_cols)
     n_programs = _bwd_num_programs(device, n_rows)
@@ -290,15 +361,16 @@ def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
     def row_stride(t):
         return t.stride(0) if t is not None else 0
 
+    seed, p, scale = _dropout_kernel_args(dropout)
     with on_device(h2):
         _ln_bwd_kernel[(n_programs,)](
             h2, weight, arg(dy2), arg(dh2), arg(dx2), arg(dr2), mean, rstd,
-            arg(dw_part), arg(db_part),
+            arg(dw_part), arg(db_part), arg(seed),
             h2.stride(0), row_stride(dy2), row_stride(dh2), row_stride(dx2), row_stride(dr2),
-            n_rows, n_cols, rows_per_program,
+            n_rows, n_cols, rows_per_program, p, scale,
             HAS_DY=dy2 is not None, HAS_DH=dh2 is not None,
             STORE_DX=dx2 is not None, STORE_DR=dr2 is not None,
-            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, HAS_DROPOUT=dropout is not None,
             BLOCK_N=block_n, num_warps=_num_warps(block_n),
         )
         if compute_dw or compute_db:
@@ -310,7 +382,7 @@ def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
                 COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_REDUCE_NUM_WARPS,
             )
-    return dx2, dr2 if dr2 is not None else dx2, dw, db
+    return dx2, dx2 if shared else dr2, dw, db
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -340,11 +412,17 @@ class _LayerNormFn(torch.autograd.Function):
 
 class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, out_dtype):
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype, dropout_p, seed):
         n_cols = x.shape[-1]
-        saved = _ln_forward(_rows2d(x, n_cols), _rows2d(residual, n_cols), weight, bias, eps,
-                            out_dtype)
-        ctx.save_for_backward(saved.normalised, weight, saved.mean, saved.rstd)
+        dropout = _Dropout(dropout_p, seed) if dropout_p > 0 else None
+        saved = _ln_forward(_rows2d(x, n_cols),
+                            _rows2d(residual, n_cols) if residual is not None else None,
+                            weight, bias, eps, out_dtype, dropout)
+        # The seed is saved, not copied: changing it in place before the backward
+        # is then autograd's clear error, not a wrong mask.
+        ctx.save_for_backward(saved.normalised, weight, saved.mean, saved.rstd,
+                              seed if dropout is not None else None)
+        ctx.dropout_p = dropout_p
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # An unused output's gradient arrives as None, not as zeros to read.
@@ -354,39 +432,42 @@ class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dh, dy):
-        h2, weight, mean, rstd = ctx.saved_tensors
+        h2, weight, mean, rstd, seed = ctx.saved_tensors
         need_dx, need_dr, need_dw, need_db = ctx.needs_input_grad[:4]
         n_cols = h2.shape[1]
+        dropout = _Dropout(ctx.dropout_p, seed) if seed is not None else None
         if dh is None and dy is None:
-            return None, None, None, None, None, None
-        if dy is None and (not need_dx or ctx.x_dtype == h2.dtype):
+            return None, None, None, None, None, None, None, None
+        if dy is None and dropout is None and (not need_dx or ctx.x_dtype == h2.dtype):
             # y unused: LayerNorm is off the loss's path, so weight and bias get
             # no gradient (None, as PyTorch's own graph gives), and d(x) =
             # d(residual) = dh, already in the right dtype.
-            return (dh if need_dx else None), (dh if need_dr else None), None, None, None, None
+            return ((dh if need_dx else None), (dh if need_dr else None),
+                    None, None, None, None, None, None)
         dx2, dr2, dw, db = _ln_backward(
             _rows2d(dy, n_cols) if dy is not None else None,
             _rows2d(dh, n_cols) if dh is not None else None,
             _Forward(h2, None, mean, rstd), weight, ctx.bias_dtype,
             dx_dtype=ctx.x_dtype if need_dx else None, dr_dtype=h2.dtype if need_dr else None,
-            compute_dw=need_dw, compute_db=need_db)
+            compute_dw=need_dw, compute_db=need_db, dropout=dropout)
         shape = ctx.x_shape
         return (dx2.view(shape) if dx2 is not None else None,
                 dr2.view(shape) if dr2 is not None else None,
-                dw, db, None, None)
+                dw, db, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def _check_inputs(op, x, residual, weight, bias, eps, out_dtype, *, has_residual):
+def _check_inputs(op, x, residual, weight, bias, eps, out_dtype, seed=None):
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1, layout="(..., C)")
     n_cols = x.shape[-1]
     check_tensor(op, "residual", residual, dtypes=FLOAT_DTYPES, shape=tuple(x.shape),
-                 optional=not has_residual)
+                 optional=True)
     check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES, shape=(n_cols,))
     check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n_cols,), optional=True)
-    check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
+    check_tensor(op, "seed", seed, dtypes=(torch.int64,), shape=(1,), optional=True)
+    check_same_device(op, x=x, residual=residual, weight=weight, bias=bias, seed=seed)
     if n_cols == 0:
         raise ValueError(f"{op}: x has last dimension 0; LayerNorm needs C >= 1 features")
     widest = max(t.element_size() for t in (x, residual) if t is not None)
@@ -415,30 +496,51 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     come in the dtype of their input (dx in x's, dweight in weight's, dbias in
     bias's). The backward is once-differentiable.
     """
-    _check_inputs("layer_norm", x, None, weight, bias, eps, out_dtype, has_residual=False)
+    _check_inputs("layer_norm", x, None, weight, bias, eps, out_dtype)
     return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype or x.dtype)
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None, eps: float = 1e-5, *,
-                   out_dtype: torch.dtype | None = None):
-    """The residual add fused with the LayerNorm after it: returns (h, y) with
-    h = residual + x and y = LayerNorm(h).
+                   out_dtype: torch.dtype | None = None, dropout_p: float = 0.0,
+                   seed: torch.Tensor | None = None):
+    """Dropout, residual add and the LayerNorm after it, fused: returns (h, y) with
+    h = residual + dropout(x) and y = LayerNorm(h) -- the pre-norm block's
+    "dropout, add, LN" (flash-attention's Block contract).
 
     x: (..., C), the branch output (e.g. bf16 under autocast); residual: x's
-    shape, the residual stream (e.g. fp32); weight: (C,), bias: (C,) or None.
-    Each float32, float16 or bfloat16 in its own dtype, all on one device;
+    shape, the residual stream (e.g. fp32), or None for the first block (then
+    h = dropout(x), e.g. the embeddings' dropout); weight: (C,), bias: (C,) or
+    None. Each float32, float16 or bfloat16 in its own dtype, all on one device;
     layout and limits as `layer_norm`. Nothing is cast outside the kernel.
 
-    Returns (h, y), contiguous with x's shape: h in residual's dtype, y in
-    `out_dtype` (default: residual's dtype). Equals
-    `h = (residual.float() + x.float()).to(residual.dtype)` and
-    `y = F.layer_norm(h.float(), (C,), weight.float(), bias.float(), eps).to(out_dtype)`
-    (h is rounded to its dtype before it is normalised, as in PyTorch).
+    dropout_p in [0, 1): each element of x is zeroed with probability p and the
+    rest scaled by 1 / (1 - p), as `F.dropout(x, p)`; the mask is drawn from
+    Philox keyed by `seed` and the element's index, never stored, and drawn
+    again in the backward. seed: an int64 tensor of shape (1,) on x's device
+    (e.g. `torch.randint(2**62, (1,), device=x.device)` per call, which
+    torch.manual_seed makes reproducible and a CUDA graph replays with fresh
+    values); it is read on the device, never synchronised, and must not change
+    before the backward. p = 0 (the default) runs the kernels compiled without
+    dropout: bit-identical to no dropout, seed ignored.
+
+    Returns (h, y), contiguous with x's shape: h in residual's dtype (x's
+    without a residual; with neither a residual nor dropout h is x itself), y
+    in `out_dtype` (default: h's dtype). Equals, with keep the mask drawn
+    (x * keep / (1 - p) computed in fp32, not rounded to x's dtype),
+    `h = (residual.float() + x.float() * keep / (1 - p)).to(residual.dtype)` and
+    `y = F.layer_norm(h.float(), (C,), weight.float(), bias.float(), eps).to(out_dtype)`.
     Backward, in one pass: d(residual) = dh + dLayerNorm(dy) in residual's
-    dtype and d(x) the same value in x's dtype (one tensor where the dtypes
-    agree, as with PyTorch's add); dweight and dbias in their own dtypes. The
-    backward is once-differentiable.
+    dtype, d(x) = that times keep / (1 - p) in x's dtype (without dropout one
+    tensor where the dtypes agree, as with PyTorch's add); dweight and dbias in
+    their own dtypes. The backward is once-differentiable.
     """
-    _check_inputs("add_layer_norm", x, residual, weight, bias, eps, out_dtype, has_residual=True)
-    return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps), out_dtype or residual.dtype)
+    op = "add_layer_norm"
+    _check_inputs(op, x, residual, weight, bias, eps, out_dtype, seed)
+    check_real(op, "dropout_p", dropout_p, at_least=0.0, below=1.0)
+    if dropout_p > 0 and seed is None:
+        raise ValueError(f"{op}: dropout_p={dropout_p} needs a seed: an int64 tensor of shape (1,) "
+                         "on x's device, e.g. torch.randint(2**62, (1,), device=x.device)")
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps), out_dtype or h_dtype,
+                                 float(dropout_p), seed)

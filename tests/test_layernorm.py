@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.layernorm import add_layer_norm, layer_norm
+from kernels.layernorm import _dropout_mask, add_layer_norm, layer_norm
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
 
@@ -424,6 +424,148 @@ def test_double_backward_is_refused():
         gr.sum().backward()
 
 
+# ----------------------------------------------------------------------------- dropout
+
+
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def _dropout_reference(x, r, w, b, dh, dy, keep, p):
+    """The contract with an explicit mask, in fp32: h = r + x * keep / (1 - p)
+    (rounded to h's dtype, its gradient not), y = LayerNorm(h); the gradients."""
+    xs, ws, bs = (t.detach().float().requires_grad_() for t in (x, w, b))
+    rs = r.detach().float().requires_grad_() if r is not None else None
+    h = xs * keep * (1.0 / (1.0 - p))
+    if rs is not None:
+        h = rs + h
+    h_dtype = r.dtype if r is not None else x.dtype
+    h = h + (h.to(h_dtype).float() - h).detach()
+    y = F.layer_norm(h, (x.shape[-1],), ws, bs, 1e-5)
+    leaves = [t for t in (xs, rs, ws, bs) if t is not None]
+    grads = torch.autograd.grad([h, y], leaves, [dh.float(), dy.float()])
+    return h.to(h_dtype), y, grads
+
+
+# (x dtype, residual dtype or None for the first block)
+DROPOUT_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float32, None),
+                  (torch.float16, None)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("x_dtype,r_dtype", DROPOUT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", [((3,), 17), ((2, 3), 257)], ids=str)
+def test_dropout_forward_and_gradients_for_the_mask_drawn(lead, C, x_dtype, r_dtype, p):
+    """Against PyTorch with the mask the kernels drew, materialised by the same
+    Philox stream: h, y and every gradient, with and without a residual."""
+    g = torch.Generator().manual_seed(C)
+    shape = (*lead, C)
+    x = torch.randn(shape, generator=g).to(DEVICE, x_dtype)
+    r = torch.randn(shape, generator=g).to(DEVICE, r_dtype) if r_dtype else None
+    w = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    b = (0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    h_dtype = r_dtype or x_dtype
+    dh = torch.randn(shape, generator=g).to(DEVICE, h_dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, h_dtype)
+    seed = _seed(1234 + C)
+    leaves = [_leaf(t) for t in (x, r, w, b) if t is not None]
+    args = (leaves[0], leaves[1] if r is not None else None, *leaves[-2:])
+    with poisoned_allocations():
+        h, y = add_layer_norm(*args, dropout_p=p, seed=seed)
+        grads = torch.autograd.grad([h, y], leaves, [dh, dy])
+    keep = _dropout_mask(seed, shape, p)
+    assert 0 < keep.sum() < keep.numel()
+    h_ref, y_ref, grads_ref = _dropout_reference(x, r, w, b, dh, dy, keep.float(), p)
+    assert h.dtype == h_dtype
+    assert_close(h, h_ref.float(), _TOL_BY_DTYPE[h_dtype] if r is None else 0.0, "h")
+    assert_close(y, y_ref, _TOL_BY_DTYPE[h_dtype], "y")
+    names = ["dx", "dresidual", "dweight", "dbias"] if r is not None else ["dx", "dweight", "dbias"]
+    for name, leaf, grad, ref in zip(names, leaves, grads, grads_ref):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+    assert torch.all(grads[0][~keep] == 0), "a dropped element got a gradient"
+
+
+def test_dropout_zero_is_bit_identical_to_no_dropout():
+    x, r, w, b, dy, dh = _make((3,), 257, torch.float32, seed=21, residual=True)
+
+    def run(**kwargs):
+        leaves = [_leaf(t) for t in (x, r, w, b)]
+        h, y = add_layer_norm(*leaves, **kwargs)
+        return [h, y, *torch.autograd.grad([h, y], leaves, [dh, dy])]
+    for a, c in zip(run(), run(dropout_p=0.0, seed=_seed(99))):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_one_minus_p_and_reproduces_its_mask(p):
+    shape = (16, 1024)
+    n = shape[0] * shape[1]
+    first = _dropout_mask(_seed(7), shape, p)
+    kept = first.float().mean().item()
+    standard_error = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) <= 4 * standard_error, f"kept {kept:.4f}, expected {1 - p}"
+    assert torch.equal(first, _dropout_mask(_seed(7), shape, p)), "same seed, another mask"
+    other = _dropout_mask(_seed(8), shape, p)
+    assert (first != other).float().mean() > p * (1 - p), "another seed, (nearly) the same mask"
+    # Rows differ from one another: the counter is the element's index, not its column.
+    assert not torch.equal(first[0], first[1])
+
+
+def test_dropout_mask_is_the_one_the_forward_used():
+    """dropout(x) with x = 1 and no residual is keep / (1 - p): the forward's
+    h is the materialised mask itself, scaled."""
+    p, shape = 0.25, (5, 33)
+    x = torch.ones(shape, device=DEVICE)
+    w, b = torch.ones(33, device=DEVICE), torch.zeros(33, device=DEVICE)
+    h, _ = add_layer_norm(x, None, w, b, dropout_p=p, seed=_seed(5))
+    assert torch.equal(h, _dropout_mask(_seed(5), shape, p).float() / (1 - p))
+
+
+def test_first_block_without_residual_or_dropout():
+    """residual=None, p = 0: h is x itself (no copy) and d(x) = dh + dLN(dy)."""
+    x, _, w, b, dy, dh = _make((3,), 17, torch.float32, seed=22)
+    xs, xt = _leaf(x), _leaf(x)
+    with poisoned_allocations():
+        h, y = add_layer_norm(xs, None, w, b)
+        (dx,) = torch.autograd.grad([h, y], [xs], [dh, dy])
+    assert h.data_ptr() == xs.data_ptr()
+    yt = F.layer_norm(xt, (17,), w, b, 1e-5)
+    (dxt,) = torch.autograd.grad([xt, yt], [xt], [dh, dy])
+    assert_close(y, yt, RTOL[torch.float32], "y")
+    assert_close(dx, dxt, RTOL[torch.float32], "dx")
+
+
+def test_a_seed_changed_before_the_backward_is_an_error():
+    x, r, w, b, dy, _ = _make((3,), 17, torch.float32, seed=23, residual=True)
+    seed = _seed(3)
+    _, y = add_layer_norm(_leaf(x), r, w, b, dropout_p=0.1, seed=seed)
+    seed.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dropout_on_an_fp32_stream():
+    C, shape, p = 768, (8, 1024, 768), 0.1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16)
+    r = torch.randn(shape, generator=g).to(DEVICE)
+    w, b = (1 + 0.1 * torch.randn(C, generator=g)).to(DEVICE), (0.1 * torch.randn(C, generator=g)).to(DEVICE)
+    dh, dy = torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16)
+    seed = torch.randint(2**62, (1,), device=DEVICE)
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    h, y = add_layer_norm(*leaves, out_dtype=torch.bfloat16, dropout_p=p, seed=seed)
+    grads = torch.autograd.grad([h, y], leaves, [dh, dy])
+    keep = _dropout_mask(seed, shape, p)
+    h_ref, y_ref, grads_ref = _dropout_reference(x, r, w, b, dh, dy, keep.float(), p)
+    assert abs(keep.float().mean().item() - (1 - p)) <= 4 * (p * (1 - p) / keep.numel()) ** 0.5
+    assert_close(h, h_ref, 1e-6, "h")
+    assert_close(y, y_ref, _TOL_BY_DTYPE[torch.bfloat16], "y")
+    for name, grad, ref in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref):
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+
+
 # ----------------------------------------------------------------------------- properties
 
 
@@ -553,8 +695,20 @@ def test_rejects_bad_inputs():
          lambda: layer_norm(x, w, b.double())),
         (TypeError, "add_layer_norm: residual has dtype float64",
          lambda: add_layer_norm(x, x.double(), w, b)),
-        (TypeError, "add_layer_norm: residual must be a torch.Tensor, got NoneType",
-         lambda: add_layer_norm(x, None, w, b)),
+        (TypeError, "add_layer_norm: residual must be a torch.Tensor, got list",
+         lambda: add_layer_norm(x, [1.0], w, b)),
+        (ValueError, "add_layer_norm: dropout_p=0.5 needs a seed: an int64 tensor of shape (1,)",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.5)),
+        (ValueError, "add_layer_norm: dropout_p must be a finite real number >= 0.0 and < 1.0, got 1.0",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=1.0, seed=_seed(1))),
+        (ValueError, "add_layer_norm: dropout_p must be a finite real number >= 0.0 and < 1.0, got -0.1",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=-0.1, seed=_seed(1))),
+        (TypeError, "add_layer_norm: seed has dtype int32; supported: int64",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.1, seed=_seed(1).int())),
+        (ValueError, "add_layer_norm: seed has shape (); expected (1,)",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.1, seed=_seed(1)[0])),
+        (ValueError, "add_layer_norm: seed is on meta but x is on",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.1, seed=_seed(1).to("meta"))),
         (TypeError, "layer_norm: x has dtype int32",
          lambda: layer_norm(x.int(), w.int(), b.int())),
         (TypeError, "layer_norm: x has dtype float64",
