@@ -27,6 +27,7 @@ vocabulary to a multiple of 64, so the masks are constant over each vector and
 the loads vectorise); padded classes are kept out of the softmax by a
 `tl.where` on the column index. The target's logit is one scalar load per row.
 """
+import contextlib
 import math
 
 import torch
@@ -139,16 +140,23 @@ def _gemm_into(out, a, b, *, accumulate):
             torch.mm(a, b, out=out)
         return
     if out.is_cuda:
-        try:
+        # Each refusal below is a host-side dtype check, raised before any launch.
+        with contextlib.suppress(RuntimeError, TypeError):
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
             else:
                 torch.mm(a, b, out_dtype=out.dtype, out=out)
             return
-        except (RuntimeError, TypeError):
-            # torch before the fp32-output GEMMs (2.8), or before addmm took an
-            # fp32 `self` with 16-bit operands: upcast instead (slower, as exact).
-            pass
+        with contextlib.suppress(RuntimeError, TypeError):
+            # A torch whose addmm takes no fp32 `self` with 16-bit operands: the
+            # fp32-output GEMM (torch >= 2.8), then one add.
+            product = torch.mm(a, b, out_dtype=out.dtype)
+            if accumulate:
+                out.add_(product)
+            else:
+                out.copy_(product)
+            return
+    # CPU (the interpreter's tests), or a torch without fp32-output GEMMs: upcast.
     a, b = a.float(), b.float()
     if accumulate:
         out.addmm_(a, b)
