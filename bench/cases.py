@@ -157,7 +157,7 @@ def linear_gelu_case(kind: str, M: int = MLP_SHAPE["M"], K: int = MLP_SHAPE["K"]
         return (y, *torch.autograd.grad(y, (x, w, b), dy))
 
     def make(variant):
-        op = _kernel("mlp", "linear_gelu")[0] if variant == "ours" else torch_op
+        op = _kernel("linear_gelu", "linear_gelu")[0] if variant == "ours" else torch_op
         return lambda i: run(op, xs[i], w, b, dys[i] if grad else None)
 
     def reference():
@@ -278,7 +278,7 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
 
     def make(variant):
         if variant == "ours":
-            lce = _kernel("cross_entropy", "linear_cross_entropy")[0]
+            lce = _kernel("linear_cross_entropy", "linear_cross_entropy")[0]
             # As the model calls it: the ids are checked once upstream, not per call
             # (that check reads a flag back to the host: a sync in every timed call).
             op = lambda x, w, t: lce(x, w, t, ignore_index=-100, num_classes=classes,  # noqa: E731
