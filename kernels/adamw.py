@@ -111,10 +111,11 @@ def _adamw_update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, step_size, bias_corr
 def _adamw_kernel(
     table_ptr, block_param_ptr,
     exp_avg_ptr, exp_avg_sq_ptr, steps_ptr, lr_ptr,
-    p_like_ptr,
+    p_like_ptr, found_inf_ptr,
     beta1, beta1_lo, beta2, beta2_lo, one_minus_beta1, one_minus_beta2,
     eps, weight_decay,
     TABLE_W: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STATE_ALIGN: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_param_ptr + pid) * TABLE_W
@@ -124,6 +125,11 @@ def _adamw_kernel(
     vec_numel = tl.load(row + _COL_VEC_NUMEL)  # elements [0, vec_numel) take the vector path
 
     block_start = (pid - first_block).to(tl.int64) * BLOCK
+    # A step flagged non-finite (found_inf != 0, set on the device) updates nothing.
+    if HAS_FOUND_INF:
+        run = tl.load(found_inf_ptr) == 0.0
+    else:
+        run = block_start >= 0
 
     # Bias corrections 1 - beta**step in float64: in float32, 1 - 0.999**1 loses
     # four digits to cancellation. The betas arrive as float32 hi + lo pairs
@@ -139,7 +145,7 @@ def _adamw_kernel(
     step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt_rn(bias_correction2.to(tl.float32))
 
-    if block_start < vec_numel:
+    if (block_start < vec_numel) & run:
         # Vector path. vec_numel > 0 only where the host found the param, its grad
         # and p_like_ptr 16-byte aligned: their element offsets from p_like_ptr are
         # then multiples of VEC (16 bytes), vec_numel is numel rounded down to a
@@ -156,7 +162,7 @@ def _adamw_kernel(
                       exp_avg_ptr + state_off + offs, exp_avg_sq_ptr + state_off + offs,
                       offs < vec_end, lr, step_size, bias_correction2_sqrt,
                       beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
-    if (vec_numel < numel) & (block_start + BLOCK > vec_numel):
+    if (vec_numel < numel) & (block_start + BLOCK > vec_numel) & run:
         # Scalar path, elements [vec_numel, numel) of this tile: all of an
         # unaligned parameter (vec_numel = 0), or the last numel % VEC of an
         # aligned one. Pointers from the raw addresses, no hints.
@@ -416,7 +422,13 @@ class FusedAdamW(torch.optim.Optimizer):
       ('step', 'exp_avg', 'exp_avg_sq' per parameter) so either optimizer can
       resume from the other's checkpoint. As in torch, the state dict holds
       references to the live state tensors (views into the flat buffers).
+    - Skipping on the device: while ``optimizer.found_inf`` is set to a tensor (as
+      torch's GradScaler sets it for torch's fused AdamW), ``step()`` leaves
+      weights, moments and step counts untouched wherever that tensor is nonzero,
+      with no host sync (the training step uses it for non-finite steps).
     """
+
+    supports_found_inf = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         _validate_hyper(lr, betas, eps, weight_decay)
@@ -531,6 +543,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         self._refuse_changed_params()
         block, num_warps = pick(gpu=_UPDATE_TILE_GPU, interpreter=_UPDATE_TILE_INTERPRETER)
+        # Set by the training step (as torch's GradScaler sets it for torch's fused
+        # AdamW): a nonzero value skips this step on the device, step counts included.
+        found_inf = getattr(self, "found_inf", None)
         for i, group in enumerate(self.param_groups):
             buffers = self._group_buffers[i]
             key = self._active_key(group)
@@ -541,7 +556,11 @@ class FusedAdamW(torch.optim.Optimizer):
             capturing = buffers.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             if not capturing:
                 self._push_lr(i)
-            buffers.steps.add_(buffers.active_mask)
+            if found_inf is None:
+                buffers.steps.add_(buffers.active_mask)
+            else:
+                flag = found_inf.to(buffers.device, torch.float32).reshape(())
+                buffers.steps.addcmul_(buffers.active_mask, 1.0 - flag)
             if buffers.n_blocks == 0:
                 continue  # only empty parameters: their steps advanced, nothing else to do
             beta1, beta2 = group["betas"]
@@ -551,12 +570,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 _adamw_kernel[(buffers.n_blocks,)](
                     buffers.table, buffers.block_param,
                     buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
-                    group["params"][buffers.base_slot],
+                    group["params"][buffers.base_slot], flag if found_inf is not None else buffers.lr,
                     b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
                     group["eps"], group["weight_decay"],
                     TABLE_W=_TABLE_W, BLOCK=block,
                     VEC=_VEC_BYTES // buffers.dtype.itemsize, STATE_ALIGN=_STATE_ALIGN,
-                    num_warps=num_warps,
+                    HAS_FOUND_INF=found_inf is not None, num_warps=num_warps,
                 )
         return loss
 

@@ -610,3 +610,28 @@ def test_zero_grad_set_to_none_drops_the_gradients():
     opt.zero_grad(set_to_none=False)
     opt.zero_grad()
     assert all(p.grad is None for p in params) and opt._flat_grads is None
+
+
+def test_found_inf_skips_the_step_on_the_device_as_torch_fused_adamw_does():
+    """A nonzero found_inf leaves weights, moments and step counts untouched (the
+    training step sets it for a non-finite loss or norm); zero steps as usual. The
+    same sequence through torch's fused AdamW with the same flags agrees."""
+    ours, ref = _leaves(0), _leaves(0)
+    grads = _grads(1, 4)
+    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ref_opt = torch.optim.AdamW(_groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    for s, skip in enumerate([0.0, 1.0, 0.0, 1.0]):
+        for params, optimizer in ((ours, opt), (ref, ref_opt)):
+            for p, g in zip(params, grads[s]):
+                p.grad = g.to(p.device)
+            before = [p.detach().clone() for p in params]
+            optimizer.found_inf = torch.tensor(skip, device=params[0].device)
+            optimizer.step()
+            del optimizer.found_inf
+            if skip:
+                assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.supports_found_inf
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+        assert opt.state[p]["step"].item() == ref_opt.state[r]["step"].item() == 2
+        assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], 1e-6, f"exp_avg {i}")
