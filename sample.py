@@ -21,6 +21,7 @@ import sys
 import time
 
 from engine.errors import UserInputError
+from engine.load import add_model_flags
 
 SEPARATOR = "\n---------------\n"
 
@@ -43,11 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling: the smallest set of tokens "
                                                             "whose probability reaches p (1: all)")
     p.add_argument("--seed", type=int, metavar="S", default=1337, help="sample i uses seed + i (with --batch: seed)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
-                   help="op backend; auto: triton on CUDA, torch elsewhere")
+    add_model_flags(p)
     p.add_argument("--batch", action="store_true",
                    help="generate all samples in one batch (faster; printed when the batch is done)")
     return p

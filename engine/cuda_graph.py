@@ -29,7 +29,7 @@ WARMUP_STEPS = 3
 
 
 def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp: bool,
-                   optimizer: str = "triton", profile: bool = False) -> tuple[bool, str]:
+                   profile: bool = False) -> tuple[bool, str]:
     """(use graphs?, reason). `on` raises UserInputError where graphs cannot be used;
     `auto` returns False with the reason, for one log line."""
     if mode == "off":
@@ -43,8 +43,6 @@ def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp
         reason = "compile is on; torch.compile manages its own graphs"
     elif ddp:
         reason = "DDP is on; its gradient all-reduce hooks are not captured"
-    elif optimizer not in ("triton", "torch"):
-        reason = f"optimizer {optimizer!r} has no capturable step"
     elif profile:
         # The profiled window is a few steps: it would hold the capture, not the replays.
         reason = "--profile traces eager steps (a capture inside the window would hide them)"

@@ -39,6 +39,7 @@ from engine import distributed as dist_lib
 from engine.data import default_cache_dir
 from engine.errors import UserInputError
 from engine.fileio import atomic_write
+from engine.load import add_model_flags
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_FILE = "hellaswag_val.jsonl"
@@ -292,11 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--limit", type=int, metavar="N", help="score only the first N items")
     h.add_argument("--json", metavar="OUT", help="write acc, acc_norm, n and every prediction to this file")
     h.add_argument("--batch-items", type=int, metavar="N", default=8, help="items per forward (4 rows each)")
-    h.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
-    h.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")
-    h.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
-                   help="op backend; auto: triton on CUDA, torch elsewhere")
+    add_model_flags(h)
     return p
 
 

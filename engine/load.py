@@ -22,7 +22,7 @@ import pathlib
 import torch
 
 from engine import checkpoint as ckpt_lib
-from engine.config import GPTConfig
+from engine.config import BACKENDS, GPTConfig
 from engine.errors import UserInputError
 
 SOURCE_KINDS = ("run", "checkpoint", "hf")
@@ -31,6 +31,15 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Prefixes a state dict picks up when saved from a wrapped model.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def add_model_flags(parser) -> None:
+    """--device, --dtype and --backend, as sample.py and the evaluation take them."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="op backend; auto: triton on CUDA, torch elsewhere")
 
 
 def _read_json(path: pathlib.Path):

@@ -108,8 +108,7 @@ class Trainer:
                                  f"but the model's vocabulary has {self.model_config.vocab_size}")
 
         self.use_graphs, graph_reason = graph_decision(cfg.cuda_graphs, self.device_type, self.backend,
-                                                       cfg.compile, info.ddp, self.optimizer_kind,
-                                                       profile=cfg.profile)
+                                                       cfg.compile, info.ddp, profile=cfg.profile)
         optimizer_lines = []  # printed after the header lines below
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.max_lr, betas=cfg.betas,
                                              weight_decay=cfg.weight_decay, device=self.device,

@@ -300,7 +300,7 @@ def test_init_from_rejects_a_too_short_context(tmp_path, corpus):
     (("auto", "cuda", "triton", True, False), "compile is on"),
     (("auto", "cuda", "triton", False, True), "DDP is on"),
     (("off", "cuda", "triton", False, False), "cuda_graphs=off"),
-    (("auto", "cuda", "triton", False, False, "triton", True), "--profile traces eager steps"),
+    (("auto", "cuda", "triton", False, False, True), "--profile traces eager steps"),
 ])
 def test_graph_fallback_reasons(args, reason):
     use, why = graph_decision(*args)

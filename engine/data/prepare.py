@@ -16,7 +16,7 @@ import numpy as np
 from engine.data.shards import SPLIT_TAG, TOKEN_DTYPE, write_shard
 from engine.data.text import DEFAULT_CHUNK_BYTES, encode_bytes, safe_cuts, utf8_error, find_text_files
 from engine.errors import UserInputError
-from engine.tokenizer import get_tokenizer
+from engine.tokenizer import TOKENIZER_NAMES, get_tokenizer
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's shard size: 200 MB of uint16
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}, 200 MB)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
                    help="tokenizing processes (default: one per CPU)")
-    p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default="gpt2",
+    p.add_argument("--tokenizer", choices=TOKENIZER_NAMES, default="gpt2",
                    help="gpt2 needs tiktoken's BPE files (TIKTOKEN_CACHE_DIR offline)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="fraction of the tokens, the first ones, that form the val split (default 0.1)")
