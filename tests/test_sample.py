@@ -216,7 +216,7 @@ def test_triton_backend_refusal_is_one_line(tmp_path, capsys):
     backend auto falls back to torch instead."""
     write_run(tmp_path, tiny_model(n_head=4), step=1)
     rc, out, err = sample_main([str(tmp_path), "--backend", "triton", "--device", "cpu"], capsys)
-    assert rc == 2 and "--backend triton: flash_attention: q has head dim 8" in err and "--backend torch" in err
+    assert rc == 2 and "--backend triton: flash_attention_qkvpacked: qkv has head dim 8" in err and "--backend torch" in err
     model, _, what = load_model(tmp_path, device="cpu", backend="torch")
     assert model.backend == "torch"
 
