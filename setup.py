@@ -16,6 +16,7 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "tiktoken>=0.6",
+        "matplotlib>=3.7",  # loss.png of every run, the report's plots
         # Triton ships for Linux only; macOS and Windows users run the PyTorch path.
         'triton>=3.0; platform_system == "Linux"',
     ],
@@ -27,6 +28,5 @@ setup(
             "transformers>=4.40",
             "safetensors>=0.4",
         ],
-        "plot": ["matplotlib>=3.7"],
     },
 )

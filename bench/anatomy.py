@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -160,7 +161,17 @@ class Recorder(TorchDispatchMode):
         base = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
         namespace = getattr(func, "namespace", "aten")
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outputs and base.endswith("_") and args:
+            # In-place ops that return nothing (the _foreach_*_ family) write their first argument.
+            outputs = [t for t in tree_flatten(args[0])[0] if isinstance(t, torch.Tensor)]
         if namespace != "aten" or getattr(func, "is_view", False) or base in _ALLOCATION_OPS:
+            if not self.run_triton and base.startswith(("empty", "new_empty")):
+                # A skipped launch leaves its outputs as allocated: zeros keep the values
+                # that decide control flow (a finite loss, say) those of a real step.
+                with torch.utils._python_dispatch._disable_current_modes():
+                    for t in outputs:
+                        if not isinstance(t, FakeTensor):
+                            t.zero_()
             self._add(str(func), "free", 0, [], [])
             return out
         if base in _WRITE_ONLY_OPS:
@@ -310,6 +321,7 @@ class StepFigures:
     bytes_per_micro_step: float          # outside matmuls, model forward + backward
     step_bytes_once: float               # outside matmuls, once per step
     activation_copies_per_micro_step: float
+    host_syncs_per_step: int             # values read back to the host (0 lets a CUDA graph capture it)
     micro_steps: tuple[Anatomy, Anatomy] | None = None  # the two small records, shallow then deep
     direct: Anatomy | None = None        # the micro-step recorded at the full size, shapes only
 
@@ -361,7 +373,7 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
     ppl, pfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: a.bytes_outside_matmuls(False))
     cpl, cfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: len(a.activation_copies()))
 
-    per_micro, once, once_bytes_per_param = [], {}, []
+    per_micro, once, once_bytes_per_param, syncs = [], {}, [], 0
     for L in depths:
         small = narrow_config(L)
         m = record_micro_step(small, 1, rec_tokens, dtype="fp32", device=device)
@@ -370,6 +382,7 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
         per_micro.append(s2.launches() - s1.launches() - m.launches())
         once[L] = 2 * s1.launches() - s2.launches()
         once_bytes = 2 * s1.bytes_outside_matmuls() - s2.bytes_outside_matmuls()
+        syncs = len(s1.select(category="sync"))
         once_bytes_per_param.append(once_bytes / _n_params(small))
     opl = (once[deep_l] - once[shallow_l]) / (deep_l - shallow_l)
     full_cfg = gpt2_width_config(n_layer)
@@ -382,6 +395,7 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
         bytes_per_micro_step=(tfix + tpl * n_layer) * scale + pfix + ppl * n_layer,
         step_bytes_once=once_bytes_per_param[-1] * n_params,
         activation_copies_per_micro_step=cfix + cpl * n_layer,
+        host_syncs_per_step=syncs,
         micro_steps=(micro[shallow_l], micro[deep_l]),
         direct=record_micro_step(full_cfg, batch_size, seq_len, dtype=dtype, device=device) if direct else None,
     )
@@ -431,7 +445,7 @@ def record_micro_step(cfg, batch_size: int, seq_len: int, *, device: str = "cpu"
     their addresses stay fixed): the backward then adds into them instead of handing
     its result over, one extra launch and pass per parameter."""
     from engine import GPT
-    mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
     tokens = batch_size * seq_len
     with mode:
         torch.manual_seed(0)
@@ -462,8 +476,6 @@ def record_train_step(cfg, batch_size: int, seq_len: int, *, accum: int = 1, dev
     clipping, the update) are what it adds to its micro-steps. `warmup_steps` run
     unrecorded first: the first step has no gradients to zero yet and builds the
     optimizer's state, which later steps do not."""
-    import types
-
     from engine import GPT
     from engine.optim import configure_optimizer
     from engine.step import train_step
@@ -471,8 +483,8 @@ def record_train_step(cfg, batch_size: int, seq_len: int, *, accum: int = 1, dev
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg)
-    opt_cfg = types.SimpleNamespace(max_lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    opt = configure_optimizer(model, opt_cfg, device, kind=optimizer, log=lambda *a, **k: None)
+    opt = configure_optimizer(model, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device,
+                              kind=optimizer, log=lambda *a, **k: None)
     xs, ys = _batch(cfg, batch_size, seq_len, device, accum=accum)
     autocast = _autocast(dtype, torch.device(device).type)
     with Recorder(tokens, cfg.n_embd) as warm:  # launches recorded, not run, as below
@@ -516,6 +528,7 @@ def figures_lines(fig: StepFigures, accums: tuple[int, ...] = (1, 32)) -> list[s
     lines += [
         f"activation-sized copies, casts, stacks and clones per micro-step: "
         f"{fig.activation_copies_per_micro_step:g}",
+        f"host syncs per step (accum=1): {fig.host_syncs_per_step}",
         f"bytes outside matmuls per micro-step: {fig.bytes_per_micro_step / gb:.2f} GB; "
         f"once per step: {fig.step_bytes_once / gb:.2f} GB",
     ]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import types
 
 import torch
 import torch.nn.functional as F
@@ -408,7 +407,7 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
     # (accum=1, B, T) batches, two of them so that consecutive steps see different data.
     xs = [torch.randint(0, base_cfg.vocab_size, (1, B, T), generator=gen) for _ in range(2)]
     ys = [torch.randint(0, base_cfg.vocab_size, (1, B, T), generator=gen) for _ in range(2)]
-    opt_cfg = types.SimpleNamespace(max_lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt_kw = dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
     device_type = torch.device(device).type
     meta: dict = {}
 
@@ -437,7 +436,7 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
         from engine.optim import configure_optimizer
         if variant != "triton":
             model = build("torch")
-            opt = configure_optimizer(model, opt_cfg, device, kind="torch", log=quiet)
+            opt = configure_optimizer(model, **opt_kw, kind="torch", log=quiet)
             return eager(model, opt, torch.compile(model) if variant == "torch-compile" else None)
         try:
             model = build("triton")
@@ -446,14 +445,14 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
             raise Unavailable(f"triton backend unavailable ({type(e).__name__}: {e})") from None
         meta["optimizer"] = "FusedAdamW"
         graphs = device_type == "cuda"
-        opt = configure_optimizer(model, opt_cfg, device, kind="triton", capturable=graphs, log=quiet)
+        opt = configure_optimizer(model, **opt_kw, kind="triton", capturable=graphs, log=quiet)
         meta["cuda_graphs"] = graphs
         if not graphs:
             return eager(model, opt)
         from engine.cuda_graph import GraphedTrainStep
         from engine.step import autocast_factory
         step = GraphedTrainStep(model, opt, accum=1, batch_size=B, seq_len=T, device=torch.device(device),
-                                autocast_ctx=autocast_factory("bf16", "cuda", cache_enabled=False),
+                                autocast=autocast_factory("bf16", "cuda", cache_enabled=False),
                                 grad_clip=1.0, log=quiet)
 
         def fn(i):

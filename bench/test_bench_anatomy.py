@@ -22,6 +22,7 @@ def test_gpt2_step_anatomy(benchmark, bench_registry):
         launches_once_per_step=fig.step_launches_once,
         launches_per_step_accum1=fig.launches_per_step(1),
         activation_copies_per_micro_step=fig.activation_copies_per_micro_step,
+        host_syncs_per_step=fig.host_syncs_per_step,
         GB_outside_matmuls_per_micro_step=fig.bytes_per_micro_step / 1e9,
         GB_outside_matmuls_once_per_step=fig.step_bytes_once / 1e9,
     )

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from engine.errors import UserInputError
+from engine.step import train_step
 
-GRAPH_MODES = ("auto", "on", "off")
 WARMUP_STEPS = 3
 
 
@@ -32,8 +32,6 @@ def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp
                    optimizer: str = "triton", profile: bool = False) -> tuple[bool, str]:
     """(use graphs?, reason). `on` raises UserInputError where graphs cannot be used;
     `auto` returns False with the reason, for one log line."""
-    if mode not in GRAPH_MODES:
-        raise UserInputError(f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
     if mode == "off":
         return False, "cuda_graphs=off"
     reason = None
@@ -67,7 +65,7 @@ class GraphedTrainStep:
     """
 
     def __init__(self, model, optimizer, accum: int, batch_size: int, seq_len: int,
-                 device: torch.device, autocast_ctx, grad_clip: float,
+                 device: torch.device, autocast, grad_clip: float,
                  warmup: int = WARMUP_STEPS, log=print):
         if warmup < WARMUP_STEPS:
             raise ValueError(f"GraphedTrainStep: warmup must be >= {WARMUP_STEPS}, got {warmup}")
@@ -75,11 +73,10 @@ class GraphedTrainStep:
         self.optimizer = optimizer
         self.accum = accum
         self.device = device
-        self.autocast_ctx = autocast_ctx  # a callable returning a fresh context manager
+        self.autocast = autocast  # a callable returning a fresh context manager
         self.grad_clip = grad_clip
         self.warmup = warmup
         self.log = log
-        self.params = [p for p in model.parameters() if p.requires_grad]
         shape = (accum, batch_size, seq_len)
         self.static_x = torch.zeros(shape, dtype=torch.long, device=device)
         self.static_y = torch.zeros(shape, dtype=torch.long, device=device)
@@ -96,20 +93,8 @@ class GraphedTrainStep:
         self.side_stream = None
 
     def _body(self):
-        self.optimizer.zero_grad(set_to_none=False)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for m in range(self.accum):
-            with self.autocast_ctx():
-                _, loss = self.model(self.static_x[m], self.static_y[m], return_logits=False)
-            loss = loss / self.accum
-            loss_sum += loss.detach().float()
-            loss.backward()
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params], foreach=True)
-        self.optimizer.step()
-        return loss_sum, norm
+        return train_step(self.model, self.optimizer, self.static_x, self.static_y,
+                          grad_clip=self.grad_clip, autocast=self.autocast)
 
     def _load(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.copied is not None:

@@ -6,9 +6,11 @@ context. Both paths give the same tokens under one seed.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from engine.model import GPT, KVCache
+from engine.model import GPT
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -41,6 +43,10 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k, top_p):
     if idx.size(1) > model.config.block_size:
         raise ValueError(f"generate: prompt length {idx.size(1)} exceeds block_size "
                          f"{model.config.block_size}")
+    lo, hi = int(idx.min()), int(idx.max())  # the model itself does not range-check ids
+    if lo < 0 or hi >= model.config.vocab_size:
+        raise ValueError(f"generate: token id {lo if lo < 0 else hi} is outside the vocabulary "
+                         f"[0, {model.config.vocab_size})")
 
 
 @torch.no_grad()
@@ -71,18 +77,21 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
                    else model.lm_head.weight.dtype)
     out = idx
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    cache = None
+    caches = contextlib.ExitStack()
     try:
+        cached = False
         for _ in range(max_new_tokens):
-            if use_cache:
-                if cache is None or cache.length >= cache.capacity:
-                    keep = out[:, -(block // 2 if cache is not None else block):]
-                    cache = KVCache(model.config, idx.size(0), idx.device, cache_dtype)
-                    logits, _ = model(keep, kv_cache=cache)
-                else:
-                    logits, _ = model(out[:, -1:], kv_cache=cache)
-            else:
+            if not use_cache:
                 logits, _ = model(out[:, -block:])
+            elif not cached or model.cached_length() >= block:
+                # (Re)prime the caches: the whole prompt first, then, once they are
+                # full, the last block_size // 2 tokens.
+                caches.close()
+                caches.enter_context(model.kv_caches(idx.size(0), cache_dtype))
+                logits, _ = model(out[:, -(block // 2 if cached else block):])
+                cached = True
+            else:
+                logits, _ = model(out[:, -1:])
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(-1, keepdim=True)
@@ -96,5 +105,6 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
             if eos_token is not None and bool(finished.all()):
                 break
     finally:
+        caches.close()
         model.train(was_training)
     return out

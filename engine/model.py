@@ -1,11 +1,21 @@
-"""GPT-2, read top to bottom: attention, MLP, block, model.
+"""GPT-2, read top to bottom: LayerNorm, attention, MLP, block, model.
 
-Every op that a Triton kernel replaces goes through the op layer (`engine.ops`),
-chosen per model by `GPTConfig.backend`. The state dict has the layout of
-nanoGPT and (Conv1D transposed aside) of Hugging Face's GPT2LMHeadModel.
+Every op that a Triton kernel replaces goes through the op set (`engine.ops`)
+the model was built with (`GPTConfig.backend`); the modules keep it from
+construction. The state dict has the layout of nanoGPT and (Conv1D transposed
+aside) of Hugging Face's GPT2LMHeadModel.
+
+The residual stream is written in the pre-norm form of flash-attention's
+`Block`: a block takes the previous sublayer's output `x` (not yet added) and
+the residual stream, and each LayerNorm first adds the dropped-out `x` to the
+stream, so dropout, residual add and normalisation are one fused op:
+
+    embeddings -> [dropout, add, LN, attention, dropout, add, LN, MLP] x n_layer
+               -> dropout, add, LN (ln_f) -> LM head
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -16,77 +26,105 @@ from engine.ops import AutoOps, get_ops
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias; the op layer does the computing."""
+    """LayerNorm of the residual stream after a dropped-out branch is added to it.
 
-    def __init__(self, ndim: int, bias: bool):
+    forward(x, residual) -> (LN(residual + dropout(x)), residual + dropout(x));
+    with residual None the stream starts at dropout(x) (the embeddings).
+    """
+
+    def __init__(self, ndim: int, config: GPTConfig, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(ndim)) if config.bias else None
+        self.eps = config.layer_norm_eps
+        self.dropout = config.dropout
+        self.ops = ops
+
+    def forward(self, x, residual=None):
+        p = self.dropout if self.training else 0.0
+        return self.ops.dropout_add_layer_norm(x, residual, self.weight, self.bias, self.eps, p)
 
 
 class KVCache:
-    """Keys and values of every layer for positions already seen, preallocated to block_size."""
+    """One attention layer's keys and values of the positions already seen,
+    preallocated to the block size (decoding appends one position per call)."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+    def __init__(self, batch_size: int, config: GPTConfig, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled so far (shared by all layers)
-        self.capacity = config.block_size
+        self.length = 0
+
+    def append(self, k, v):
+        """Store k, v (B, H, T, D) after the cached positions; return all keys and values so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, ops):
         super().__init__()
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.ops = ops
+        self.kv_cache: KVCache | None = None  # set by GPT.kv_caches() while generating
 
-    def forward(self, x, ops, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x):
         B, T, C = x.shape
-        qkv = self.c_attn(x)
-        # (B, T, 3, H, D) viewed as three (B, H, T, D) tensors without copies: the
-        # attention kernel takes arbitrary strides.
-        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
-        if kv_cache is not None:
-            start = kv_cache.length
-            kv_cache.k[layer, :, :, start:start + T] = k
-            kv_cache.v[layer, :, :, start:start + T] = v
-            k = kv_cache.k[layer, :, :, :start + T]
-            v = kv_cache.v[layer, :, :, :start + T]
-            if k.dtype != q.dtype:  # a cache kept in another precision than this forward's
-                k, v = k.to(q.dtype), v.to(q.dtype)
-        y = ops.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        # (B, T, 3, H, D): the attention reads q, k, v as strided views of it and
+        # writes their gradients straight back into this layout.
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        if self.kv_cache is None:
+            y = self.ops.attention_qkvpacked(qkv, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = self.kv_cache.append(k, v)
+            y = self.ops.attention(q, k.to(q.dtype), v.to(q.dtype), causal=True)
+        # y is (B, H, T, D) laid out as (B, T, H, D): this reshape is free.
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, ops):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.ops = ops
 
-    def forward(self, x, ops):
-        return self.dropout(self.c_proj(ops.linear_gelu(x, self.c_fc.weight, self.c_fc.bias)))
+    def forward(self, x):
+        # c_fc and the tanh GELU are one fused op.
+        return self.c_proj(self.ops.linear_gelu(x, self.c_fc.weight, self.c_fc.bias))
 
 
 class Block(nn.Module):
-    """Pre-LN block. Its LayerNorms are applied by GPT.forward, which fuses each
-    residual add into the LayerNorm that follows it (add_layer_norm)."""
+    """Pre-LN block: dropout, add, LN, attention, dropout, add, LN, MLP.
 
-    def __init__(self, config: GPTConfig):
+    forward(x, residual) -> (x, residual): x is the previous sublayer's output
+    (the embeddings for the first block), residual the stream it is added to
+    (None for the first block); the MLP output returned is added by the next
+    block's ln_1, or by ln_f.
+    """
+
+    def __init__(self, config: GPTConfig, ops):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
-        self.mlp = MLP(config)
+        self.ln_1 = LayerNorm(config.n_embd, config, ops)
+        self.attn = CausalSelfAttention(config, ops)
+        self.ln_2 = LayerNorm(config.n_embd, config, ops)
+        self.mlp = MLP(config, ops)
+
+    def forward(self, x, residual):
+        x, residual = self.ln_1(x, residual)
+        x = self.attn(x)
+        x, residual = self.ln_2(x, residual)
+        x = self.mlp(x)
+        return x, residual
 
 
 class GPT(nn.Module):
@@ -94,16 +132,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ops = get_ops(config.backend)
-        # Checking token ids against the vocabulary reads them back to the host, a
-        # sync per forward. The trainer turns it off: its data loader checks every
-        # batch on the CPU before the copy to the device.
-        self.validate_token_ids = True
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias),
+            h=nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config, self.ops),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
@@ -136,7 +169,36 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
         return n
 
-    def _check_inputs(self, idx, targets):
+    @contextlib.contextmanager
+    def kv_caches(self, batch_size: int, dtype: torch.dtype | None = None):
+        """Within this context every attention layer keeps the keys and values of the
+        positions already seen, so each forward call runs only the new positions
+        (generation). Leaving it drops the caches."""
+        device = self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        layers = [block.attn for block in self.transformer.h]
+        for attn in layers:
+            attn.kv_cache = KVCache(batch_size, self.config, device, dtype)
+        try:
+            yield
+        finally:
+            for attn in layers:
+                attn.kv_cache = None
+
+    def cached_length(self) -> int:
+        """Positions held in the KV caches (0 outside `kv_caches()`)."""
+        cache = self.transformer.h[0].attn.kv_cache if len(self.transformer.h) else None
+        return cache.length if cache is not None else 0
+
+    def forward(self, idx, targets=None, return_logits: bool = True):
+        """Token ids (B, T) -> (logits (B, T, vocab_size) or None, loss or None).
+
+        With targets, the loss is the mean cross-entropy over positions whose target
+        is not -100. return_logits=False lets the triton backend skip materialising
+        the (B*T, vocab) logits (fused linear + cross-entropy). Token ids are not
+        range-checked here (that would be a host sync per call): the data loaders,
+        generate() and the evaluation check the ids they feed in.
+        """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise UserInputError(f"GPT.forward: idx must be a 2-D (B, T) tensor of token ids, got "
                                  f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
@@ -145,57 +207,28 @@ class GPT(nn.Module):
         if targets is not None and targets.shape != idx.shape:
             raise UserInputError(f"GPT.forward: targets shape {tuple(targets.shape)} != idx shape "
                                  f"{tuple(idx.shape)}")
-        if not self.validate_token_ids:
-            return
-        if idx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return  # value checks sync with the host, which a CUDA graph cannot do
-        if idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise UserInputError(f"GPT.forward: token id {hi if hi >= self.config.vocab_size else lo} "
-                                     f"is outside the vocabulary [0, {self.config.vocab_size})")
-        if targets is not None and targets.numel():
-            t = targets[targets != -100]
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config.vocab_size):
-                raise UserInputError(f"GPT.forward: a target id is outside the vocabulary "
-                                     f"[0, {self.config.vocab_size}) (use -100 to ignore a position)")
-
-    def forward(self, idx, targets=None, kv_cache: KVCache | None = None, return_logits: bool = True):
-        """Token ids (B, T) -> (logits (B, T, vocab_size) or None, loss or None).
-
-        With targets, the loss is the mean cross-entropy over positions whose target
-        is not -100. return_logits=False lets the triton backend skip materialising
-        the (B*T, vocab) logits (fused linear + cross-entropy).
-        """
-        self._check_inputs(idx, targets)
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
+        start = self.cached_length()
         if start + T > self.config.block_size:
             raise UserInputError(f"GPT.forward: sequence of length {start + T} exceeds block_size "
                                  f"{self.config.block_size}")
-        ops, eps = self.ops, self.config.layer_norm_eps
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        h = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        blocks = self.transformer.h
-        y = ops.layer_norm(h, blocks[0].ln_1.weight, blocks[0].ln_1.bias, eps)
-        for i, block in enumerate(blocks):
-            h, y = ops.add_layer_norm(h, block.attn(y, ops, kv_cache, i), block.ln_2.weight, block.ln_2.bias, eps)
-            next_ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
-            h, y = ops.add_layer_norm(h, block.mlp(y, ops), next_ln.weight, next_ln.bias, eps)
-        if kv_cache is not None:
-            kv_cache.length += T
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        residual = None
+        for block in self.transformer.h:
+            x, residual = block(x, residual)
+        x, _ = self.transformer.ln_f(x, residual)
 
         V = self.config.vocab_size
         logits = loss = None
         if targets is not None:
-            loss = ops.linear_cross_entropy(y.reshape(B * T, -1), self.lm_head.weight,
-                                            targets.reshape(B * T).long(), num_classes=V)
+            loss = self.ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
+                                                 targets.reshape(B * T).long(), num_classes=V)
         if return_logits or targets is None:
             # Padded vocabulary rows are never part of the output, so never sampled.
-            logits = self.lm_head(y)[..., :V]
+            logits = self.lm_head(x)[..., :V]
         return logits, loss
 
-    # Hugging Face interop lives in engine.hf; these are the public entry points.
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "GPT":
         """Load a GPT-2 checkpoint directory in Hugging Face format (config.json and

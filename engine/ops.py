@@ -1,14 +1,23 @@
-"""The op layer: every op a Triton kernel replaces is called through here.
+"""The op layer: the engine's only door to `kernels/`.
 
-Two backends with the same methods:
+Two op sets with the same methods:
 - `TorchOps`: PyTorch's own ops (SDPA, F.layer_norm, F.gelu, F.cross_entropy);
   runs everywhere (CPU, MPS, CUDA) and is the oracle the kernels are tested against.
-- `TritonOps`: the hand-written kernels in `kernels/`. Imported lazily, so a machine
-  without Triton (macOS, Windows) never touches it.
+- `TritonOps`: the hand-written kernels in `kernels/`, imported lazily so that a
+  machine without Triton (macOS, Windows) never touches them.
 
 `auto` means triton for CUDA tensors when Triton is installed, torch for any other
 device: the trainer resolves it once for its device (`resolve_backend`); a model
 built with it decides per call (`AutoOps`), so it runs wherever it is moved.
+Backend names are validated where the user gives them (GPTConfig, TrainConfig);
+this layer only maps them.
+
+Semantics both op sets share, where PyTorch's own ops differ:
+- `linear_cross_entropy` over targets that are all `ignore_index` is 0 with zero
+  gradients (F.cross_entropy's mean would be 0/0 = nan), so a batch of padding
+  never reads as a diverged step.
+- causal attention with fewer queries than keys aligns the mask to the end of the
+  keys (decoding with a KV cache); SDPA's is_causal aligns it to the start.
 """
 from __future__ import annotations
 
@@ -19,37 +28,30 @@ import torch
 import torch.nn.functional as F
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def triton_unusable_reason(device_type: str) -> str | None:
+    """Why the Triton kernels cannot run on `device_type` tensors here, or None when
+    they can: CUDA with the triton package, or CPU under TRITON_INTERPRET=1 (the
+    slow interpreter the tests use). The one place this is decided."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (it ships for Linux only)"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA GPU is available"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the kernels run on CUDA tensors (CPU ones only under TRITON_INTERPRET=1, the "
+            f"slow interpreter), and this is {device_type}")
 
 
-def triton_runs_on_cpu() -> bool:
-    """Triton's interpreter runs kernels on CPU tensors (used by the tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def resolve_backend(name: str, device_type: str | None = None) -> str:
-    """The concrete backend (torch or triton) that `name` means for tensors on
-    `device_type` (None: this machine's default device), checking that it can run.
-    `auto` is triton on CUDA when Triton is installed, torch anywhere else."""
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {name!r}; expected auto, torch or triton")
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_backend(name: str, device_type: str) -> str:
+    """The op set (torch or triton) that backend `name` means for tensors on
+    `device_type`. RuntimeError when `triton` is asked for where it cannot run."""
     if name == "auto":
-        return "triton" if device_type == "cuda" and triton_available() else "torch"
-    if name == "torch":
-        return name
-    if not triton_available():
-        raise RuntimeError("backend 'triton' needs the triton package (Linux only); "
-                           "install it or use backend='torch'")
-    if device_type == "cuda" and torch.cuda.is_available():
-        return name
-    if device_type == "cpu" and triton_runs_on_cpu():
-        return name
-    raise RuntimeError(f"backend 'triton' runs its kernels on CUDA tensors (CPU ones only under "
-                       f"TRITON_INTERPRET=1, the slow interpreter), and this model is on "
-                       f"{device_type}: use backend='torch' there")
+        return "triton" if device_type == "cuda" and triton_unusable_reason("cuda") is None else "torch"
+    if name == "triton":
+        reason = triton_unusable_reason(device_type)
+        if reason is not None:
+            raise RuntimeError(f"backend 'triton' cannot run here: {reason}; use backend 'torch'")
+    return name
 
 
 def causal_mask_aligned_to_end(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -57,26 +59,35 @@ def causal_mask_aligned_to_end(t_q: int, t_k: int, device) -> torch.Tensor:
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
+def _unpack_qkv(qkv):
+    """(B, T, 3, H, D) -> three (B, H, T, D) views."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class TorchOps:
     name = "torch"
 
     @staticmethod
-    def layer_norm(x, weight, bias, eps):
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-    @staticmethod
-    def add_layer_norm(x, residual, weight, bias, eps):
-        h = x + residual
-        return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    def dropout_add_layer_norm(x, residual, weight, bias, eps, dropout_p=0.0):
+        """(LN(h), h) with h = residual + dropout(x) (h = dropout(x) when residual is None)."""
+        h = F.dropout(x, dropout_p) if dropout_p > 0 else x
+        if residual is not None:
+            h = residual + h
+        return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
 
     @staticmethod
     def attention(q, k, v, causal=True, dropout_p=0.0):
         t_q, t_k = q.shape[-2], k.shape[-2]
         if not causal or t_q == t_k:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
-        # SDPA's is_causal aligns the mask to the top left; decoding needs it at the end.
         mask = causal_mask_aligned_to_end(t_q, t_k, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    @staticmethod
+    def attention_qkvpacked(qkv, dropout_p=0.0):
+        """Causal self-attention over the (B, T, 3, H, D) projection; (B, H, T, D) out."""
+        q, k, v = _unpack_qkv(qkv)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
     @staticmethod
     def linear_gelu(x, weight, bias):
@@ -84,9 +95,10 @@ class TorchOps:
 
     @staticmethod
     def linear_cross_entropy(x, weight, targets, num_classes, ignore_index=-100):
-        logits = F.linear(x, weight)[..., :num_classes]
-        return F.cross_entropy(logits.float().reshape(-1, num_classes), targets.reshape(-1),
-                               ignore_index=ignore_index)
+        logits = F.linear(x, weight)[..., :num_classes].float().reshape(-1, num_classes)
+        targets = targets.reshape(-1)
+        total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+        return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def _autocast_dtype(x: torch.Tensor):
@@ -98,9 +110,9 @@ def _autocast_dtype(x: torch.Tensor):
 class TritonOps:
     """The kernels, with the dtype plumbing autocast would otherwise do.
 
-    Under bf16 autocast the residual stream stays fp32 (as with the torch backend),
-    while everything that feeds a matmul is cast to bf16: the kernels take one dtype
-    for all their inputs, so the casts happen here, once per call.
+    Under bf16 autocast the residual stream stays fp32 (as with the torch backend)
+    while everything that feeds a matmul is bf16: the LayerNorm kernels write their
+    output straight in the matmul dtype.
     """
 
     name = "triton"
@@ -110,35 +122,41 @@ class TritonOps:
 
         self._k = kernels
 
-    def layer_norm(self, x, weight, bias, eps):
-        # Under autocast the kernel writes y straight in the matmul dtype: no cast pass.
-        return self._k.layer_norm(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                                  eps, out_dtype=_autocast_dtype(x))
-
-    def add_layer_norm(self, x, residual, weight, bias, eps):
-        return self._k.add_layer_norm(x, residual.to(x.dtype), weight.to(x.dtype),
-                                      None if bias is None else bias.to(x.dtype), eps,
-                                      out_dtype=_autocast_dtype(x))
+    def dropout_add_layer_norm(self, x, residual, weight, bias, eps, dropout_p=0.0):
+        if dropout_p > 0:
+            raise ValueError("the triton backend has no dropout yet; set dropout=0 or use backend='torch'")
+        out_dtype = _autocast_dtype(x)
+        if residual is None:
+            y = self._k.layer_norm(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                                   eps, out_dtype=out_dtype)
+            return y, x
+        stream = residual.dtype
+        h, y = self._k.add_layer_norm(residual, x.to(stream), weight.to(stream),
+                                      None if bias is None else bias.to(stream), eps,
+                                      out_dtype=out_dtype)
+        return y, h
 
     def attention(self, q, k, v, causal=True, dropout_p=0.0):
-        if dropout_p:
-            raise ValueError("the triton backend has no attention dropout; "
+        if dropout_p > 0:
+            raise ValueError("the triton backend has no attention dropout yet; "
                              "set dropout=0 or use backend='torch'")
         return self._k.flash_attention(q, k, v, causal=causal)
 
+    def attention_qkvpacked(self, qkv, dropout_p=0.0):
+        q, k, v = _unpack_qkv(qkv)
+        return self.attention(q, k, v, causal=True, dropout_p=dropout_p)
+
     def linear_gelu(self, x, weight, bias):
-        low = _autocast_dtype(x)
-        dtype = low or x.dtype
+        dtype = _autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
             return self._k.linear_gelu(x.to(dtype), weight.to(dtype),
                                        None if bias is None else bias.to(dtype))
 
     def linear_cross_entropy(self, x, weight, targets, num_classes, ignore_index=-100):
-        low = _autocast_dtype(x)
-        dtype = low or x.dtype
+        dtype = _autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            # The model checks target ids itself (or its trusted loader did): the
-            # kernel's own check would sync with the host once per call.
+            # The loaders check target ids on the CPU: the kernel's own check would
+            # sync with the host once per call.
             return self._k.linear_cross_entropy(x.to(dtype), weight.to(dtype), targets,
                                                 ignore_index=ignore_index, num_classes=num_classes,
                                                 check_targets=False)
@@ -153,20 +171,20 @@ class AutoOps:
 
     def __init__(self):
         self._torch = TorchOps()
-        self._triton = TritonOps() if triton_available() else None
+        self._triton = TritonOps() if importlib.util.find_spec("triton") is not None else None
 
     def for_device(self, device: torch.device):
         """The op set calls on `device` use."""
         return self._triton if device.type == "cuda" and self._triton is not None else self._torch
 
-    def layer_norm(self, x, *args, **kwargs):
-        return self.for_device(x.device).layer_norm(x, *args, **kwargs)
-
-    def add_layer_norm(self, x, *args, **kwargs):
-        return self.for_device(x.device).add_layer_norm(x, *args, **kwargs)
+    def dropout_add_layer_norm(self, x, *args, **kwargs):
+        return self.for_device(x.device).dropout_add_layer_norm(x, *args, **kwargs)
 
     def attention(self, q, *args, **kwargs):
         return self.for_device(q.device).attention(q, *args, **kwargs)
+
+    def attention_qkvpacked(self, qkv, *args, **kwargs):
+        return self.for_device(qkv.device).attention_qkvpacked(qkv, *args, **kwargs)
 
     def linear_gelu(self, x, *args, **kwargs):
         return self.for_device(x.device).linear_gelu(x, *args, **kwargs)
@@ -180,5 +198,12 @@ def get_ops(backend: str):
     the tensors' device)."""
     if backend == "auto":
         return AutoOps()
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, "cuda" if torch.cuda.is_available() else "cpu")
     return TorchOps() if name == "torch" else TritonOps()
+
+
+def fused_adamw(param_groups, *, lr: float, betas, eps: float, weight_decay: float):
+    """The Triton FusedAdamW (one launch per group, fp32 moments, lr and step on the
+    device); see kernels/adamw.py."""
+    from kernels import FusedAdamW  # deferred: Triton is optional outside Linux
+    return FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -11,8 +11,8 @@ import pytest
 
 from engine.distributed import DistInfo, env_dist_info
 from engine.errors import UserInputError
-from engine.trainer import TrainConfig, train
-from tests.helpers import PLOT_FILES
+from engine.train_config import TrainConfig
+from engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,4 +84,4 @@ def test_torchrun_matches_one_process(corpus, tmp_path, monkeypatch):
             assert abs(float(a["val_loss"]) - float(b["val_loss"])) <= 1e-5 * float(a["val_loss"])
     assert [r["val_loss"] != "" for r in ddp_rows] == [True, False, False, True]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
-        ["ckpt_000004.pt", "config.json", "metrics.csv"] + PLOT_FILES)
+        ["ckpt_000004.pt", "config.json", "loss.png", "metrics.csv"])

@@ -38,13 +38,12 @@ def test_cached_and_uncached_sampling_agree(pair, kw):
 
 
 def test_kv_cache_logits_match_full_forward(pair):
-    from engine.model import KVCache
     ours, _ = pair
     idx = torch.randint(0, 210, (2, 20))
     full, _ = ours(idx)
-    cache = KVCache(ours.config, 2, idx.device, torch.float32)
-    first, _ = ours(idx[:, :12], kv_cache=cache)
-    steps = [ours(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(12, 20)]
+    with ours.kv_caches(batch_size=2):
+        first, _ = ours(idx[:, :12])
+        steps = [ours(idx[:, t:t + 1])[0] for t in range(12, 20)]
     torch.testing.assert_close(torch.cat([first] + steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -85,8 +84,11 @@ def test_filter_logits():
     (dict(max_new_tokens=1, temperature=-1.0), "temperature"),
     (dict(max_new_tokens=1, top_k=0), "top_k"),
     (dict(max_new_tokens=1, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=1, idx=torch.full((1, 2), 211)), r"token id 211 is outside the vocabulary \[0, 211\)"),
+    (dict(max_new_tokens=1, idx=torch.full((1, 2), -1)), "token id -1 is outside the vocabulary"),
 ])
 def test_bad_arguments(pair, kw, needle):
     ours, _ = pair
+    kw.setdefault("idx", torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=needle):
-        generate(ours, torch.zeros(1, 2, dtype=torch.long), **kw)
+        generate(ours, **kw)

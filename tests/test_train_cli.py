@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.trainer import TrainConfig
-from tests.helpers import HAS_MATPLOTLIB, PLOT_FILES
+from engine.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
@@ -58,23 +57,30 @@ def test_help_lists_every_option_with_its_default(capsys):
         assert flag in text, flag
     assert "--config FILE.toml" in text
     # every option's help carries its default, and auto ones say what auto means
-    assert text.count("(default:") == len(dataclasses.fields(TrainConfig)) + 1
-    assert "--batch-size BATCH_SIZE micro-batch size B (sequences per forward) [auto: CPU/MPS: 8, " \
-           "CUDA: 64] (default: auto)" in text
+    assert text.count("(default:") == len(dataclasses.fields(TrainConfig))
+    assert "--batch-size BATCH_SIZE micro-batch size B (sequences per forward) (default: auto; auto: " \
+           "CPU/MPS: 8, CUDA: 64)" in text
     assert "(default: 0.1)" in text and "(default: 1337)" in text
+    # what --resume accepts besides the checkpoint's own configuration
+    assert "only --backend, --compile, --max-steps" in text
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--batch", "4"], "unrecognized arguments: --batch"),  # no abbreviations
-    (["--batch-size", "four"], "expected an integer or 'auto'"),
-    (["--dtype", "fp16"], "invalid choice: 'fp16'"),
+    (["--batch-size", "four"], "--batch-size: expected an integer or auto, got 'four'"),
+    (["--batch-size", "3.5"], "--batch-size: expected an integer or auto, got '3.5'"),
+    (["--dtype", "fp16"], "--dtype: expected one of auto, fp32, bf16, bf16-params, got 'fp16'"),
+    (["--max-lr", "-1e-3"], "max_lr (--max-lr) must be >= 0, got -0.001"),
+    (["--seed", "-1"], "seed (--seed) must be >= 0, got -1"),
+    (["--seed", str(2 ** 63)], "seed (--seed) must be < 2**63"),
+    (["--max-lr"], "argument --max-lr: expected one argument"),
+    (["--compile=yes"], "--compile"),
 ])
-def test_malformed_flags_exit_2(argv, needle, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == 2
-    assert needle in capsys.readouterr().err
+def test_malformed_flags_are_one_error_line(argv, needle, capsys):
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 2
+    assert_one_error_line(err, needle)
 
 
 def test_bad_total_batch_divisibility(corpus, tmp_path, capsys):
@@ -124,7 +130,13 @@ def test_toml_config_and_flag_precedence(tmp_path):
 @pytest.mark.parametrize("content, needle", [
     ("batch_sise = 4\nfoo = 1\n", "unknown key(s) batch_sise, foo"),
     ("batch-size = 4\n", "keys use underscores, e.g. batch_size"),
-    ("batch_size = 'x'\n", "key batch_size: expected an integer or 'auto'"),
+    ("batch_size = 'x'\n", "key batch_size: expected an integer or auto, got 'x'"),
+    ("seq_len = 32.9\n", "key seq_len: expected an integer or auto, got 32.9"),
+    ("max_lr = true\n", "key max_lr: expected a number or auto, got True"),
+    ("compile = 1\n", "key compile: expected true or false, got 1"),
+    ("data = 3\n", "key data: expected a string, got 3"),
+    ("betas = [0.9]\n", "key betas: expected two numbers"),
+    ("seed = -5\n", "seed (--seed) must be >= 0, got -5"),
     ("dtype = 'fp16'\n", "key dtype: expected one of"),
     ("batch_size = [\n", "not valid TOML"),
 ])
@@ -193,10 +205,10 @@ def test_end_to_end_subprocess(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for needle in ("device: cpu", "tokenizer: bytes", "validation loss", "sample 0:", "step     2 |",
-                   "checkpoint:", "loss curve:" if HAS_MATPLOTLIB else "matplotlib is not installed"):
+                   "checkpoint:", "loss curve:"):
         assert needle in out, needle
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
-        ["ckpt_000002.pt", "ckpt_000003.pt", "config.json", "metrics.csv"] + PLOT_FILES)
+        ["ckpt_000002.pt", "ckpt_000003.pt", "config.json", "loss.png", "metrics.csv"])
 
 
 def test_user_error_subprocess_has_no_traceback(tmp_path):

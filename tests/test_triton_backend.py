@@ -123,10 +123,10 @@ def test_layer_norm_writes_the_autocast_dtype_directly():
     r = torch.randn(3, 16, device=DEVICE).half()  # a matmul's output under autocast
     w, b = torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.float16):
-        h, y = ops.add_layer_norm(x, r, w, b, 1e-5)
-        y1 = ops.layer_norm(x, w, b, 1e-5)
-    assert h.dtype == torch.float32 and y.dtype == y1.dtype == torch.float16
-    h2, y2 = ops.add_layer_norm(x, r.float(), w, b, 1e-5)
+        y, h = ops.dropout_add_layer_norm(r, x, w, b, 1e-5)
+        y1, stream = ops.dropout_add_layer_norm(x, None, w, b, 1e-5)
+    assert h.dtype == stream.dtype == torch.float32 and y.dtype == y1.dtype == torch.float16
+    y2, _ = ops.dropout_add_layer_norm(r.float(), x, w, b, 1e-5)
     assert y2.dtype == torch.float32
 
 
@@ -138,5 +138,10 @@ def test_cached_generation_under_autocast():
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         a = generate(fast, prompt, max_new_tokens=4, temperature=0)
         b = generate(ref, prompt, max_new_tokens=4, temperature=0)
-    assert a.shape == (2, 9) and torch.equal(a[:, :5], prompt)
-    assert (a == b).float().mean() >= 0.75  # fp16 rounding may flip a near-tie
+    assert a.shape == b.shape == (2, 9) and torch.equal(a[:, :5], prompt)
+    # Each token the triton backend chose is the torch backend's greedy choice on the
+    # same prefix, unless the two best logits are within fp16 rounding of each other.
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        logits = ref(a[:, :-1])[0][:, 4:].float()
+    chosen = logits.gather(-1, a[:, 5:, None])[..., 0]
+    assert torch.all(logits.max(-1).values - chosen <= 1e-2), (a, b)

@@ -1,0 +1,78 @@
+"""Token shards: llm.c's format, written atomically and checked on read.
+
+A shard is a 256 x int32 header [magic 20240520, version 1, token count, vocab
+size, 0...] followed by the tokens as uint16. `python -m engine.data prepare`
+writes them; the loader memory-maps them.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import UserInputError
+from engine.fileio import atomic_write
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.uint16
+
+# The split a shard belongs to, from its name: gpt2_train_000001.bin, val-0.bin, ...
+SPLIT_TAG = re.compile(r"(?:^|[_-])(train|val)(?=[_.-])")
+
+
+def write_shard(path, tokens, vocab_size: int = 0) -> Path:
+    """Write `tokens` (ints < 65536) as a shard; atomic (temp file + rename)."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise UserInputError(
+            f"{path}: token ids must fit uint16 (0..65535); got range "
+            f"{int(tokens.min())}..{int(tokens.max())}")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:4] = (SHARD_MAGIC, SHARD_VERSION, tokens.size, vocab_size)
+    def write(f):
+        f.write(header.tobytes())
+        f.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes())
+    return atomic_write(path, write)
+
+
+def read_shard_header(path) -> tuple[int, int]:
+    """(token count, vocab size or 0) of a shard, after checking its header and size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read shard: {e.strerror or e}") from e
+    if len(raw) < HEADER_BYTES:
+        raise UserInputError(
+            f"{path}: truncated shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(raw, dtype=np.int32)
+    magic, version, ntok, vocab = (int(v) for v in header[:4])
+    if magic != SHARD_MAGIC:
+        raise UserInputError(
+            f"{path}: not a token shard: header magic is {magic}, expected {SHARD_MAGIC} "
+            "(write shards with `python -m engine.data prepare`)")
+    if version != SHARD_VERSION:
+        raise UserInputError(
+            f"{path}: unsupported shard version {version}; this loader reads version "
+            f"{SHARD_VERSION} (uint16 tokens)")
+    expected = HEADER_BYTES + 2 * ntok
+    if ntok < 0 or size != expected:
+        raise UserInputError(
+            f"{path}: truncated or corrupt shard: header says {ntok:,} tokens "
+            f"({expected:,} bytes) but the file has {size:,} bytes")
+    return ntok, vocab
+
+
+def open_shard(path) -> np.ndarray:
+    """The tokens of a shard, memory-mapped read-only (uint16)."""
+    ntok, _ = read_shard_header(path)
+    if ntok == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(ntok,))

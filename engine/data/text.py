@@ -1,0 +1,149 @@
+"""Text files to tokens: reading, UTF-8 checks with line numbers, folder walks,
+and tokenization that gives exactly `tokenizer.encode(text)` while working on
+pieces (cut where GPT-2's pre-tokenizer cannot join across the cut)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from engine.data.shards import TOKEN_DTYPE
+from engine.errors import UserInputError
+from engine.tokenizer import ByteTokenizer
+
+DEFAULT_CHUNK_BYTES = 1 << 20       # text per tokenization task
+
+# Files a folder walk treats as text; explicitly named files are read whatever
+# their suffix (and rejected if they are not UTF-8).
+TEXT_SUFFIXES = frozenset({
+    ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc",
+    ".html", ".htm", ".xml", ".csv", ".tsv"})
+
+# A place to cut text for parallel tokenization without changing the tokens: a
+# single newline between two printable ASCII characters. GPT-2's pre-tokenizer
+# never joins a newline to a non-space neighbour, and a lone newline is its own
+# piece whether or not it ends the text, so cutting right after it is exact.
+_SAFE_CUT = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")
+
+
+def utf8_error(path: Path, offset: int, err: UnicodeDecodeError) -> UserInputError:
+    # Count lines up to the bad byte by streaming, so huge files cost no memory.
+    line, last_nl, done = 1, -1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            block = f.read(min(1 << 20, offset - done))
+            if not block:
+                break
+            line += block.count(b"\n")
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                last_nl = done + nl
+            done += len(block)
+    column = offset - last_nl
+    return UserInputError(
+        f"{path}: not valid UTF-8 at byte offset {offset} (line {line}, byte {column} of "
+        f"the line): {err.reason}; save the file as UTF-8")
+
+
+def safe_cuts(buf, start: int, end: int, chunk_bytes: int) -> list[int]:
+    """Offsets in [start, end] that cut buf[start:end] into ~chunk_bytes pieces
+    which tokenize exactly like the whole (see `_SAFE_CUT`)."""
+    cuts = [start]
+    pos = start
+    while end - pos > chunk_bytes:
+        m = _SAFE_CUT.search(buf, pos + chunk_bytes - 1, end)
+        if m is None:
+            break
+        pos = m.end()
+        cuts.append(pos)
+    cuts.append(end)
+    return cuts
+
+
+def encode_bytes(tokenizer, chunks: list[bytes]) -> np.ndarray:
+    if isinstance(tokenizer, ByteTokenizer):
+        return np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(TOKEN_DTYPE)
+    ids = tokenizer.encode_batch([c.decode("utf-8") for c in chunks],
+                                 num_threads=os.cpu_count() or 1)
+    return np.concatenate([np.asarray(i, dtype=np.int64) for i in ids]).astype(TOKEN_DTYPE) \
+        if ids else np.zeros(0, dtype=TOKEN_DTYPE)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError as e:
+        raise UserInputError(f"{path}: is a directory, expected a text file") from e
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def tokenize_file(path, tokenizer, *, document_eot: bool = False,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """All tokens of a UTF-8 text file as uint16, identical to
+    `tokenizer.encode(text)` (prefixed by the eot token when `document_eot`)."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if not data:
+        raise UserInputError(f"{path}: file is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise utf8_error(path, e.start, e) from None
+    if tokenizer.vocab_size > 2 ** 16:
+        raise UserInputError(
+            f"{path}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 holds 65536")
+    cuts = safe_cuts(data, 0, len(data), chunk_bytes)
+    tokens = encode_bytes(tokenizer, [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+    if document_eot and tokenizer.eot_token is not None:
+        tokens = np.concatenate([np.array([tokenizer.eot_token], dtype=TOKEN_DTYPE), tokens])
+    return tokens
+
+
+def _looks_like_text(path: Path) -> bool:
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return False
+    return b"\0" not in head
+
+
+def find_text_files(inputs) -> list[Path]:
+    """The text files named by `inputs` (files, or folders walked recursively in
+    sorted order, skipping hidden entries), without duplicates."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = []
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    f = Path(root) / name
+                    if not name.startswith(".") and f.is_file() and _looks_like_text(f):
+                        found.append(f)
+            if not found:
+                raise UserInputError(
+                    f"{p}: no text files found in this folder (looked for "
+                    f"{', '.join(sorted(TEXT_SUFFIXES))} and suffix-less text files)")
+            files.extend(found)
+        else:
+            raise UserInputError(f"{p}: no such file or directory")
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique

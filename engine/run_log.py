@@ -1,0 +1,104 @@
+"""What a run leaves to read: the log line per step, metrics.csv and loss.png.
+
+`RunLog` keeps the history of the whole run (on resume, the rows of the earlier
+steps are read back from metrics.csv, so the plot shows the run from step 0),
+writes one CSV row per logged step, and draws the loss curve. Rewrites of the
+CSV (on resume, dropping rows of abandoned steps) are atomic. Only the master
+rank writes; the others keep the history and stay silent.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import pathlib
+
+from engine.fileio import atomic_write
+
+CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "val_loss", "skipped")
+
+
+def format_step_line(row: dict) -> str:
+    line = (f"step {row['step']:5d} | loss {row['loss']:.6f} | lr {row['lr']:.4e} | "
+            f"norm {row['grad_norm']:.4f} | dt {row['dt_ms']:.2f}ms | tok/sec {row['tokens_per_sec']:.2f}")
+    if row.get("skipped"):
+        line += " | skipped (non-finite: the weights did not change)"
+    return line
+
+
+def _number(text: str):
+    if text in ("", None):
+        return None
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+class RunLog:
+    def __init__(self, run_dir, *, master: bool, log=print):
+        self.run_dir = pathlib.Path(run_dir)
+        self.master = master
+        self.log = log if master else (lambda *a, **k: None)
+        self.history: list[dict] = []
+
+    @property
+    def csv_path(self) -> pathlib.Path:
+        return self.run_dir / "metrics.csv"
+
+    def start(self, first_step: int) -> None:
+        """Keep the rows of steps before `first_step` (a resumed run), drop the rest."""
+        kept = []
+        if first_step > 0 and self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                for r in csv.DictReader(f):
+                    if r.get("step", "").isdigit() and int(r["step"]) < first_step:
+                        kept.append({k: _number(r.get(k)) for k in CSV_FIELDS})
+        self.history = [dict(r, skipped=bool(r.get("skipped"))) for r in kept]
+        if not self.master:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(self._csv_row(r) for r in kept)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.csv_path, lambda f: f.write(buf.getvalue().encode()))
+
+    @staticmethod
+    def _csv_row(row: dict) -> dict:
+        out = {k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS}
+        out["skipped"] = 1 if row.get("skipped") else ""
+        return out
+
+    def record(self, row: dict) -> None:
+        """One step: the history, the log line and the CSV row."""
+        self.history.append(row)
+        if not self.master:
+            return
+        self.log(format_step_line(row))
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(self._csv_row(row))
+
+    def plot(self) -> pathlib.Path | None:
+        """loss.png: the train loss of every step and the val loss where evaluated."""
+        finite = [h for h in self.history if h["loss"] is not None and math.isfinite(h["loss"])]
+        if not self.master or not finite:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        ax.plot([h["step"] for h in finite], [h["loss"] for h in finite], label="train")
+        val = [(h["step"], h["val_loss"]) for h in self.history if h.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "o-", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = self.run_dir / "loss.png"
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        atomic_write(path, lambda f: f.write(buf.getvalue()))
+        self.log(f"loss curve: {path}")
+        return path

@@ -1,0 +1,93 @@
+"""One training step, build-nanogpt's inner loop: the only copy of it.
+
+The eager trainer, the CUDA-graph capture (engine.cuda_graph) and the training
+benchmark all call `train_step`:
+
+    zero the gradients
+    for each micro-batch: forward under autocast, loss / accum, backward
+    clip the global gradient norm
+    AdamW step, unless the loss or the norm is not finite
+
+A step whose loss or gradient norm is NaN or infinite never reaches the weights:
+the optimizer skips it on the device (a `found_inf` flag, as torch's GradScaler
+hands it to the fused AdamW kernels), so the CUDA graph needs no host sync for
+it. Optimizers without that flag (torch's non-fused AdamW on the CPU) check it on
+the host, which costs nothing there. The trainer reads loss and norm when it
+logs and decides what to do about a run of skipped steps.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.profiler import record_function
+
+
+def autocast_factory(dtype: str, device_type: str, cache_enabled: bool = True):
+    """A zero-argument callable giving a fresh autocast context: bf16 autocast for
+    dtype "bf16", no autocast otherwise. A captured CUDA graph needs
+    cache_enabled=False: autocast's cache of cast weights would hold tensors of the
+    capture that replays never refresh."""
+    if dtype == "bf16":
+        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16,
+                                      cache_enabled=cache_enabled)
+    return contextlib.nullcontext
+
+
+def _skips_on_device(optimizer) -> bool:
+    """Whether `optimizer.step()` honours a device-side `found_inf` flag."""
+    if getattr(optimizer, "supports_found_inf", False):  # FusedAdamW
+        return True
+    return isinstance(optimizer, torch.optim.AdamW) and any(g.get("fused") for g in optimizer.param_groups)
+
+
+def optimizer_step_if_finite(optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step() when the 0-d bool tensor `finite` is true; nothing otherwise
+    (weights, moments and step counts untouched)."""
+    if _skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+
+
+def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_clip: float,
+               autocast, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over the micro-batches xs[i], ys[i] (xs, ys: (accum, B, T)
+    int64 on the model's device). Returns (mean loss, global grad norm before
+    clipping) as 0-d fp32 device tensors; reading them is the caller's host sync.
+
+    `model` may be wrapped in DDP: the gradients are all-reduced once, after the
+    last micro-batch's backward. `all_reduce(t)` (in place, mean over ranks) makes
+    the logged loss the global one. grad_clip <= 0 means no clipping.
+    """
+    accum = xs.size(0)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Gradients are zeroed in place, never freed: their addresses stay fixed, which
+    # the captured graph and FusedAdamW's launch table rely on.
+    optimizer.zero_grad(set_to_none=False)
+    loss = torch.zeros((), dtype=torch.float32, device=xs.device)
+    no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce before the last backward
+    for i in range(accum):
+        last = i == accum - 1
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+            with record_function("forward"), autocast():
+                _, micro_loss = model(xs[i], ys[i], return_logits=False)
+            micro_loss = micro_loss / accum
+            loss += micro_loss.detach().float()
+            with record_function("backward"):
+                micro_loss.backward()
+    if all_reduce is not None:
+        all_reduce(loss)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    with record_function("optimizer_step"):
+        optimizer_step_if_finite(optimizer, finite)
+    return loss, norm.float()
