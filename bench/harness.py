@@ -269,6 +269,7 @@ def measure_variant(case: Case, variant: str, *, ceilings: Ceilings | None = Non
                 block_s += seconds_per_call(subject.block.call, dev, n=1) * subject.block.inner
                 samples, theirs = driver.paired(me.block, subject.block, dev, round_count(block_s, dev))
                 r.set_speedup(Spread.of([m / t for m, t in zip(samples, theirs)]))
+                r.subject_seconds = Spread.of(theirs).median
             r.seconds = Spread.of(samples).median
             r.rounds, r.calls_per_round = len(samples), me.block.inner
             r.metrics = metrics_for(case, r.seconds, ceilings)
@@ -373,6 +374,7 @@ def run_benchmark(benchmark, case: Case, variant: str, registry: Registry | None
     if result.subject_speedup is not None:
         info[f"{case.subject}_speedup"] = result.subject_speedup
         info[f"{case.subject}_speedup_iqr"] = [result.subject_speedup_q1, result.subject_speedup_q3]
+        info[f"{case.subject}_ms_same_rounds"] = result.subject_seconds * 1e3
     if registry is not None:
         registry.add(result)
     return result

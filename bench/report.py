@@ -50,7 +50,8 @@ def default_out_dir(env: dict) -> pathlib.Path:
 # Output
 # --------------------------------------------------------------------------
 
-COLUMNS = ("op", "shape", "variant", "ms", "ours vs this [IQR]", "throughput", "% of ceiling", "check")
+COLUMNS = ("op", "shape", "variant", "ms", "ours ms (same rounds)", "ours vs this [IQR]", "throughput",
+           "% of ceiling", "check")
 
 
 def _memory_text(m: dict) -> str:
@@ -66,6 +67,7 @@ def _cells(r: Result) -> tuple[str, ...]:
     pct = ceiling_pct(r.metrics)
     return (r.group, r.params, r.variant,
             f"{r.seconds * 1e3:.4g}" if r.seconds is not None else "-",
+            f"{r.subject_seconds * 1e3:.4g}" if r.subject_seconds is not None else "-",
             r.speedup_text() if r.seconds is not None else "-",
             throughput_text(r.metrics) + _memory_text(r.metrics),
             f"{pct:.1f}%" if pct is not None else "-",

@@ -29,6 +29,7 @@ class Result:
     subject_speedup: float | None = None
     subject_speedup_q1: float | None = None
     subject_speedup_q3: float | None = None
+    subject_seconds: float | None = None   # the subject's median per call in those same rounds
     rounds: int = 0
     calls_per_round: int = 0
     meta: dict = field(default_factory=dict)  # the case's shape fields and facts (graphs on, ...)
@@ -128,13 +129,16 @@ def best_peers(results: list[Result]) -> list[tuple[Result, Result | None, list[
 
 
 def peer_rows(results: list[Result]) -> list[tuple[str, ...]]:
-    """op, shape, ours ms, best peer, its ms, ours vs it, % of ceiling (ours / peer), peers not run."""
+    """op, shape, ours ms, best peer, its ms, ours vs it, % of ceiling (ours / peer), peers not run.
+    Both times come from the same paired rounds as the ratio."""
     rows = []
     for subject, best, missing in best_peers(results):
         ours_ms = f"{subject.seconds * 1e3:.4g}" if subject.ok else subject.check[:40]
         pct = ceiling_pct(subject.metrics)
         pct_text = f"{pct:.1f}%" if pct is not None else "-"
         if best is not None:
+            if best.subject_seconds is not None:  # ours as timed in the rounds paired with this peer
+                ours_ms = f"{best.subject_seconds * 1e3:.4g}"
             peer_pct = ceiling_pct(best.metrics)
             pct_text += f" / {peer_pct:.1f}%" if peer_pct is not None else ""
             best_cells = (best.variant, f"{best.seconds * 1e3:.4g}", best.speedup_text())
@@ -163,12 +167,14 @@ class Registry:
         return bool(self.results or self.sections)
 
     def summary_lines(self) -> list[str]:
-        rows = [("group", "params", "variant", "ms/call", "subject vs this [IQR]", "rounds", "throughput")]
+        rows = [("group", "params", "variant", "ms/call", "subject ms (same rounds)",
+                 "subject vs this [IQR]", "rounds", "throughput")]
         for r in sorted(self.results.values(),
                         key=lambda r: (r.group, r.params, not r.is_subject, r.variant)):
             ms = f"{r.seconds * 1e3:.4g}" if r.seconds is not None else "-"
+            subject_ms = f"{r.subject_seconds * 1e3:.4g}" if r.subject_seconds is not None else "-"
             rounds = f"{r.rounds}x{r.calls_per_round}" if r.rounds else "-"
-            rows.append((r.group, r.params, r.variant, ms, r.speedup_text(), rounds,
+            rows.append((r.group, r.params, r.variant, ms, subject_ms, r.speedup_text(), rounds,
                          throughput_text(r.metrics)))
         return _table(rows)
 

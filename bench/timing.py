@@ -33,7 +33,7 @@ MAX_CALLS_PER_BLOCK = 1000
 MIN_ROUNDS = 7
 MAX_ROUNDS = 60
 # Wall time spent on the timed rounds of one measurement (both variants of a pair).
-ROUNDS_BUDGET_S = {"cuda": 0.6, "cpu": 1.0}
+ROUNDS_BUDGET_S = {"cuda": 0.6, "cpu": 2.0}
 # Torch threads while a CPU call is measured.
 CPU_THREADS = 1
 
