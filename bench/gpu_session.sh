@@ -27,15 +27,15 @@
 # prints its summary, the report writes what it measured and marks the rest
 # "skipped: interrupted". The tail of the output is the verdicts, not the logs.
 set -u
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 usage="usage: bash bench/gpu_session.sh [--out DIR] [--deadline SECONDS] [--full] [--tiktoken-cache DIR] [--commit REV] [all|tests|report]"
-out="" deadline_s=540 full=0 commit="" phase=all
+out="" deadline_s=540 full=0 commit="" phase=all tiktoken_cache=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="${2:?$usage}"; shift 2 ;;
     --deadline) deadline_s="${2:?$usage}"; shift 2 ;;
     --full) full=1; shift ;;
-    --tiktoken-cache) export TIKTOKEN_CACHE_DIR="$(cd "${2:?$usage}" && pwd)"; shift 2 ;;
+    --tiktoken-cache) tiktoken_cache="${2:?$usage}"; shift 2 ;;
     --commit) commit="${2:?$usage}"; shift 2 ;;
     all|tests|report) phase="$1"; shift ;;
     -h|--help) echo "$usage"; exit 0 ;;
@@ -45,8 +45,15 @@ done
 case "$deadline_s" in ''|*[!0-9]*) echo "gpu_session: --deadline takes whole seconds, got '$deadline_s'" >&2; exit 2 ;; esac
 started=$(date +%s)
 left() { echo $(( deadline_s - ($(date +%s) - started) )); }
-[ -n "$out" ] || out="bench/results/gpu-session-$(date +%Y%m%d-%H%M%S)"
-mkdir -p "$out"
+# Paths given on the command line are relative to where it was run; then the repo root.
+if [ -n "$tiktoken_cache" ]; then
+  TIKTOKEN_CACHE_DIR="$(cd "$tiktoken_cache" 2>/dev/null && pwd)" || {
+    echo "gpu_session: --tiktoken-cache: no folder $tiktoken_cache" >&2; exit 2; }
+  export TIKTOKEN_CACHE_DIR
+fi
+[ -n "$out" ] || out="$repo/bench/results/gpu-session-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
+cd "$repo"
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -z "${TIKTOKEN_CACHE_DIR:-}" ]; then

@@ -188,7 +188,11 @@ class Case:
                 raise CheckFailed(f"{self.group} {self.params} {variant}: non-finite output(s) {bad}")
             errs = [rel_err(b, r) for b, r in zip(flatten(base), flatten(ref)) if r is not None]
             return f"pass (baseline, max error {max(errs, default=0.0):.2e})"
-        base = self.baseline_outputs()
+        try:
+            base = self.baseline_outputs()
+        except Unavailable as e:
+            raise Unavailable(f"{variant} cannot be checked: the baseline {self.baseline} it is "
+                              f"judged against cannot run here ({e})") from None
         ok, detail, _ = compare(outs, base, ref, self.tol_factor, self.tol_floor)
         if not ok:
             raise CheckFailed(f"{self.group} {self.params} {variant}: {detail}")

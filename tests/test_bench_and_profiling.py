@@ -200,12 +200,14 @@ def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, m
                     reason="needs bash and coreutils' timeout")
 def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
     script = str(ROOT / "bench" / "gpu_session.sh")
-    for bad_args in (["everything"], ["--deadline", "soon"]):
+    for bad_args in (["everything"], ["--deadline", "soon"], ["--tiktoken-cache", "/no/such/folder"]):
         bad = subprocess.run(["bash", script, *bad_args], cwd=ROOT, capture_output=True, text=True)
         assert bad.returncode == 2 and "gpu_session" in bad.stderr, bad_args
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", script, "--out", str(out), "--deadline", "120", "--commit", "abc1234",
-                           "report"], cwd=tmp_path, capture_output=True, text=True,
+    (tmp_path / "bpe").mkdir()
+    # Relative paths are taken from where the script is run, not from the repository.
+    proc = subprocess.run(["bash", script, "--out", "out", "--tiktoken-cache", "bpe", "--deadline", "120",
+                           "--commit", "abc1234", "report"], cwd=tmp_path, capture_output=True, text=True,
                           env=child_env(PYTHON=sys.executable), timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     env_lines = (out / "environment.txt").read_text()
@@ -287,6 +289,14 @@ def test_a_peer_is_timed_alone_when_ours_cannot_run():
     r = measure_variant(case, "peer", log=notes.append)
     assert r.check.startswith("pass") and r.seconds >= 1e-3 and r.subject_speedup is None
     assert "timed alone" in notes[0] and "no such variant here" in notes[0]
+
+
+def test_a_variant_whose_baseline_cannot_run_says_so():
+    case = Case("toy", "n=4", ["ours", "gone"], "gone", _sleeper({"ours": 0.0}),
+                reference=lambda: torch.ones(4), device="cpu")
+    r = measure_variant(case, "ours")
+    assert r.check == ("skipped: ours cannot be checked: the baseline gone it is judged against "
+                       "cannot run here (no such variant here)") and r.seconds is None
 
 
 def test_gpu_plan_lists_every_comparison_lazily():

@@ -77,10 +77,10 @@ def test_recorder_classifies_ops_and_counts_bytes():
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(y_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
-    x = torch.ones(5, 4)
-    w = torch.ones(3, 4)
+    x = torch.ones(5, 4, device=DEVICE)
+    w = torch.ones(3, 4, device=DEVICE)
     for run_triton in (False, True):
-        y = torch.zeros(20)
+        y = torch.zeros(20, device=DEVICE)
         with anatomy.Recorder(tokens=5, width=4, run_triton=run_triton) as rec:
             rec.phase = "forward"
             x.to(torch.float16)           # activation-sized cast
@@ -89,7 +89,7 @@ def test_recorder_classifies_ops_and_counts_bytes():
             x @ w.t()                     # a matmul (mm, after the free transpose)
             torch.stack([x, x])           # activation-sized stack
             double[(1,)](x, y, 20, BLOCK=32)
-        ops = [o for o in rec.ops]
+        ops = list(rec.ops)
         by_name = {o.name: o for o in ops}
         cast = [o for o in ops if o.name == "aten._to_copy.default"]
         assert [(o.category, o.activation_sized, o.bytes) for o in cast] == [
@@ -101,7 +101,7 @@ def test_recorder_classifies_ops_and_counts_bytes():
         launch = by_name["triton:double"]
         assert (launch.category, launch.launches, launch.bytes, launch.dot) == ("triton", 1, 2 * 80, False)
         assert {o.phase for o in ops} == {"forward"}
-        assert torch.equal(y, torch.full((20,), 2.0) if run_triton else torch.zeros(20))
+        assert torch.equal(y.cpu(), torch.full((20,), 2.0) if run_triton else torch.zeros(20))
     assert anatomy.Anatomy(ops, 1, 5, 4).activation_copies() == [cast[0], by_name["aten.stack.default"]]
 
 
