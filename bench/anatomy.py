@@ -43,8 +43,8 @@ from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("matmul", "triton", "copy", "stack", "sync", "other", "free")
 
-_MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "vdot",
-               "linear", "_scaled_mm", "_int_mm"}
+_MATMUL_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "addbmm_", "matmul",
+               "mv", "addmv", "addmv_", "dot", "vdot", "linear", "_scaled_mm", "_int_mm"}
 _COPY_OPS = {"_to_copy", "copy_", "copy", "_copy_from", "_copy_from_and_resize"}
 _STACK_OPS = {"stack", "cat", "clone", "_cat"}
 _SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal"}
@@ -67,6 +67,7 @@ class Op:
     activation_sized: bool  # touches a tensor of at least one residual stream (B*T*C)
     dot: bool = False      # a Triton kernel with tl.dot (compute-bound, counted with matmuls)
     shapes: str = ""       # "bf16[37, 768] -> fp32[37, 768]", for messages
+    sizes: tuple = ()      # the shapes of the tensors it reads and writes
 
     @property
     def matmul_class(self) -> bool:
@@ -150,7 +151,8 @@ class Recorder(TorchDispatchMode):
             bytes=sum(_nbytes(t) for t in moved),
             token_bytes=sum(_nbytes(t) for t in moved if self._scales(t)),
             activation_sized=any(self._scales(t) and t.numel() >= self.tokens * self.width for t in moved),
-            dot=dot, shapes=f"{_describe(reads)} -> {_describe(writes)}" if writes else _describe(reads)))
+            dot=dot, shapes=f"{_describe(reads)} -> {_describe(writes)}" if writes else _describe(reads),
+            sizes=tuple(tuple(t.shape) for t in moved)))
 
     # -- aten ops -------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -319,6 +321,7 @@ class StepFigures:
     step_launches_per_micro_step: float  # the step's own, per micro-step (loss scaling, sum)
     step_launches_once: float            # zeroing gradients, clipping, optimizer: once per step
     bytes_per_micro_step: float          # outside matmuls, model forward + backward
+    vocab_cast_bytes_per_micro_step: float  # of which casts of vocabulary-wide tensors (see step_figures)
     step_bytes_once: float               # outside matmuls, once per step
     activation_copies_per_micro_step: float
     host_syncs_per_step: int             # values read back to the host (0 lets a CUDA graph capture it)
@@ -362,7 +365,13 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
       model's parameter count;
     - with `direct`, the full-size micro-step recorded as well, shapes only (a check
       of the extrapolation that also sees size-dependent launches, such as the
-      cross-entropy's chunks over rows)."""
+      cross-entropy's chunks over rows).
+
+    Recorded on a CPU, a kernel's launcher takes its CPU path where it has one: the
+    cross-entropy accumulates its weight gradient with an fp32-output GEMM on a GPU,
+    which the CPU's torch lacks, so on a CPU it upcasts its vocabulary-wide operands
+    first. `vocab_cast_bytes_per_micro_step` is what such casts (copies of token x
+    vocabulary tensors) add to the bytes."""
     shallow_l, deep_l = depths
     tokens, rec_tokens = batch_size * seq_len, record_seq_len
     scale = tokens / rec_tokens
@@ -372,6 +381,11 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
     tpl, tfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: a.bytes_outside_matmuls(True))
     ppl, pfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: a.bytes_outside_matmuls(False))
     cpl, cfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: len(a.activation_copies()))
+    vocab = gpt2_width_config(deep_l).padded_vocab_size
+    vocab_casts = [o for o in micro[deep_l].ops if o.category == "copy" and o.launches and o.token_bytes
+                   and any(vocab in size for size in o.sizes)]
+    vocab_cast_bytes = (sum(o.token_bytes for o in vocab_casts) * scale
+                        + sum(o.bytes - o.token_bytes for o in vocab_casts))
 
     per_micro, once, once_bytes_per_param, syncs = [], {}, [], 0
     for L in depths:
@@ -393,6 +407,7 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
         step_launches_per_micro_step=per_micro[-1],
         step_launches_once=once[shallow_l] + opl * (n_layer - shallow_l),
         bytes_per_micro_step=(tfix + tpl * n_layer) * scale + pfix + ppl * n_layer,
+        vocab_cast_bytes_per_micro_step=vocab_cast_bytes,
         step_bytes_once=once_bytes_per_param[-1] * n_params,
         activation_copies_per_micro_step=cfix + cpl * n_layer,
         host_syncs_per_step=syncs,
@@ -532,6 +547,10 @@ def figures_lines(fig: StepFigures, accums: tuple[int, ...] = (1, 32)) -> list[s
         f"bytes outside matmuls per micro-step: {fig.bytes_per_micro_step / gb:.2f} GB; "
         f"once per step: {fig.step_bytes_once / gb:.2f} GB",
     ]
+    if fig.vocab_cast_bytes_per_micro_step:
+        lines.append(f"  of which casts of vocabulary-wide tensors: "
+                     f"{fig.vocab_cast_bytes_per_micro_step / gb:.2f} GB per micro-step (a CPU path: "
+                     f"without them {(fig.bytes_per_micro_step - fig.vocab_cast_bytes_per_micro_step) / gb:.2f} GB)")
     lines += [f"bytes outside matmuls per step at accum={a}: {fig.bytes_per_step(a) / gb:.2f} GB"
               for a in accums]
     if fig.direct is not None:

@@ -7,6 +7,7 @@ context. Both paths give the same tokens under one seed.
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -52,7 +53,8 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k, top_p):
 @torch.no_grad()
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             eos_token: int | None = None, use_cache: bool = True) -> torch.Tensor:
+             eos_token: int | None = None, use_cache: bool = True,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue each row of `idx` (B, T) by up to `max_new_tokens` tokens.
 
     temperature=0 is greedy decoding. Sampling draws from a torch.Generator seeded
@@ -61,6 +63,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     The cache holds block_size positions; past that, it is primed again from the
     last block_size // 2 tokens (the uncached path slides a block_size window, so
     the two agree exactly only within block_size).
+    `on_token`, when given, is called with each step's new tokens (B, 1) as soon
+    as they are chosen (rows already finished get `eos_token`): for streaming.
     """
     _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
@@ -102,6 +106,8 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
                 next_token = torch.where(finished[:, None], torch.full_like(next_token, eos_token), next_token)
                 finished |= next_token[:, 0] == eos_token
             out = torch.cat([out, next_token], dim=1)
+            if on_token is not None:
+                on_token(next_token)
             if eos_token is not None and bool(finished.all()):
                 break
     finally:

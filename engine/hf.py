@@ -19,15 +19,33 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 GELU_TANH_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
+# GPT2Config switches that change the function the network computes, the value
+# GPT-2 (and this engine) has, and what the other value would mean. A checkpoint
+# with the other value is refused: it would load and give wrong logits.
+# `reorder_and_upcast_attn` is not here: it computes the same attention scores,
+# only in fp32 under half-precision autocast (a training-stability switch), and
+# this engine's attention already accumulates its scores in fp32.
+# `layer_norm_epsilon` is supported (GPTConfig.layer_norm_eps); dropout
+# probabilities and the `summary_*` fields of the double-heads model do not
+# touch a language model's logits.
+MATH_SWITCHES = (
+    ("scale_attn_weights", True, "attention scores without the 1/sqrt(head_dim) scale"),
+    ("scale_attn_by_inverse_layer_idx", False, "attention scores also scaled by 1/(layer index + 1)"),
+    ("add_cross_attention", False, "cross-attention layers (an encoder-decoder variant)"),
+)
+
 
 def _read_config(path: pathlib.Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserInputError(f"{config_file}: missing (a Hugging Face GPT-2 directory needs config.json)")
     try:
-        return json.loads(config_file.read_text())
+        data = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserInputError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{config_file}: expected a JSON object of GPT-2 config fields")
+    return data
 
 
 def config_from_hf(hf: dict, source: str, **overrides) -> GPTConfig:
@@ -36,9 +54,16 @@ def config_from_hf(hf: dict, source: str, **overrides) -> GPTConfig:
         raise UserInputError(f"{source}: model_type is {model_type!r}, expected 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU_TANH_NAMES:
-        raise UserInputError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
+        raise UserInputError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU "
+                             f"({', '.join(GELU_TANH_NAMES)}); this model does not implement it")
     if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
-        raise UserInputError(f"{source}: n_inner {hf['n_inner']} is not 4 * n_embd")
+        raise UserInputError(f"{source}: n_inner {hf['n_inner']} is not 4 * n_embd; this model's MLP "
+                             "is 4 * n_embd wide")
+    for field, gpt2_value, meaning in MATH_SWITCHES:
+        value = hf.get(field, gpt2_value)
+        if value != gpt2_value:
+            raise UserInputError(f"{source}: {field} is {json.dumps(value)} ({meaning}); this model "
+                                 f"implements only {json.dumps(gpt2_value)}, GPT-2's")
     try:
         fields = dict(
             block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
@@ -80,11 +105,43 @@ def _load_state_dict(path: pathlib.Path) -> tuple[dict, pathlib.Path]:
 
 
 def load_pretrained(cls, path, **overrides):
+    """A `cls` (GPT) from a Hugging Face GPT-2 folder, or from this engine's own
+    run folder or checkpoint file (engine.load). `overrides` set GPTConfig fields."""
+    from engine.load import load_engine_model, source_kind
+    if source_kind(path) != "hf":
+        return load_engine_model(cls, path, **overrides)[0]
+    return load_hf_folder(cls, path, **overrides)
+
+
+def _check_lm_head(hf_state: dict, hf_config: dict, weights_file) -> None:
+    """This model ties the LM head to the token embedding: an lm_head.weight that
+    differs from wte (an untied head) is refused, and so is a config that says the
+    head is untied without providing one."""
+    heads = [k for k in hf_state if k.endswith("lm_head.weight")]
+    wtes = [k for k in hf_state if k.endswith("wte.weight")]
+    tied = hf_config.get("tie_word_embeddings", True)
+    if not heads:
+        if tied is False:
+            raise UserInputError(f"{weights_file}: tie_word_embeddings is false in config.json but there "
+                                 "is no lm_head.weight; this model ties the LM head to wte")
+        return
+    head = hf_state[heads[0]]
+    wte = hf_state[wtes[0]] if wtes else None
+    if wte is None or head.shape != wte.shape or not torch.equal(head, wte):
+        raise UserInputError(f"{weights_file}: lm_head.weight differs from wte.weight (an untied LM "
+                             f"head, tie_word_embeddings={json.dumps(tied)}); this model ties them")
+
+
+def load_hf_folder(cls, path, **overrides):
+    """A `cls` (GPT) from a Hugging Face GPT-2 folder; variants the model does not
+    implement are refused, naming the config field or weight."""
     path = pathlib.Path(path)
     if not path.is_dir():
         raise UserInputError(f"{path}: not a directory (expected a Hugging Face GPT-2 checkpoint)")
-    config = config_from_hf(_read_config(path), str(path / "config.json"), **overrides)
+    hf_config = _read_config(path)
+    config = config_from_hf(hf_config, str(path / "config.json"), **overrides)
     hf_state, weights_file = _load_state_dict(path)
+    _check_lm_head(hf_state, hf_config, weights_file)
 
     model = cls(config)
     ours = model.state_dict()
@@ -94,7 +151,7 @@ def load_pretrained(cls, path, **overrides):
         if name.endswith(IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight":
-            continue  # tied to wte, which is loaded
+            continue  # equal to wte (checked above), which is loaded
         target = f"transformer.{name}"
         if target not in ours:
             raise UserInputError(f"{weights_file}: unexpected key {key!r} for a GPT-2 model")

@@ -108,11 +108,14 @@ def _autocast_dtype(x: torch.Tensor):
 
 
 class TritonOps:
-    """The kernels, with the dtype plumbing autocast would otherwise do.
+    """The kernels, fed as autocast would feed PyTorch's ops.
 
     Under bf16 autocast the residual stream stays fp32 (as with the torch backend)
-    while everything that feeds a matmul is bf16: the LayerNorm kernels write their
-    output straight in the matmul dtype.
+    while everything that feeds a matmul is bf16: the LayerNorm kernels read the
+    bf16 branch, the fp32 stream and the fp32 weights as they are and write their
+    output straight in bf16; the loss reads the fp32 (tied) weight as it is.
+    Dropout masks come from a seed drawn per call from the device's default
+    generator: reproducible under torch.manual_seed, advanced by CUDA-graph replays.
     """
 
     name = "triton"
@@ -122,18 +125,15 @@ class TritonOps:
 
         self._k = kernels
 
+    @staticmethod
+    def _seed(x, dropout_p):
+        if dropout_p <= 0:
+            return None
+        return torch.randint(2 ** 62, (1,), device=x.device, dtype=torch.int64)
+
     def dropout_add_layer_norm(self, x, residual, weight, bias, eps, dropout_p=0.0):
-        if dropout_p > 0:
-            raise ValueError("the triton backend has no dropout yet; set dropout=0 or use backend='torch'")
-        out_dtype = _autocast_dtype(x)
-        if residual is None:
-            y = self._k.layer_norm(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                                   eps, out_dtype=out_dtype)
-            return y, x
-        stream = residual.dtype
-        h, y = self._k.add_layer_norm(residual, x.to(stream), weight.to(stream),
-                                      None if bias is None else bias.to(stream), eps,
-                                      out_dtype=out_dtype)
+        h, y = self._k.add_layer_norm(x, residual, weight, bias, eps, out_dtype=_autocast_dtype(x),
+                                      dropout_p=dropout_p, seed=self._seed(x, dropout_p))
         return y, h
 
     def attention(self, q, k, v, causal=True, dropout_p=0.0):
@@ -143,8 +143,10 @@ class TritonOps:
         return self._k.flash_attention(q, k, v, causal=causal)
 
     def attention_qkvpacked(self, qkv, dropout_p=0.0):
-        q, k, v = _unpack_qkv(qkv)
-        return self.attention(q, k, v, causal=True, dropout_p=dropout_p)
+        if dropout_p > 0:
+            raise ValueError("the triton backend has no attention dropout yet; "
+                             "set dropout=0 or use backend='torch'")
+        return self._k.flash_attention_qkvpacked(qkv, causal=True)
 
     def linear_gelu(self, x, weight, bias):
         dtype = _autocast_dtype(x) or x.dtype
@@ -157,9 +159,8 @@ class TritonOps:
         with torch.autocast(x.device.type, enabled=False):
             # The loaders check target ids on the CPU: the kernel's own check would
             # sync with the host once per call.
-            return self._k.linear_cross_entropy(x.to(dtype), weight.to(dtype), targets,
-                                                ignore_index=ignore_index, num_classes=num_classes,
-                                                check_targets=False)
+            return self._k.linear_cross_entropy(x.to(dtype), weight, targets, ignore_index=ignore_index,
+                                                num_classes=num_classes, check_targets=False)
 
 
 class AutoOps:

@@ -21,16 +21,6 @@ from torch.profiler import ProfilerActivity, profile, schedule
 TOP_OPS = 15
 
 
-def _sort_key(device_type: str, events) -> str:
-    if device_type != "cuda":
-        return "cpu_time_total"
-    # torch >= 2.4 names it self_device_time_total; older releases self_cuda_time_total.
-    sample = next(iter(events), None)
-    if sample is not None and not hasattr(sample, "self_device_time_total"):
-        return "self_cuda_time_total"
-    return "self_device_time_total"
-
-
 def profile_training(run_step, out_dir, device_type: str, wait: int = 1, warmup: int = 1,
                      active: int = 3, log=print) -> pathlib.Path:
     """Run `run_step(i)` for i in range(wait + warmup + active) under the profiler and
@@ -58,7 +48,8 @@ def profile_training(run_step, out_dir, device_type: str, wait: int = 1, warmup:
         # them once the cycle ends (and warn when asked afterwards).
         prof.export_chrome_trace(str(trace_path))
         events = prof.key_averages()
-        tables.append(events.table(sort_by=_sort_key(device_type, events), row_limit=TOP_OPS))
+        sort_by = "self_device_time_total" if cuda else "cpu_time_total"
+        tables.append(events.table(sort_by=sort_by, row_limit=TOP_OPS))
 
     with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active),
                  on_trace_ready=on_trace_ready, record_shapes=True, with_stack=False) as prof:

@@ -38,8 +38,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> str:
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = mps is not None and mps.is_available()
+    mps_ok = torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

@@ -1,15 +1,88 @@
-"""Launch plumbing shared by the kernel modules (not part of the public API)."""
+"""What every kernel module shares: input checks, the device rule, the one
+interpreter-versus-GPU policy, and constants (not part of the public API).
+
+Input checks (each raises one error whose message starts with the op's name and
+names the argument and what was expected, e.g.
+``layer_norm: weight has shape (5,); expected (768,)``):
+
+- ``check_tensor(op, arg, t, *, dtypes=, dim=, min_dim=, shape=, layout=,
+  last_stride_one=, optional=)``: type, dtype, rank, shape and last-dimension
+  stride of one tensor (TypeError for type and dtype, ValueError for the rest).
+- ``check_same_device(op, **tensors)``: every tensor given (None skipped) on the
+  first one's device, and that device allowed by ``check_device``.
+- ``check_same_dtype(op, **tensors)``: every tensor given (None skipped) in the
+  first one's dtype.
+- ``check_device(op, arg, device)``: CUDA, or CPU under Triton's working interpreter.
+- ``check_dtype(op, arg, dtype, dtypes)``: a dtype argument (e.g. ``out_dtype``).
+- ``check_real(op, arg, value, *, at_least=, below=)`` and
+  ``check_int(op, arg, value, *, at_least=, at_most=)``: Python scalars.
+
+Running kernels:
+
+- ``interpreting()``: whether Triton runs kernels in its CPU interpreter
+  (``TRITON_INTERPRET=1``). Read at call time, never frozen at import.
+- ``pick(gpu=..., interpreter=...)``: the value meant for how kernels run now;
+  every launch setting that differs between the two comes through it.
+- ``launch_autotuned(tuned, grid, args, meta, interpreter_config=)``: launches a
+  ``triton.autotune`` wrapper over GPU configs; under the interpreter, which
+  cannot benchmark, its plain kernel with one small config.
+- ``on_device(t)``: makes t's CUDA device the current one for a launch.
+- ``interpreter_problem()``: why this Triton's interpreter cannot run here, or None.
+
+Constants: ``FLOAT_DTYPES`` (what the kernels compute in) and
+``SMEM_BUDGET_BYTES`` (the shared memory a tile configuration may plan for).
+"""
 import contextlib
+import math
+import numbers
 import os
 import re
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Shared memory one block may plan for: an H100/H200 allows 227 KiB per block;
+# the rest is left for Triton's own scratch (reductions, layout conversions).
+SMEM_BUDGET_BYTES = 200 * 1024
+
+
+# ----------------------------------------------------------------------------- how kernels run
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter. Read at call time: tests
-    switch it with monkeypatch.setenv; config lists read it once, at import."""
+    """Whether Triton runs kernels in its CPU interpreter. Read at every call:
+    tests switch it with monkeypatch.setenv. (Whether a kernel object itself is
+    interpreted was fixed when `@triton.jit` decorated it.)"""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pick(*, gpu: T, interpreter: T) -> T:
+    """`interpreter` under Triton's CPU interpreter, else `gpu`, decided now.
+
+    The interpreter runs programs one after another through numpy, so it wants
+    few, small programs and one config; the GPU wants the tuned ones."""
+    return interpreter if interpreting() else gpu
+
+
+def launch_autotuned(tuned, grid, args, meta: dict, *, interpreter_config) -> None:
+    """Launch `tuned` (a `triton.autotune` wrapper over the GPU configs) with
+    grid(meta) programs. Under the interpreter, where autotuning over more than
+    one config fails ("0 active drivers"), its plain kernel runs with
+    `interpreter_config` (a triton.Config) instead."""
+    if not interpreting():
+        tuned[grid](*args, **meta)
+        return
+    cfg = interpreter_config
+    meta = {**meta, **cfg.kwargs}
+    tuned.fn[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device, which need not be t's: make it so."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -31,7 +104,18 @@ def interpreter_problem() -> str | None:
     return None
 
 
-def check_device(name: str, arg: str, device: torch.device) -> None:
+# ----------------------------------------------------------------------------- input checks
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _shape_text(shape) -> str:
+    items = ["*" if s is None else str(s) for s in shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def check_device(op: str, arg: str, device: torch.device) -> None:
     """Kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter
     (TRITON_INTERPRET=1), provided that interpreter works with the installed numpy."""
     if device.type == "cuda":
@@ -39,12 +123,101 @@ def check_device(name: str, arg: str, device: torch.device) -> None:
     if device.type == "cpu" and interpreting():
         problem = interpreter_problem()
         if problem:
-            raise RuntimeError(f"{name}: {problem}")
+            raise RuntimeError(f"{op}: {problem}")
         return
-    raise ValueError(f"{name}: {arg} is on {device}; a CUDA tensor is needed "
+    raise ValueError(f"{op}: {arg} is on {device}; a CUDA tensor is needed "
                      "(CPU tensors only under TRITON_INTERPRET=1)")
 
 
-def on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device, which need not be t's: make it so."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def check_tensor(op: str, arg: str, t, *, dtypes=None, dim: int | None = None,
+                 min_dim: int | None = None, shape=None, layout: str | None = None,
+                 last_stride_one: bool = False, optional: bool = False) -> None:
+    """One tensor argument of a public kernel entry.
+
+    dtypes: the dtypes allowed. dim / min_dim: the exact / least number of
+    dimensions. shape: the exact shape, None entries matching any size.
+    layout: the dimensions' names for messages, e.g. "(V, C)".
+    last_stride_one: the last dimension must have stride 1.
+    optional: None is accepted (and nothing else is checked)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {arg} has dtype {dtype_name(t.dtype)}; supported: "
+                        + ", ".join(dtype_name(d) for d in dtypes))
+    named = f" {layout}" if layout else ""
+    got = f"{arg} has shape {tuple(t.shape)}"
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {got}; expected {dim}-d{named}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{op}: {got}; expected at least {min_dim} dimension"
+                         f"{'s' if min_dim != 1 else ''}{named}")
+    if shape is not None and (t.dim() != len(shape)
+                              or any(e is not None and s != e for s, e in zip(t.shape, shape))):
+        raise ValueError(f"{op}: {got}; expected {_shape_text(shape)}{named}")
+    if last_stride_one and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {arg} has last-dimension stride {t.stride(-1)}; it must be 1 "
+                         "(other strides may be anything)")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    """All tensors given (None skipped) on the first one's device, and that
+    device one the kernels run on (`check_device`)."""
+    present = [(arg, t) for arg, t in tensors.items() if t is not None]
+    first_arg, first = present[0]
+    for arg, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {arg} is on {t.device} but {first_arg} is on {first.device}; "
+                             "all tensors must be on one device")
+    check_device(op, first_arg, first.device)
+
+
+def check_same_dtype(op: str, **tensors) -> None:
+    """All tensors given (None skipped) in the first one's dtype."""
+    present = [(arg, t) for arg, t in tensors.items() if t is not None]
+    first_arg, first = present[0]
+    for arg, t in present[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {arg} has dtype {dtype_name(t.dtype)} but {first_arg} has "
+                            f"{dtype_name(first.dtype)}; they must match")
+
+
+def check_dtype(op: str, arg: str, dtype, dtypes) -> None:
+    """A dtype argument (e.g. out_dtype) that must be one of `dtypes`."""
+    if dtype not in dtypes:
+        shown = dtype_name(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
+        raise TypeError(f"{op}: {arg} is {shown}; supported: "
+                        + ", ".join(dtype_name(d) for d in dtypes))
+
+
+def _bounds_text(at_least, below=None, at_most=None) -> str:
+    parts = []
+    if at_least is not None:
+        parts.append(f">= {at_least}")
+    if below is not None:
+        parts.append(f"< {below}")
+    if at_most is not None:
+        parts.append(f"<= {at_most}")
+    return " and ".join(parts)
+
+
+def check_real(op: str, arg: str, value, *, at_least: float | None = None,
+               below: float | None = None) -> None:
+    """A finite real Python number (not a bool, not a tensor) within the bounds."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or (at_least is not None and not value >= at_least)
+            or (below is not None and not value < below)):
+        bounds = _bounds_text(at_least, below=below)
+        raise ValueError(f"{op}: {arg} must be a finite real number{' ' + bounds if bounds else ''}, "
+                         f"got {value!r}")
+
+
+def check_int(op: str, arg: str, value, *, at_least: int | None = None,
+              at_most: int | None = None) -> None:
+    """A Python int (not a bool) within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {arg} must be an int, got {type(value).__name__}")
+    if (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
+        raise ValueError(f"{op}: {arg} is {value}; expected an int "
+                         f"{_bounds_text(at_least, at_most=at_most)}")

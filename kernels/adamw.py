@@ -1,5 +1,13 @@
 """Fused AdamW: every parameter of a group updated by one Triton launch.
 
+Math, per element at step t, in torch.optim.AdamW's order (g the gradient, all
+arithmetic in fp32, bias corrections in fp64):
+
+    p <- p * (1 - lr * weight_decay)
+    m <- m + (1 - beta1) * (g - m)
+    v <- beta2 * v + (1 - beta2) * g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
 Layout. Each group owns two flat float32 buffers (exp_avg, exp_avg_sq) and a
 float32 step counter per parameter; the per-parameter optimizer state that
 `state_dict()` exposes ('step', 'exp_avg', 'exp_avg_sq', torch.optim.AdamW's
@@ -21,6 +29,9 @@ left and all of an unaligned parameter take the scalar path through the raw
 addresses, with no hints. A hint is only ever given where the host established
 it, since a false one would silently corrupt results.
 
+Gradients: `zero_grad(set_to_none=False)` makes the parameters' .grad views of
+one flat buffer per (device, dtype), so zeroing them all is one launch.
+
 Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
 and `step()` reads nothing back from the device, so a CUDA graph can capture it.
@@ -31,8 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (check_device as _check_device, interpreting as _interpreting,
-                             on_device as _on_device)
+from kernels._common import check_same_device, on_device, pick
 
 # Columns of the per-parameter table (int64). p_off/g_off: param and grad
 # positions in ELEMENTS relative to the kernel's p_like_ptr argument, valid (and
@@ -52,10 +62,17 @@ _COL_FIRST = tl.constexpr(6)
 _COL_SLOT = tl.constexpr(7)
 _COL_VEC_NUMEL = tl.constexpr(8)
 _TABLE_W = 9
-# Bytes of a vector access, and the alignment (in float32 elements) of each
-# parameter's slice of the moment buffers: 16 elements = 64 bytes.
+# Bytes of a vector access, and the alignment (in elements) of each parameter's
+# slice of the moment buffers and of the flat gradient buffer: 16 elements, 64
+# bytes of fp32 state.
 _VEC_BYTES = 16
 _STATE_ALIGN = 16
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+# (BLOCK, num_warps) of the update. No autotune: the kernel updates its operands
+# in place. Small blocks under the interpreter make tests span several blocks
+# per parameter.
+_UPDATE_TILE_GPU = (2048, 8)
+_UPDATE_TILE_INTERPRETER = (128, 1)
 
 
 @triton.jit
@@ -94,10 +111,11 @@ def _adamw_update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, step_size, bias_corr
 def _adamw_kernel(
     table_ptr, block_param_ptr,
     exp_avg_ptr, exp_avg_sq_ptr, steps_ptr, lr_ptr,
-    p_like_ptr,
+    p_like_ptr, found_inf_ptr,
     beta1, beta1_lo, beta2, beta2_lo, one_minus_beta1, one_minus_beta2,
     eps, weight_decay,
     TABLE_W: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STATE_ALIGN: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_param_ptr + pid) * TABLE_W
@@ -107,6 +125,11 @@ def _adamw_kernel(
     vec_numel = tl.load(row + _COL_VEC_NUMEL)  # elements [0, vec_numel) take the vector path
 
     block_start = (pid - first_block).to(tl.int64) * BLOCK
+    # A step flagged non-finite (found_inf != 0, set on the device) updates nothing.
+    if HAS_FOUND_INF:
+        run = tl.load(found_inf_ptr) == 0.0
+    else:
+        run = block_start >= 0
 
     # Bias corrections 1 - beta**step in float64: in float32, 1 - 0.999**1 loses
     # four digits to cancellation. The betas arrive as float32 hi + lo pairs
@@ -122,7 +145,7 @@ def _adamw_kernel(
     step_size = (lr.to(tl.float64) / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt_rn(bias_correction2.to(tl.float32))
 
-    if block_start < vec_numel:
+    if (block_start < vec_numel) & run:
         # Vector path. vec_numel > 0 only where the host found the param, its grad
         # and p_like_ptr 16-byte aligned: their element offsets from p_like_ptr are
         # then multiples of VEC (16 bytes), vec_numel is numel rounded down to a
@@ -139,7 +162,7 @@ def _adamw_kernel(
                       exp_avg_ptr + state_off + offs, exp_avg_sq_ptr + state_off + offs,
                       offs < vec_end, lr, step_size, bias_correction2_sqrt,
                       beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
-    if (vec_numel < numel) & (block_start + BLOCK > vec_numel):
+    if (vec_numel < numel) & (block_start + BLOCK > vec_numel) & run:
         # Scalar path, elements [vec_numel, numel) of this tile: all of an
         # unaligned parameter (vec_numel = 0), or the last numel % VEC of an
         # aligned one. Pointers from the raw addresses, no hints.
@@ -155,13 +178,6 @@ def _adamw_kernel(
                       beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
 
 
-def _block_config():
-    """(BLOCK, num_warps). No autotune: the kernel updates its operands in place."""
-    if _interpreting():
-        return 128, 1  # small, so interpreted tests span several blocks per param
-    return 2048, 8
-
-
 def _split_f64(x: float):
     """x as float32 hi + lo, so a float32 kernel argument pair carries ~48 bits."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
@@ -174,13 +190,10 @@ class _GroupBuffers:
     def __init__(self, params, device, dtype):
         self.device = device
         self.dtype = dtype
-        sizes = [p.numel() for p in params]
-        self.offsets = []
-        total = 0
-        for s in sizes:
-            self.offsets.append(total)
-            # Each slice starts at a multiple of _STATE_ALIGN elements (the kernel's hint).
-            total += triton.cdiv(s, _STATE_ALIGN) * _STATE_ALIGN
+        # What the state was built for: step() refuses a parameter that no longer fits it.
+        self.shapes = [tuple(p.shape) for p in params]
+        # Each slice starts at a multiple of _STATE_ALIGN elements (the kernel's hint).
+        self.offsets, total = _aligned_offsets([p.numel() for p in params])
         self.exp_avg = torch.zeros(total, device=device, dtype=torch.float32)
         self.exp_avg_sq = torch.zeros(total, device=device, dtype=torch.float32)
         # float32 like torch.optim.AdamW's 'step' tensors; exact up to 2**24 steps.
@@ -231,6 +244,46 @@ class _GroupBuffers:
         self.key = key
 
 
+def _aligned_offsets(sizes):
+    """Offsets of consecutive slices of `sizes` elements, each starting at a
+    multiple of _STATE_ALIGN elements, and the total length."""
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += triton.cdiv(size, _STATE_ALIGN) * _STATE_ALIGN
+    return offsets, total
+
+
+class _FlatGradients:
+    """One flat buffer per (device, dtype) that the parameters' .grad are views
+    of, so that zeroing every gradient is one launch per buffer (one for a model
+    in one dtype). Autograd accumulates into an existing .grad in place, so the
+    views stay the gradients, at fixed addresses (what a CUDA graph needs)."""
+
+    def __init__(self, params):
+        buckets = {}
+        for p in params:
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        self.buffers = []
+        self.views = []  # (param, its view)
+        for (device, dtype), members in buckets.items():
+            offsets, total = _aligned_offsets([p.numel() for p in members])
+            flat = torch.zeros(total, device=device, dtype=dtype)
+            self.buffers.append(flat)
+            self.views += [(p, flat[off:off + p.numel()].view(p.shape))
+                           for p, off in zip(members, offsets)]
+
+    def zero(self):
+        """Zero every gradient: one launch per buffer. A parameter whose .grad
+        is some other tensor gets its (zeroed) view back; one without a
+        gradient keeps None, as torch's zero_grad(set_to_none=False) does."""
+        for flat in self.buffers:
+            flat.zero_()
+        for p, view in self.views:
+            if p.grad is not None and p.grad is not view:
+                p.grad = view
+
+
 def _table_rows(key, params, offsets, first_blocks):
     """The launch table's rows (columns _COL_*) for the active params in `key`,
     and the slot of the parameter to pass as the kernel's p_like_ptr.
@@ -266,6 +319,51 @@ def _table_rows(key, params, offsets, first_blocks):
     return rows, base_slot
 
 
+def _describe(t, shape=None, dtype=None, device=None) -> str:
+    if t is not None:
+        shape, dtype, device = tuple(t.shape), t.dtype, t.device
+    return f"{tuple(shape)} {str(dtype).replace('torch.', '')} on {device}"
+
+
+def _refuse_repeated_params(param_group, existing_groups):
+    """A parameter listed twice (in this group or an earlier one), or two that
+    share memory, would be updated twice per step: refuse it."""
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif not isinstance(params, (list, tuple, set)):
+        params = param_group["params"] = list(params)  # a generator is read once, here
+    seen = {id(p): (g, i) for g, group in enumerate(existing_groups)
+            for i, p in enumerate(group["params"])}
+    spans = {}  # device -> [(start, end, where)]
+    for g, group in enumerate(existing_groups):
+        for i, p in enumerate(group["params"]):
+            _add_span(spans, p, f"parameter {i} of group {g}")
+    new_group = len(existing_groups)
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            continue  # torch's own add_param_group says what is wrong with it
+        if id(p) in seen:
+            g, j = seen[id(p)]
+            where = "of this group" if g == new_group else f"of group {g}"
+            raise ValueError(f"FusedAdamW: parameter {i} of group {new_group} is listed twice "
+                             f"(it is also parameter {j} {where}); list each parameter once")
+        seen[id(p)] = (new_group, i)
+        _add_span(spans, p, f"parameter {i} of group {new_group}")
+    for device_spans in spans.values():
+        device_spans.sort()
+        for (start_a, end_a, a), (start_b, _, b) in zip(device_spans, device_spans[1:]):
+            if start_b < end_a:
+                raise ValueError(f"FusedAdamW: {a} and {b} share memory; each would be updated "
+                                 "through the other: give the optimizer each tensor once")
+
+
+def _add_span(spans, p, where):
+    if p.numel() and p.device.type != "meta":
+        start = p.data_ptr()
+        spans.setdefault(p.device, []).append((start, start + p.numel() * p.element_size(), where))
+
+
 def _as_float(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else value
 
@@ -295,36 +393,53 @@ class FusedAdamW(torch.optim.Optimizer):
     eps=1e-8, weight_decay=1e-2 (no amsgrad, no maximize).
 
     - Parameters of a group must share one device and one dtype (float32 or
-      bfloat16) and be contiguous. Moments are always float32. bfloat16
-      parameters are updated in float32 and rounded back to bfloat16 each step:
-      there is NO float32 master copy (keep the model in float32 under autocast
-      if updates smaller than a bf16 ulp matter).
+      bfloat16) and be contiguous; each is listed once, in one group, and no
+      two share memory. Moments are always float32. bfloat16 parameters are
+      updated in float32 and rounded back to bfloat16 each step: there is NO
+      float32 master copy (keep the model in float32 under autocast if updates
+      smaller than a bf16 ulp matter).
+    - The state is built for each parameter's shape, dtype and device:
+      ``step()`` refuses a parameter whose shape, dtype or device changed since
+      (build a new optimizer for it), instead of updating the wrong memory.
     - Parameters whose .grad is None are skipped that step (their step counter
       does not advance), as in torch. Changing which parameters have gradients,
-      or their gradients' addresses (e.g. ``zero_grad(set_to_none=True)`` when
-      the allocator hands back other blocks), rebuilds the group's launch table:
-      a host loop over the group and one small host-to-device copy.
+      or their gradients' addresses, rebuilds the group's launch table: a host
+      loop over the group and one small host-to-device copy.
+    - ``zero_grad(set_to_none=False)`` zeroes every gradient in one launch:
+      the first such call makes the gradients views of one flat buffer per
+      (device, dtype), which autograd then accumulates into in place, so their
+      addresses never change (what a CUDA graph needs). ``zero_grad()`` (or
+      ``set_to_none=True``) sets them to None, as torch does, and drops that buffer.
     - Capturable: ``step()`` reads nothing from the device. The learning rate is
       copied from ``group["lr"]`` (a Python float, so schedulers work) into a
       device tensor with ``fill_`` whenever it changed; while a CUDA graph is
       being captured that copy is skipped, and you change the lr of a captured
       step by calling ``set_lr()`` (or ``sync_lr()`` after a scheduler) before
-      replaying. Run one eager step before capturing (it compiles the kernel
-      and builds the table). betas/eps/weight_decay are baked into a captured graph.
+      replaying. Run one eager step (and one ``zero_grad(set_to_none=False)``)
+      before capturing: it compiles the kernel and builds the table and the
+      flat gradients. betas/eps/weight_decay are baked into a captured graph.
     - ``state_dict()``/``load_state_dict()`` use torch.optim.AdamW's format
       ('step', 'exp_avg', 'exp_avg_sq' per parameter) so either optimizer can
       resume from the other's checkpoint. As in torch, the state dict holds
       references to the live state tensors (views into the flat buffers).
+    - Skipping on the device: while ``optimizer.found_inf`` is set to a tensor (as
+      torch's GradScaler sets it for torch's fused AdamW), ``step()`` leaves
+      weights, moments and step counts untouched wherever that tensor is nonzero,
+      with no host sync (the training step uses it for non-finite steps).
     """
+
+    supports_found_inf = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         _validate_hyper(lr, betas, eps, weight_decay)
         self._group_buffers = []
+        self._flat_grads = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
     # -- construction -----------------------------------------------------------------
     def add_param_group(self, param_group):
+        _refuse_repeated_params(param_group, self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -333,24 +448,22 @@ class FusedAdamW(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        self._flat_grads = None  # rebuilt over every group by the next zero_grad
 
     def _build_buffers(self, group):
         params = group["params"]
         if not params:
             raise ValueError("FusedAdamW: a parameter group has no parameters")
+        check_same_device("FusedAdamW", **{f"parameter {i}": p for i, p in enumerate(params)})
         device, dtype = params[0].device, params[0].dtype
         for i, p in enumerate(params):
-            if p.device != device:
-                raise ValueError(f"FusedAdamW: parameter {i} of a group is on {p.device} but "
-                                 f"parameter 0 is on {device}; a group must be on one device")
             if p.dtype != dtype:
                 raise TypeError(f"FusedAdamW: parameter {i} of a group has dtype {p.dtype} but "
                                 f"parameter 0 has {dtype}; put different dtypes in different groups")
             if not p.is_contiguous():
                 raise ValueError(f"FusedAdamW: parameter {i} of a group is not contiguous")
-        if dtype not in (torch.float32, torch.bfloat16):
+        if dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"FusedAdamW: parameters have dtype {dtype}; supported: float32, bfloat16")
-        _check_device("FusedAdamW", "a parameter", device)
         buffers = _GroupBuffers(params, device, dtype)
         for slot, p in enumerate(params):
             self.state[p] = buffers.state_views(slot, p)
@@ -377,7 +490,35 @@ class FusedAdamW(torch.optim.Optimizer):
             buffers.lr.fill_(lr)
             buffers.lr_value = lr
 
+    # -- gradients ----------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True):
+        """set_to_none=True: every .grad becomes None (torch's default). False:
+        every gradient is zeroed in one launch per (device, dtype), in place."""
+        if set_to_none:
+            self._flat_grads = None  # its memory goes back; autograd allocates anew
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
+        self._refuse_changed_params()
+        if self._flat_grads is None:
+            self._flat_grads = _FlatGradients([p for g in self.param_groups for p in g["params"]])
+        self._flat_grads.zero()
+
     # -- the update ---------------------------------------------------------------------
+    def _refuse_changed_params(self):
+        for i, (group, buffers) in enumerate(zip(self.param_groups, self._group_buffers)):
+            for slot, p in enumerate(group["params"]):
+                built = (buffers.shapes[slot], buffers.dtype, buffers.device)
+                if (tuple(p.shape), p.dtype, p.device) != built:
+                    raise RuntimeError(
+                        f"FusedAdamW: parameter {slot} of group {i} is now {_describe(p)}, but "
+                        f"the optimizer's state was built for {_describe(None, *built)}; build a "
+                        "new optimizer after changing a parameter's size, dtype or device")
+                if not p.is_contiguous():
+                    raise RuntimeError(f"FusedAdamW: parameter {slot} of group {i} is no longer "
+                                       "contiguous")
+
     def _active_key(self, group):
         key = []
         for slot, p in enumerate(group["params"]):
@@ -387,9 +528,8 @@ class FusedAdamW(torch.optim.Optimizer):
             if g.layout != torch.strided:
                 raise RuntimeError("FusedAdamW does not support sparse gradients")
             if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
-                raise ValueError(f"FusedAdamW: gradient of parameter {slot} has "
-                                 f"{g.dtype}/{tuple(g.shape)}/{g.device}, parameter has "
-                                 f"{p.dtype}/{tuple(p.shape)}/{p.device}")
+                raise ValueError(f"FusedAdamW: gradient of parameter {slot} is {_describe(g)}, "
+                                 f"the parameter {_describe(p)}")
             if not g.is_contiguous():
                 raise ValueError(f"FusedAdamW: gradient of parameter {slot} is not contiguous")
             key.append((slot, p.data_ptr(), g.data_ptr()))
@@ -401,7 +541,11 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        block, num_warps = _block_config()
+        self._refuse_changed_params()
+        block, num_warps = pick(gpu=_UPDATE_TILE_GPU, interpreter=_UPDATE_TILE_INTERPRETER)
+        # Set by the training step (as torch's GradScaler sets it for torch's fused
+        # AdamW): a nonzero value skips this step on the device, step counts included.
+        found_inf = getattr(self, "found_inf", None)
         for i, group in enumerate(self.param_groups):
             buffers = self._group_buffers[i]
             key = self._active_key(group)
@@ -412,22 +556,26 @@ class FusedAdamW(torch.optim.Optimizer):
             capturing = buffers.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             if not capturing:
                 self._push_lr(i)
-            buffers.steps.add_(buffers.active_mask)
+            if found_inf is None:
+                buffers.steps.add_(buffers.active_mask)
+            else:
+                flag = found_inf.to(buffers.device, torch.float32).reshape(())
+                buffers.steps.addcmul_(buffers.active_mask, 1.0 - flag)
             if buffers.n_blocks == 0:
                 continue  # only empty parameters: their steps advanced, nothing else to do
             beta1, beta2 = group["betas"]
             b1_hi, b1_lo = _split_f64(beta1)
             b2_hi, b2_lo = _split_f64(beta2)
-            with _on_device(group["params"][0]):
+            with on_device(group["params"][0]):
                 _adamw_kernel[(buffers.n_blocks,)](
                     buffers.table, buffers.block_param,
                     buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
-                    group["params"][buffers.base_slot],
+                    group["params"][buffers.base_slot], flag if found_inf is not None else buffers.lr,
                     b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
                     group["eps"], group["weight_decay"],
                     TABLE_W=_TABLE_W, BLOCK=block,
                     VEC=_VEC_BYTES // buffers.dtype.itemsize, STATE_ALIGN=_STATE_ALIGN,
-                    num_warps=num_warps,
+                    HAS_FOUND_INF=found_inf is not None, num_warps=num_warps,
                 )
         return loss
 

@@ -1,40 +1,93 @@
 """Fused scaled-dot-product attention (FlashAttention-2 style) in Triton.
 
+    O = softmax(Q K^T * sm_scale + mask) V,   LSE_i = log2 sum_j 2^(S_ij * log2 e)
+
 Forward: one program per (query block, batch*head) streams key/value blocks
 through an online softmax (running max `m_i` and sum `l_i`, base-2 exponentials
 with `sm_scale * log2(e)` folded into the scores) and writes the output once,
-plus the per-row log-sum-exp for the backward pass.
+plus the per-row log-sum-exp (base 2) for the backward pass.
 
-Backward: `delta = rowsum(dO * O)`, then one kernel where each program owns a
-key block and walks the query blocks that see it (dK, dV), and one where each
-program owns a query block and walks the key blocks it sees (dQ). P is
-recomputed from the saved log-sum-exp; nothing of size T x T is stored and no
-atomics are used, so gradients are deterministic.
+Backward, with P recomputed from the saved log-sum-exp:
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   delta_i = rowsum(dO * O)_i,
+    dQ = dS K * sm_scale,   dK = dS^T Q * sm_scale
+
+`delta` comes from a small preprocessing kernel; then one kernel where each
+program owns a key block and walks the query blocks that see it (dK, dV), and
+one where each program owns a query block and walks the key blocks it sees
+(dQ). Nothing of size T x T is stored and no atomics are used, so gradients are
+deterministic.
 
 Causal masking is aligned to the END of the keys: query i of Tq sits at
 absolute position Tk - Tq + i and sees keys 0 .. Tk - Tq + i (for Tq == Tk this
 is the usual lower-triangular mask; for Tq < Tk it is what decoding with a KV
-cache needs).
+cache needs). The key blocks a query block visits are split as in Triton's
+fused-attention tutorial: the blocks every row sees whole run without masks
+(_STAGE_OFF_BAND), and only the rest -- the causal diagonal band (_STAGE_ON_BAND)
+or, without causality, the ragged last block (_STAGE_NON_CAUSAL) -- is masked.
 """
+import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from kernels._common import (check_device as _check_device, interpreting as _interpreting,
-                             on_device as _on_device)
+from kernels._common import (FLOAT_DTYPES, SMEM_BUDGET_BYTES, check_real, check_same_device,
+                             check_same_dtype, check_tensor, launch_autotuned, on_device, pick)
 
-# The flag is read when `@triton.jit` decorates a function, so the value at
-# import time is the one the kernels below were built with.
-_INTERPRET = _interpreting()
-
+# 1 / ln(2): scores are scaled by sm_scale * LOG2E so the softmax can use exp2.
 _LOG2E = 1.4426950408889634
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Lengths and head counts change between calls; specialising on their value
 # (== 1, divisible by 16) would only multiply compilations.
 _VARYING_INTS = ["H", "Tq", "Tk", "TQ_KEY", "TK_KEY"]
+
+# Which part of the key range a loop walks (Triton's tutorial 06 calls it STAGE).
+_STAGE_OFF_BAND = tl.constexpr(1)    # blocks every row of the query block sees whole: no mask
+_STAGE_ON_BAND = tl.constexpr(2)     # the causal diagonal band: causal mask and key bound
+_STAGE_NON_CAUSAL = tl.constexpr(3)  # without causality, the ragged last block: key bound only
+
+
+# ----------------------------------------------------------------------------
+# Helpers shared by the kernels
+# ----------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptrs, rows_ok, MASKED: tl.constexpr):
+    """A [rows, HEAD_DIM] tile; rows outside the tensor read as zeros when MASKED."""
+    if MASKED:
+        return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _key_split(start_m, Tq, Tk, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query block at start_m: keys [0, full) form whole blocks that
+    every row of the block sees (_STAGE_OFF_BAND); keys [full, end) are the rest
+    it sees in part (_STAGE_ON_BAND when causal, else _STAGE_NON_CAUSAL)."""
+    if CAUSAL:
+        # The first row sits at absolute position Tk - Tq + start_m and sees
+        # keys up to it; the last row sees up to BLOCK_M - 1 further.
+        shift = Tk - Tq
+        full = ((shift + start_m + 1) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(shift + start_m + BLOCK_M, Tk)
+    else:
+        full = (Tk // BLOCK_N) * BLOCK_N
+        end = Tk
+    return full, end
+
+
+@triton.jit
+def _visible(q_pos, k_pos, Tk, STAGE: tl.constexpr):
+    """[queries, keys] mask of the scores a masked stage keeps."""
+    if STAGE == _STAGE_ON_BAND:
+        return k_pos[None, :] <= q_pos[:, None]
+    else:
+        return (k_pos < Tk)[None, :]
 
 
 # ----------------------------------------------------------------------------
@@ -43,25 +96,17 @@ _VARYING_INTS = ["H", "Tq", "Tk", "TQ_KEY", "TK_KEY"]
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step,
                     lo, hi, qk_scale, q_pos, offs_n, Tk,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # The pointers arrive already pointing at key `lo`; they leave pointing at
-    # key `hi`, so a second stage can continue where this one stopped.
+    # key `hi`, so the next stage continues where this one stopped.
+    MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
-        if MASKED:
-            kv_ok = (start_n + offs_n) < Tk
-            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k_pos = start_n + offs_n
+        k = _load_rows(k_ptrs, k_pos < Tk, MASKED)
+        v = _load_rows(v_ptrs, k_pos < Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            if CAUSAL:
-                keep = (start_n + offs_n)[None, :] <= q_pos[:, None]
-            else:
-                keep = kv_ok[None, :]
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(q_pos, k_pos, Tk, STAGE), s, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(s, 1))
             # A row with every key masked so far keeps m = -inf; subtracting a
             # finite stand-in gives exp2(-inf) = 0 instead of NaN.
@@ -120,25 +165,15 @@ def _attn_fwd(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if CAUSAL:
-        # Absolute position of each query; the first row of the block sees
-        # keys 0 .. shift + start_m, so whole key blocks below that need no mask.
-        shift = Tk - Tq
-        q_pos = shift + start_m + offs_m
-        hi_full = ((shift + start_m + 1) // BLOCK_N) * BLOCK_N
-        hi_diag = tl.minimum(shift + start_m + BLOCK_M, Tk)
-    else:
-        q_pos = start_m + offs_m
-        hi_full = (Tk // BLOCK_N) * BLOCK_N
-        hi_diag = Tk
-    # Stage 1: key blocks every row of this block sees completely: no masks.
+    # Absolute position of each query (keys are numbered from 0).
+    q_pos = start_m + offs_m + (Tk - Tq if CAUSAL else 0)
+    full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, 0, hi_full, qk_scale,
-        q_pos, offs_n, Tk, False, CAUSAL, BLOCK_N, PRECISION)
-    # Stage 2: the diagonal band (causal) or the ragged last block.
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, 0, full, qk_scale,
+        q_pos, offs_n, Tk, _STAGE_OFF_BAND, BLOCK_N, PRECISION)
     acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, hi_full, hi_diag, qk_scale,
-        q_pos, offs_n, Tk, True, CAUSAL, BLOCK_N, PRECISION)
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, full, end, qk_scale,
+        q_pos, offs_n, Tk, _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION)
 
     # Rows that saw no key at all (only padding rows can) get O = 0 and
     # LSE = +inf, which makes their recomputed P exactly 0 in the backward.
@@ -185,19 +220,20 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
                          lo, hi, qk_scale, k_pos, offs_m, Tq, shift,
-                         MASKED: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                         STAGE: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     # Scores are built transposed (keys x queries) so dK and dV accumulate
-    # with plain dots and no transposed accumulator.
+    # with plain dots and no transposed accumulator. Query rows are always
+    # bounds-masked: both stages may end in the ragged last query block.
     for start_m in range(lo, hi, BLOCK_M):
         row_ok = (start_m + offs_m) < Tq
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        q = _load_rows(q_ptrs, row_ok, True)
+        do = _load_rows(do_ptrs, row_ok, True)
         # +inf for padding rows makes their P exactly zero without a mask.
         lse = tl.load(lse_ptrs + start_m + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptrs + start_m + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
-        if MASKED:
+        if STAGE == _STAGE_ON_BAND:
             keep = k_pos[:, None] <= (shift + start_m + offs_m)[None, :]
             p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -234,24 +270,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, HEAD_DIM)
     k_pos = start_n + offs_n
     col_ok = k_pos < Tk
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + start_n.to(tl.int64) * stride_kn
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + start_n.to(tl.int64) * stride_vn
-                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh + start_n.to(tl.int64) * stride_kn
+                   + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, True)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh + start_n.to(tl.int64) * stride_vn
+                   + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, True)
 
     if CAUSAL:
         shift = Tk - Tq
         # First query that sees key start_n, rounded down to a block; queries
-        # from m_mid on see every key of this block.
+        # from m_full on see every key of this block.
         m_lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
-        m_mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
-        m_mid = tl.minimum(m_mid, Tq)
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(m_full, Tq)
     else:
         shift = 0
         m_lo = 0
-        m_mid = 0
+        m_full = 0
     m_lo64 = tl.cast(m_lo, tl.int64)
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + m_lo64 * stride_qm \
         + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -264,14 +298,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    # Diagonal band (causal only): masked.
+    # The diagonal band (causal only; empty otherwise), then the query blocks
+    # that see the whole key block.
     dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
-        m_lo, m_mid, qk_scale, k_pos, offs_m, Tq, shift, True, BLOCK_M, PRECISION)
-    # Query blocks that see the whole key block: no mask.
+        m_lo, m_full, qk_scale, k_pos, offs_m, Tq, shift, _STAGE_ON_BAND, BLOCK_M, PRECISION)
     dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
         dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
-        m_mid, Tq, qk_scale, k_pos, offs_m, Tq, shift, False, BLOCK_M, PRECISION)
+        m_full, Tq, qk_scale, k_pos, offs_m, Tq, shift, _STAGE_OFF_BAND, BLOCK_M, PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + start_n.to(tl.int64) * stride_dkn
@@ -285,24 +319,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step,
                        lo, hi, qk_scale, q_pos, offs_n, Tk,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                       STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
-        if MASKED:
-            kv_ok = (start_n + offs_n) < Tk
-            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k_pos = start_n + offs_n
+        k = _load_rows(k_ptrs, k_pos < Tk, MASKED)
+        v = _load_rows(v_ptrs, k_pos < Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            if CAUSAL:
-                keep = (start_n + offs_n)[None, :] <= q_pos[:, None]
-            else:
-                keep = kv_ok[None, :]
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(q_pos, k_pos, Tk, STAGE), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -333,12 +359,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = (start_m + offs_m) < Tq
     start_m64 = start_m.to(tl.int64)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + start_m64 * stride_dom
-                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
+                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, row_ok, True)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + start_m64 * stride_dom
+                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, row_ok, True)
     row_base = off_hz.to(tl.int64) * Tq + start_m
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
@@ -350,23 +374,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
 
-    if CAUSAL:
-        shift = Tk - Tq
-        q_pos = shift + start_m + offs_m
-        hi_full = ((shift + start_m + 1) // BLOCK_N) * BLOCK_N
-        hi_diag = tl.minimum(shift + start_m + BLOCK_M, Tk)
-    else:
-        q_pos = start_m + offs_m
-        hi_full = (Tk // BLOCK_N) * BLOCK_N
-        hi_diag = Tk
-
+    q_pos = start_m + offs_m + (Tk - Tq if CAUSAL else 0)
+    full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, 0, hi_full, qk_scale,
-        q_pos, offs_n, Tk, False, CAUSAL, BLOCK_N, PRECISION)
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, 0, full, qk_scale,
+        q_pos, offs_n, Tk, _STAGE_OFF_BAND, BLOCK_N, PRECISION)
     dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, hi_full, hi_diag, qk_scale,
-        q_pos, offs_n, Tk, True, CAUSAL, BLOCK_N, PRECISION)
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, full, end, qk_scale,
+        q_pos, offs_n, Tk, _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + start_m64 * stride_dqm
@@ -375,37 +391,58 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 # ----------------------------------------------------------------------------
-# Tile configurations and launchers
+# Tile configurations
 # ----------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_stages, num_warps). Under the interpreter exactly one
-# small config (several fail there, and small tiles keep it fast); BLOCK_M !=
-# BLOCK_N there on purpose, so the stage boundaries are exercised the way the
-# GPU's unequal tiles use them.
-if _INTERPRET:
-    _FWD_TILES = _FWD_TILES_FP32 = [(32, 16, 1, 4)]
-    _DKDV_TILES = _DKDV_TILES_FP32 = [(16, 32, 1, 4)]
-    _DQ_TILES = _DQ_TILES_FP32 = [(32, 16, 1, 4)]
-else:
-    # Hopper: 128-row query tiles feed wgmma; 64-wide key tiles keep the
-    # softmax registers in budget at D=128; small BLOCK_M covers decoding.
-    _FWD_TILES = [(128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
-                  (64, 64, 4, 4), (64, 32, 3, 4), (16, 64, 3, 4), (16, 128, 3, 4)]
-    # dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps.
-    _DKDV_TILES = [(32, 128, 3, 4), (32, 128, 4, 8), (64, 128, 3, 8), (64, 64, 3, 4),
-                   (32, 64, 4, 4), (16, 64, 3, 4)]
-    # dQ: a program owns BLOCK_M queries and walks BLOCK_N-key steps.
-    _DQ_TILES = [(128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
-                 (64, 32, 4, 4), (16, 64, 3, 4)]
-    # float32 uses IEEE dots, which run on CUDA cores with both operands in
-    # registers: every 16-bit tile above spills there (ptxas for sm_90 gives
-    # 1-20 KB of stack per thread) and takes up to 80 s to compile. These small
-    # tiles need no spill at D=64, and at least one of each list none at D=128
-    # (tests/test_sm90_compile.py measures them).
-    _FWD_TILES_FP32 = [(16, 64, 3, 4), (16, 32, 3, 8), (32, 32, 3, 8), (64, 32, 3, 8)]
-    _DKDV_TILES_FP32 = [(16, 32, 3, 8), (16, 32, 3, 4), (32, 32, 3, 8), (16, 64, 3, 8)]
-    _DQ_TILES_FP32 = [(16, 32, 3, 8), (32, 32, 3, 8), (64, 32, 3, 8), (16, 64, 3, 4)]
+class _Tile(NamedTuple):
+    """One kernel's launch shape. BLOCK_M counts queries, BLOCK_N keys."""
+    block_m: int
+    block_n: int
+    num_stages: int
+    num_warps: int
 
-_SMEM_BUDGET = 200 * 1024  # H100 allows 227 KiB per block; leave room for Triton's scratch
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """Fixed tiles for the three kernels, replacing the autotuner (tests only)."""
+    fwd: _Tile
+    dkdv: _Tile
+    dq: _Tile
+
+
+# The interpreter runs exactly one small tile per kernel (it cannot autotune,
+# and small tiles keep it fast); BLOCK_M != BLOCK_N on purpose, so the stage
+# boundaries are exercised the way the GPU's unequal tiles use them.
+_INTERPRETER_TILES = _Tiles(fwd=_Tile(32, 16, 1, 4), dkdv=_Tile(16, 32, 1, 4), dq=_Tile(32, 16, 1, 4))
+
+# Hopper: 128-row query tiles feed wgmma; 64-wide key tiles keep the softmax
+# registers in budget at D=128; small BLOCK_M covers decoding.
+_FWD_TILES = tuple(_Tile(*t) for t in [
+    (128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
+    (64, 64, 4, 4), (64, 32, 3, 4), (16, 64, 3, 4), (16, 128, 3, 4)])
+# dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps.
+_DKDV_TILES = tuple(_Tile(*t) for t in [
+    (32, 128, 3, 4), (32, 128, 4, 8), (64, 128, 3, 8), (64, 64, 3, 4),
+    (32, 64, 4, 4), (16, 64, 3, 4)])
+# dQ: a program owns BLOCK_M queries and walks BLOCK_N-key steps.
+_DQ_TILES = tuple(_Tile(*t) for t in [
+    (128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
+    (64, 32, 4, 4), (16, 64, 3, 4)])
+# float32 uses IEEE dots, which run on CUDA cores with both operands in
+# registers: every 16-bit tile above spills there (ptxas for sm_90 gives 1-20
+# KB of stack per thread) and takes up to 80 s to compile. These small tiles
+# need no spill at D=64, and at least one of each list none at D=128 (the
+# ahead-of-time compile check measures them).
+_FWD_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 64, 3, 4), (16, 32, 3, 8), (32, 32, 3, 8),
+                                           (64, 32, 3, 8)])
+_DKDV_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 32, 3, 8), (16, 32, 3, 4), (32, 32, 3, 8),
+                                            (16, 64, 3, 8)])
+_DQ_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 32, 3, 8), (32, 32, 3, 8), (64, 32, 3, 8),
+                                          (16, 64, 3, 4)])
+_TILES = {  # kernel -> (16-bit tiles, float32 tiles)
+    "fwd": (_FWD_TILES, _FWD_TILES_FP32),
+    "dkdv": (_DKDV_TILES, _DKDV_TILES_FP32),
+    "dq": (_DQ_TILES, _DQ_TILES_FP32),
+}
 
 # Shared-memory tiles per kernel, in rows of HEAD_DIM elements: (held for the
 # whole program, held once per pipeline stage), as functions of (BLOCK_M, BLOCK_N).
@@ -415,6 +452,13 @@ _SMEM_ROWS = {
     "dq": (lambda bm, bn: 2 * bm, lambda bm, bn: 2 * bn),    # Q, dO; K and V
 }
 
+# The preprocessing kernel's query rows per program. O and dO tiles of 64 rows
+# x D=128 in fp32 over 4 warps: 128 values per thread in registers; 128 rows
+# would double that and spill. The interpreter runs it with the small tile.
+_PREPROCESS_BLOCK_M = 64
+_PREPROCESS_BLOCK_M_INTERPRETER = 32
+_PREPROCESS_WARPS = 4
+
 
 def _smem_bytes(kind, block_m, block_n, num_stages, head_dim, element_size):
     """Estimated shared memory of one program of kernel `kind` (a lower bound)."""
@@ -423,22 +467,17 @@ def _smem_bytes(kind, block_m, block_n, num_stages, head_dim, element_size):
     return rows * head_dim * element_size
 
 
-_TILES = {
-    "fwd": (_FWD_TILES, _FWD_TILES_FP32),
-    "dkdv": (_DKDV_TILES, _DKDV_TILES_FP32),
-    "dq": (_DQ_TILES, _DQ_TILES_FP32),
-}
-
-
-def _tile(c):
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+def _tile_of(config):
+    return _Tile(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages,
+                config.num_warps)
 
 
 def _configs(kind):
     # One autotuner serves every dtype; the pruner below picks each dtype's tiles.
     tiles16, tiles32 = _TILES[kind]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-            for bm, bn, s, w in dict.fromkeys(tiles16 + tiles32)]
+    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n},
+                          num_stages=t.num_stages, num_warps=t.num_warps)
+            for t in dict.fromkeys(tiles16 + tiles32)]
 
 
 def _smem_pruner(kind):
@@ -449,12 +488,12 @@ def _smem_pruner(kind):
         args = {**named_args, **kwargs}
         head_dim, elsize = args["HEAD_DIM"], args["Q"].element_size()
         wanted = set(_TILES[kind][1] if elsize == 4 else _TILES[kind][0])
-        configs = [c for c in configs if _tile(c) in wanted] or configs
+        configs = [c for c in configs if _tile_of(c) in wanted] or configs
 
         def need(c):
-            return _smem_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                               head_dim, elsize)
-        fits = [c for c in configs if need(c) <= _SMEM_BUDGET]
+            t = _tile_of(c)
+            return _smem_bytes(kind, t.block_m, t.block_n, t.num_stages, head_dim, elsize)
+        fits = [c for c in configs if need(c) <= SMEM_BUDGET_BYTES]
         return fits or [min(configs, key=need)]
     return prune
 
@@ -472,9 +511,17 @@ _attn_bwd_dq_tuned = triton.autotune(
     _configs("dq"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _smem_pruner("dq")})(_attn_bwd_dq)
 
-# O and dO tiles of 64 rows x D=128 in fp32 over 4 warps: 128 values per thread
-# in registers; 128 rows would double that and spill.
-_PREPROCESS_BLOCK_M = 32 if _INTERPRET else 64
+
+# ----------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What one attention call computes, beyond its tensors."""
+    causal: bool
+    sm_scale: float
+    # Tests only: these tiles instead of the autotuner (or the interpreter's tiles).
+    tiles: _Tiles | None = None
 
 
 def _precision(dtype):
@@ -489,18 +536,25 @@ def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _launch(tuned, grid_fn, args, meta, tiles):
-    """Runs `tuned` (autotuned) or, when `tiles` = (BLOCK_M, BLOCK_N,
-    num_stages, num_warps) is given, its plain kernel with exactly those tiles."""
-    if tiles is None:
-        tuned[grid_fn](*args, **meta)
-    else:
-        bm, bn, stages, warps = tiles
-        meta = dict(meta, BLOCK_M=bm, BLOCK_N=bn)
-        tuned.fn[grid_fn(meta)](*args, **meta, num_stages=stages, num_warps=warps)
+def _config(tile):
+    return triton.Config({"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n},
+                         num_stages=tile.num_stages, num_warps=tile.num_warps)
 
 
-def _flash_fwd(q, k, v, causal, sm_scale, tiles=None):
+def _launch(tuned, grid_fn, args, meta, kind, call):
+    """Runs kernel `kind` through its autotuner (the interpreter's tile under
+    the interpreter), or with the call's fixed tiles when it has them."""
+    interpreter_config = _config(getattr(_INTERPRETER_TILES, kind))
+    if call.tiles is None:
+        launch_autotuned(tuned, grid_fn, args, meta, interpreter_config=interpreter_config)
+        return
+    tile = getattr(call.tiles, kind)
+    meta = dict(meta, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+    tuned.fn[grid_fn(meta)](*args, **meta, num_stages=tile.num_stages, num_warps=tile.num_warps)
+
+
+def _forward(q, k, v, call):
+    """(o, lse): o (B, H, Tq, D) laid out (B, Tq, H, D); lse (B, H, Tq) fp32, base 2."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     # (B, Tq, H, D) in memory: the model's `o.transpose(1, 2).reshape(B, Tq, H*D)`
@@ -514,123 +568,148 @@ def _flash_fwd(q, k, v, causal, sm_scale, tiles=None):
         return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
 
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, Tq, Tk, _bucket(Tq), _bucket(Tk), sm_scale * _LOG2E)
-    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
-    _launch(_attn_fwd_tuned, grid, args, meta, tiles)
+            H, Tq, Tk, _bucket(Tq), _bucket(Tk), call.sm_scale * _LOG2E)
+    meta = dict(HEAD_DIM=D, CAUSAL=call.causal, PRECISION=_precision(q.dtype))
+    _launch(_attn_fwd_tuned, grid, args, meta, "fwd", call)
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, need_dq, need_dkv, tiles=None):
+def _backward(do, q, k, v, o, lse, call, dq, dk, dv):
+    """Writes the gradients into dq (or skips it when None) and into dk and dv
+    (both, or neither when both are None); any strides with the last one 1."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    dq = torch.empty_like(q) if need_dq else None
-    dk = torch.empty_like(k) if need_dkv else None
-    dv = torch.empty_like(v) if need_dkv else None
     if q.numel() == 0 or k.numel() == 0:
         # No query (or no head): keys received no gradient at all.
-        return dq, (dk.zero_() if need_dkv else None), (dv.zero_() if need_dkv else None)
+        for grad in (dk, dv):
+            if grad is not None:
+                grad.zero_()
+        return
     if do.stride(-1) != 1:
         # e.g. the stride-0 gradient of `out.sum()`; keep the loads vectorised.
         do = do.contiguous()
-
     delta = torch.empty((B, H, Tq), device=q.device, dtype=torch.float32)
-    _attn_bwd_preprocess[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M) * B * H,)](
+    block = pick(gpu=_PREPROCESS_BLOCK_M, interpreter=_PREPROCESS_BLOCK_M_INTERPRETER)
+    _attn_bwd_preprocess[(triton.cdiv(Tq, block) * B * H,)](
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
-        HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M, num_warps=4)
+        HEAD_DIM=D, BLOCK_M=block, num_warps=_PREPROCESS_WARPS)
 
-    common = (H, Tq, Tk, _bucket(Tq), _bucket(Tk), sm_scale * _LOG2E, sm_scale)
-    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_precision(q.dtype))
-    dkdv_tiles, dq_tiles = tiles if tiles is not None else (None, None)
-    if need_dkv:
+    common = (H, Tq, Tk, _bucket(Tq), _bucket(Tk), call.sm_scale * _LOG2E, call.sm_scale)
+    meta = dict(HEAD_DIM=D, CAUSAL=call.causal, PRECISION=_precision(q.dtype))
+    if dk is not None:
         args = (q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
                 *do.stride(), *dk.stride(), *dv.stride(), *common)
         _launch(_attn_bwd_dkdv_tuned, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]) * B * H,),
-                args, meta, dkdv_tiles)
-    if need_dq:
+                args, meta, "dkdv", call)
+    if dq is not None:
         args = (q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
                 *do.stride(), *dq.stride(), *common)
         _launch(_attn_bwd_dq_tuned, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]) * B * H,),
-                args, meta, dq_tiles)
-    return dq, dk, dv
+                args, meta, "dq", call)
 
 
+# ----------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, tiles):
-        fwd_tiles, bwd_tiles = tiles if tiles is not None else (None, None)
-        with _on_device(q):
-            o, lse = _flash_fwd(q, k, v, causal, sm_scale, fwd_tiles)
+    def forward(ctx, q, k, v, call):
+        with on_device(q):
+            o, lse = _forward(q, k, v, call)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
-        ctx.sm_scale = sm_scale
-        ctx.bwd_tiles = bwd_tiles
+        ctx.call = call
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         need_dq = ctx.needs_input_grad[0]
         need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if not (need_dq or need_dkv):
-            return None, None, None, None, None, None
-        with _on_device(q):
-            dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale,
-                                    need_dq, need_dkv, ctx.bwd_tiles)
+        dq = torch.empty_like(q) if need_dq else None
+        dk = torch.empty_like(k) if need_dkv else None
+        dv = torch.empty_like(v) if need_dkv else None
+        if need_dq or need_dkv:
+            with on_device(q):
+                _backward(do, q, k, v, o, lse, ctx.call, dq, dk, dv)
         if not ctx.needs_input_grad[1]:
             dk = None
         if not ctx.needs_input_grad[2]:
             dv = None
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None
 
 
-def _check_inputs(q, k, v, causal, sm_scale, dropout_p):
-    name = "flash_attention"
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if dropout_p != 0.0:
-        raise ValueError(f"{name}: dropout is not supported (dropout_p={dropout_p}); pass 0.0")
+def _unpack_qkv(qkv):
+    """(B, T, 3, H, D) -> q, k, v as (B, H, T, D) views."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+class _FlashAttentionQKVPacked(torch.autograd.Function):
+    """Attention over the q, k, v slices of one packed tensor. The backward
+    allocates one gradient of the packed shape and the kernels write dq, dk and
+    dv straight into its slices, so autograd never gathers three separate
+    gradients into the packed layout (a stack and a copy per call)."""
+
+    @staticmethod
+    def forward(ctx, qkv, call):
+        with on_device(qkv):
+            o, lse = _forward(*_unpack_qkv(qkv), call)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.call = call
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        with on_device(qkv):
+            _backward(do, *_unpack_qkv(qkv), o, lse, ctx.call, *_unpack_qkv(dqkv))
+        return dqkv, None
+
+
+def _attention(q, k, v, call):
+    """The autograd entry without input checks (tests reach fixed tiles here)."""
+    return _FlashAttention.apply(q, k, v, call)
+
+
+def _attention_qkvpacked(qkv, call):
+    """The packed autograd entry without input checks."""
+    return _FlashAttentionQKVPacked.apply(qkv, call)
+
+
+# ----------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------
+def _check_inputs(name, q, k, v, causal, sm_scale, dropout_p):
+    check_tensor(name, "q", q, dtypes=FLOAT_DTYPES, dim=4, layout="(B, H, Tq, D)",
+                 last_stride_one=True)
+    B, H, Tq, D = q.shape
+    check_tensor(name, "k", k, dim=4, shape=(B, H, None, D), layout="(B, H, Tk, D)",
+                 last_stride_one=True)
+    check_tensor(name, "v", v, shape=k.shape, layout="(B, H, Tk, D)", last_stride_one=True)
+    check_same_device(name, q=q, k=k, v=v)
+    check_same_dtype(name, q=q, k=k, v=v)
+    _check_options(name, "q", q.shape, k.shape[2], causal, sm_scale, dropout_p)
+
+
+def _check_options(name, arg, q_shape, Tk, causal, sm_scale, dropout_p):
+    """The checks shared by both entries; `arg` names the tensor that holds q."""
+    B, H, Tq, D = q_shape
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name}: {arg} has head dim {D}; supported: "
+                         + ", ".join(map(str, _SUPPORTED_HEAD_DIMS)))
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if sm_scale is not None:
-        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
-            raise TypeError(f"{name}: sm_scale must be a float or None, got {type(sm_scale).__name__}")
-        if not math.isfinite(sm_scale):
-            raise ValueError(f"{name}: sm_scale must be finite, got {sm_scale}")
-
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{name}: q, k, v must be on the same device; got "
-                         f"q on {q.device}, k on {k.device}, v on {v.device}")
-    _check_device(name, "q", q.device)
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: q has dtype {q.dtype}; supported: float16, bfloat16, float32")
-    for arg, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: {arg} has dtype {t.dtype} but q has {q.dtype}; they must match")
-
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name}: {arg} must be 4-d (batch, heads, seq, head_dim), "
-                             f"got shape {tuple(t.shape)}")
-    B, H, Tq, D = q.shape
-    if D not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{name}: q has head dim {D}; supported: "
-                         + ", ".join(map(str, _SUPPORTED_HEAD_DIMS)))
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"{name}: k has shape {tuple(k.shape)}; expected "
-                         f"({B}, {H}, Tk, {D}) to match q's batch, heads and head dim")
-    if v.shape != k.shape:
-        raise ValueError(f"{name}: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
-    Tk = k.shape[2]
+        check_real(name, "sm_scale", sm_scale)
+    if dropout_p != 0.0:
+        raise ValueError(f"{name}: dropout is not supported (dropout_p={dropout_p}); pass 0.0")
     if Tk == 0 and Tq > 0 and B * H > 0:
         raise ValueError(f"{name}: k has no keys (Tk=0) for Tq={Tq} queries")
     if causal and Tq > Tk:
         raise ValueError(f"{name}: causal attention needs Tq <= Tk (queries are aligned to the "
                          f"end of the keys); got q with Tq={Tq} and k with Tk={Tk}")
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: {arg} has last-dim stride {t.stride(-1)}; it must be 1 "
-                             "(other strides may be anything)")
 
 
 def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
@@ -656,8 +735,38 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
         top-left instead). Softmax statistics and all accumulation are fp32.
         float32 inputs use IEEE fp32 dots (no TF32), also on the GPU: exact but
         slower; the fast path is float16/bfloat16. Deterministic: no atomics.
+        The backward is once-differentiable: differentiating the gradients
+        again (after `create_graph=True`) raises.
     """
-    _check_inputs(q, k, v, causal, sm_scale, dropout_p)
+    _check_inputs("flash_attention", q, k, v, causal, sm_scale, dropout_p)
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
-    return _FlashAttention.apply(q, k, v, causal, float(sm_scale), None)
+    return _attention(q, k, v, _Call(causal, float(sm_scale)))
+
+
+def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0):
+    """`flash_attention` on the q, k, v packed in one tensor, with one packed gradient.
+
+    Args:
+        qkv: (B, T, 3, H, D), e.g. the qkv projection's (B, T, 3*H*D) output
+            viewed as (B, T, 3, H, D); q, k, v are its slices [:, :, 0], [:, :, 1],
+            [:, :, 2]. Any strides with the last one 1. Device, dtype and D as
+            for `flash_attention`.
+        causal, sm_scale, dropout_p: as for `flash_attention`.
+
+    Returns:
+        (B, H, T, D) in qkv's dtype, laid out (B, T, H, D) in memory, equal to
+        `flash_attention(q, k, v, ...)` with q, k, v = (t.transpose(1, 2) for t
+        in qkv.unbind(2)), and so to `F.scaled_dot_product_attention` on them.
+        The gradient for qkv is one contiguous (B, T, 3, H, D) tensor that the
+        kernels fill slice by slice: no stack or copy gathers dq, dk and dv.
+    """
+    name = "flash_attention_qkvpacked"
+    check_tensor(name, "qkv", qkv, dtypes=FLOAT_DTYPES, dim=5, shape=(None, None, 3, None, None),
+                 layout="(B, T, 3, H, D)", last_stride_one=True)
+    check_same_device(name, qkv=qkv)
+    B, T, _, H, D = qkv.shape
+    _check_options(name, "qkv", (B, H, T, D), T, causal, sm_scale, dropout_p)
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    return _attention_qkvpacked(qkv, _Call(causal, float(sm_scale)))

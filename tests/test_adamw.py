@@ -1,11 +1,16 @@
 """kernels.adamw.FusedAdamW against torch.optim.AdamW."""
 import io
+import os
+import re
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.adamw import FusedAdamW
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from tests.helpers import DEVICE, ON_GPU, assert_bf16_comparable, assert_close, poisoned_allocations
 
 SHAPES = [(1,), (3,), (17, 33), (257,)]
@@ -236,7 +241,8 @@ def test_sparse_grad_rejected():
 
 def test_bad_param_groups_rejected():
     a = torch.randn(3, device=DEVICE, requires_grad=True)
-    with pytest.raises(ValueError, match="on one device"):
+    with pytest.raises(ValueError, match="^FusedAdamW: parameter 1 is on meta but parameter 0 is on "
+                                         ".*; all tensors must be on one device$"):
         FusedAdamW([a, torch.randn(3, device="meta", requires_grad=True)])
     with pytest.raises(TypeError, match="dtype"):
         FusedAdamW([a, torch.randn(3, device=DEVICE, dtype=torch.float64, requires_grad=True)])
@@ -249,7 +255,7 @@ def test_bad_param_groups_rejected():
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter message")
 def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="FusedAdamW: a parameter is on cpu; a CUDA tensor is needed"):
+    with pytest.raises(ValueError, match="^FusedAdamW: parameter 0 is on cpu; a CUDA tensor is needed"):
         FusedAdamW([torch.randn(3, requires_grad=True)])
 
 
@@ -469,3 +475,163 @@ def test_misaligned_views_and_separate_allocations(dtype):
     for o, n in views:
         untouched[o:o + n] = False
     assert torch.equal(big[untouched], before[untouched])
+
+
+# --- Parameters listed twice, or changed after the state was built ------------------
+
+def test_a_parameter_listed_twice_is_refused():
+    a, b, c = (torch.randn(n, device=DEVICE, requires_grad=True) for n in (3, 4, 5))
+    with pytest.raises(ValueError, match=r"^FusedAdamW: parameter 2 of group 0 is listed twice "
+                                         r"\(it is also parameter 0 of this group\); list each parameter once$"):
+        FusedAdamW([a, b, a])
+    with pytest.raises(ValueError, match=r"^FusedAdamW: parameter 1 of group 1 is listed twice "
+                                         r"\(it is also parameter 1 of group 0\)"):
+        FusedAdamW([{"params": [a, b]}, {"params": [c, b]}])
+    opt = FusedAdamW([a])
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.add_param_group({"params": (p for p in [c, a])})  # a generator is read once
+    assert len(opt.param_groups) == 1
+
+
+def test_parameters_sharing_memory_are_refused():
+    big = torch.randn(100, device=DEVICE)
+    first, overlapping = big[0:40], big[30:60]
+    with pytest.raises(ValueError, match="^FusedAdamW: parameter 0 of group 0 and parameter 0 of "
+                                         "group 1 share memory"):
+        FusedAdamW([{"params": [torch.nn.Parameter(first)]},
+                    {"params": [torch.nn.Parameter(overlapping)]}])
+    # Adjacent, not overlapping: fine.
+    FusedAdamW([torch.nn.Parameter(big[0:40]), torch.nn.Parameter(big[40:60])])
+
+
+@pytest.mark.parametrize("change", ["size", "shape", "dtype",
+                                    # a CPU machine has no second device to move it to
+                                    pytest.param("device", marks=pytest.mark.gpu)])
+def test_a_parameter_changed_after_the_state_was_built_is_refused(change):
+    """Today's state is sized for the parameter it was built for: a parameter
+    resized (or recast, or moved) afterwards must not be updated through it."""
+    params = [torch.nn.Parameter(torch.randn(6, 4, device=DEVICE)),
+              torch.nn.Parameter(torch.randn(10, device=DEVICE))]
+    opt = FusedAdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    p = params[0]
+    with torch.no_grad():
+        if change == "size":
+            p.data = torch.randn(60, 4, device=DEVICE)
+        elif change == "shape":
+            p.data = p.data.reshape(4, 6)
+        elif change == "dtype":
+            p.data = p.data.double()
+        else:
+            p.data = p.data.to("cpu")
+    p.grad = None
+    p.grad = torch.ones_like(p)
+    expected = {"size": "(60, 4) float32", "shape": "(4, 6) float32", "dtype": "(6, 4) float64",
+                "device": "(6, 4) float32 on cpu"}[change]
+    before = params[1].detach().clone()
+    for call in (opt.step, lambda: opt.zero_grad(set_to_none=False)):
+        with pytest.raises(RuntimeError, match=rf"^FusedAdamW: parameter 0 of group 0 is now "
+                                               rf"{re.escape(expected)}.*, but the optimizer's state "
+                                               rf"was built for \(6, 4\) float32 on .*; build a new optimizer"):
+            call()
+    assert torch.equal(params[1].detach(), before), "the other parameter was updated anyway"
+
+
+# --- zero_grad: one launch, addresses kept -----------------------------------------
+
+class _AtenRecorder(TorchDispatchMode):
+    """The aten ops run outside Triton launches (the interpreter's own copies excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is None:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+_WRITES = {"zero_", "fill_", "copy_", "_foreach_zero_", "mul_", "zeros", "zeros_like"}
+
+
+def test_zero_grad_is_one_launch_and_keeps_addresses():
+    """Gradients of both groups zeroed by one write over one flat buffer; their
+    addresses stay put across steps (a CUDA graph replays on them)."""
+    params = _leaves(20)
+    opt = _make("fused", params)
+    grads = _grads(21, 3)
+    opt.zero_grad(set_to_none=False)  # no gradients yet: they stay None, as in torch
+    assert all(p.grad is None for p in params)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.to(DEVICE)
+    opt.zero_grad(set_to_none=False)  # from here on, views of one buffer
+    addresses = [p.grad.data_ptr() for p in params]
+    for step in range(1, 3):
+        for p, g in zip(params, grads[step]):
+            (p * g.to(DEVICE)).sum().backward()  # autograd accumulates into the view
+        opt.step()
+        with _AtenRecorder() as rec:
+            opt.zero_grad(set_to_none=False)
+        assert [op for op in rec.ops if op in _WRITES] == ["zero_"], rec.ops
+        assert [p.grad.data_ptr() for p in params] == addresses
+        assert all(torch.all(p.grad == 0) for p in params)
+
+
+def test_zero_grad_without_set_to_none_matches_torch():
+    """Accumulated micro-batches, zero_grad(set_to_none=False) between steps, a
+    gradient replaced by the user: the same trajectory as torch.optim.AdamW."""
+    ours, ref = _leaves(22), _leaves(22)
+    opt, ref_opt = _make("fused", ours), _make("torch", ref)
+    grads = _grads(23, 8)
+    for step in range(4):
+        for params, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=False)
+            for micro in (2 * step, 2 * step + 1):
+                for p, g in zip(params, grads[micro]):
+                    (p * g.to(DEVICE)).sum().backward()
+            if step == 2:
+                params[1].grad = torch.full_like(params[1], 0.5)  # a foreign tensor
+            o.step()
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+
+
+def test_zero_grad_set_to_none_drops_the_gradients():
+    params = _leaves(24)
+    opt = _make("fused", params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.zero_grad(set_to_none=False)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params) and opt._flat_grads is None
+
+
+def test_found_inf_skips_the_step_on_the_device_as_torch_fused_adamw_does():
+    """A nonzero found_inf leaves weights, moments and step counts untouched (the
+    training step sets it for a non-finite loss or norm); zero steps as usual. The
+    same sequence through torch's fused AdamW with the same flags agrees."""
+    ours, ref = _leaves(0), _leaves(0)
+    grads = _grads(1, 4)
+    opt = FusedAdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ref_opt = torch.optim.AdamW(_groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    for s, skip in enumerate([0.0, 1.0, 0.0, 1.0]):
+        for params, optimizer in ((ours, opt), (ref, ref_opt)):
+            for p, g in zip(params, grads[s]):
+                p.grad = g.to(p.device)
+            before = [p.detach().clone() for p in params]
+            optimizer.found_inf = torch.tensor(skip, device=params[0].device)
+            optimizer.step()
+            del optimizer.found_inf
+            if skip:
+                assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.supports_found_inf
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+        assert opt.state[p]["step"].item() == ref_opt.state[r]["step"].item() == 2
+        assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], 1e-6, f"exp_avg {i}")

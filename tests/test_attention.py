@@ -6,15 +6,20 @@ and the tile sizes are the interpreter's (32x16 / 16x32): T = 17, 64, 128 and
 run on the GPU (`@pytest.mark.gpu`).
 """
 import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels import attention as attn_mod
-from kernels.attention import flash_attention
+from kernels._common import SMEM_BUDGET_BYTES
+from kernels.attention import flash_attention, flash_attention_qkvpacked
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
 
@@ -73,7 +78,7 @@ def run_ours(q, k, v, do, causal, scale=None, tiles=None):
             o = flash_attention(q, k, v, causal=causal, sm_scale=scale)
         else:
             sm = q.shape[-1] ** -0.5 if scale is None else scale
-            o = attn_mod._FlashAttention.apply(q, k, v, causal, sm, tiles)
+            o = attn_mod._attention(q, k, v, attn_mod._Call(causal, sm, tiles=tiles))
     with poisoned_allocations():
         dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o, dq, dk, dv
@@ -178,19 +183,23 @@ def test_custom_scale():
 
 # Explicit tiles exercise stage boundaries that the single interpreter config
 # cannot: BLOCK_M == BLOCK_N, BLOCK_M < BLOCK_N in the forward, and the
-# opposite ratios in the backward. ((fwd tiles), ((dkdv tiles), (dq tiles)))
+# opposite ratios in the backward.
+def tiles(fwd, dkdv, dq):
+    return attn_mod._Tiles(attn_mod._Tile(*fwd), attn_mod._Tile(*dkdv), attn_mod._Tile(*dq))
+
+
 TILES = [
-    ((16, 16, 1, 4), ((16, 16, 1, 4), (16, 16, 1, 4))),
-    ((16, 32, 1, 4), ((32, 16, 1, 4), (16, 32, 1, 4))),
-    ((64, 16, 1, 4), ((16, 64, 1, 4), (64, 16, 1, 4))),
+    tiles((16, 16, 1, 4), (16, 16, 1, 4), (16, 16, 1, 4)),
+    tiles((16, 32, 1, 4), (32, 16, 1, 4), (16, 32, 1, 4)),
+    tiles((64, 16, 1, 4), (16, 64, 1, 4), (64, 16, 1, 4)),
 ]
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=["16x16", "16x32", "64x16"])
+@pytest.mark.parametrize("fixed", TILES, ids=["16x16", "16x32", "64x16"])
 @pytest.mark.parametrize("Tq,Tk,causal", [(70, 70, True), (70, 119, True), (50, 50, False)])
-def test_tile_shapes(tiles, Tq, Tk, causal):
+def test_tile_shapes(fixed, Tq, Tk, causal):
     q, k, v = make_inputs(1, 1, Tq, Tk, 16, torch.float32, seed=Tq * 7 + Tk)
-    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=tiles)
+    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=fixed)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -206,7 +215,7 @@ def test_lse_saved_for_backward():
     q, k, v = make_inputs(1, 2, 37, 37, 16, torch.float32, seed=5)
     scale = 16 ** -0.5
     with poisoned_allocations():
-        o, lse = attn_mod._flash_fwd(q.detach(), k.detach(), v.detach(), True, scale)
+        o, lse = attn_mod._forward(q.detach(), k.detach(), v.detach(), attn_mod._Call(True, scale))
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(~causal_mask(37, 37, q.device), float("-inf"))
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 37)
@@ -266,6 +275,17 @@ def test_no_nan(Tq, Tk, causal):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "qkvpacked"])
+def test_double_backward_is_refused(packed):
+    """The backward kernels are not differentiable: a second derivative through
+    them raises instead of being silently wrong."""
+    qkv = make_qkv(1, 20, 2, 16, torch.float32, seed=6).requires_grad_()
+    o = flash_attention_qkvpacked(qkv) if packed else flash_attention(*unpack(qkv))
+    (g,) = torch.autograd.grad((o * o).sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
 @pytest.mark.parametrize("B,H,Tq,Tk", [(0, 2, 8, 8), (1, 0, 8, 8), (1, 2, 0, 8), (1, 2, 0, 0)])
 def test_empty(B, H, Tq, Tk):
     q, k, v = make_inputs(B, H, Tq, Tk, 16, torch.float32, seed=0)
@@ -288,18 +308,18 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
 @pytest.mark.parametrize("make,exc,match", [
     (lambda: (_t(1, 1, 4, 16, device="meta"),) * 3, ValueError, "CUDA tensor is needed"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16, device="meta"), _t(1, 1, 4, 16)),
-     ValueError, "same device"),
+     ValueError, "all tensors must be on one device"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16, dtype=torch.float16), _t(1, 1, 4, 16)),
      TypeError, "k has dtype"),
     (lambda: (_t(1, 1, 4, 16, dtype=torch.float64),) * 3, TypeError, "q has dtype"),
-    (lambda: (_t(1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "q must be 4-d"),
+    (lambda: (_t(1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, r"q has shape \(1, 4, 16\); expected 4-d"),
     (lambda: (_t(1, 1, 4, 96),) * 3, ValueError, "q has head dim 96; supported: 16, 32, 64, 128"),
     (lambda: (_t(1, 2, 4, 16), _t(1, 3, 4, 16), _t(1, 3, 4, 16)), ValueError, "k has shape"),
     (lambda: (_t(2, 1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "k has shape"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 32), _t(1, 1, 4, 32)), ValueError, "k has shape"),
     (lambda: (_t(1, 1, 4, 16), _t(1, 1, 4, 16), _t(1, 1, 5, 16)), ValueError, "v has shape"),
     (lambda: (_t(1, 1, 4, 32)[..., ::2], _t(1, 1, 4, 16), _t(1, 1, 4, 16)),
-     ValueError, "q has last-dim stride 2"),
+     ValueError, "q has last-dimension stride 2"),
     (lambda: (_t(1, 1, 5, 16), _t(1, 1, 4, 16), _t(1, 1, 4, 16)), ValueError, "Tq <= Tk"),
     (lambda: ([[1.0]], _t(1, 1, 4, 16), _t(1, 1, 4, 16)), TypeError, "q must be a torch.Tensor"),
 ])
@@ -319,6 +339,133 @@ def test_bad_arguments():
         flash_attention(q, q, q, sm_scale=float("nan"))
     with pytest.raises(ValueError, match="flash_attention: k has no keys"):
         flash_attention(q, _t(1, 1, 0, 16), _t(1, 1, 0, 16), causal=False)
+
+
+# ----------------------------------------------------------------------------
+# packed qkv
+# ----------------------------------------------------------------------------
+def make_qkv(B, T, H, D, dtype, seed, pad=0):
+    """A (B, T, 3, H, D) view of a (B, T, 3*H*D + pad) buffer, as the qkv
+    projection's output is viewed (pad > 0 makes the rows strided)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    buf = torch.randn(B, T, 3 * H * D + pad, generator=g).to(DEVICE, dtype)
+    return buf[..., :3 * H * D].view(B, T, 3, H, D) if pad == 0 else \
+        buf[..., :3 * H * D].unflatten(-1, (3, H, D))
+
+
+def unpack(qkv):
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+@pytest.mark.parametrize("B,T,H,D,causal,dtype,pad", [
+    (2, 37, 3, 16, True, torch.float32, 0),
+    (1, 64, 2, 32, False, torch.float32, 8),
+    (1, 33, 2, 64, True, torch.float16, 16),
+])
+def test_qkvpacked_matches_sdpa(B, T, H, D, causal, dtype, pad):
+    qkv = make_qkv(B, T, H, D, dtype, seed=T + D, pad=pad).requires_grad_()
+    assert (qkv.stride(-1) == 1) and (pad == 0) == qkv.is_contiguous()
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    with poisoned_allocations():
+        o = flash_attention_qkvpacked(qkv, causal=causal)
+    assert o.shape == (B, H, T, D) and o.transpose(1, 2).is_contiguous()
+    with poisoned_allocations():
+        (dqkv,) = torch.autograd.grad(o, qkv, do)
+    assert dqkv.shape == qkv.shape
+    ours = (o, *(t.transpose(1, 2) for t in dqkv.unbind(2)))
+    names = ("out", "dq", "dk", "dv")
+    exact = run_ref(reference_fp64, *unpack(qkv), do, causal, None, torch.float64)
+    for name, a, e in zip(names, ours, exact):
+        assert_matches(a, e, TOL[dtype], f"{name} vs float64")
+    if dtype == torch.float32:
+        oracle = run_ref(sdpa, *unpack(qkv), do, causal)
+        for name, a, e in zip(names, ours, oracle):
+            assert_matches(a, e, TOL[dtype], f"{name} vs SDPA")
+        # The same kernels as the unpacked entry: identical bits.
+        unpacked = run_ours(*(t.detach().requires_grad_() for t in unpack(qkv)), do, causal)
+        for name, a, b in zip(names, ours, unpacked):
+            assert torch.equal(a, b), f"{name}: packed and unpacked entries differ"
+
+
+# Ops that would copy, gather or accumulate a whole gradient.
+_COPYING_OPS = {"copy_", "_copy_from", "clone", "contiguous", "cat", "stack", "_to_copy",
+                "add", "add_", "zeros", "new_zeros", "zeros_like", "zero_", "fill_",
+                "select_backward", "slice_backward", "select_scatter", "slice_scatter",
+                "as_strided_scatter", "index_put", "index_put_"}
+
+
+def _inside_triton_interpreter():
+    # The interpreter copies every tensor argument back after a launch on its
+    # own account; those copies do not exist on the GPU.
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("triton", "runtime", "interpreter.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class AtenRecorder(TorchDispatchMode):
+    """Every aten op run outside a kernel launch, with the largest tensor it touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _inside_triton_interpreter():
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.ops.append((func.overloadpacket.__name__, max((t.numel() for t in tensors), default=0)))
+        return out
+
+    def copies(self, at_least):
+        return [(name, n) for name, n in self.ops if name in _COPYING_OPS and n >= at_least]
+
+
+def _model_like_backward(attend, B, T, H, D):
+    """x @ W -> (B, T, 3, H, D) -> attention -> (B, T, H*D), as the model uses
+    it; returns the ops of the backward pass and the grads of x and W."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B * T, 32, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(32, 3 * H * D, generator=g) / 32 ** 0.5).to(DEVICE).requires_grad_()
+    weight = torch.randn(B, T, H * D, generator=g).to(DEVICE)
+    qkv = (x @ w).view(B, T, 3, H, D)
+    y = attend(qkv).transpose(1, 2).reshape(B, T, H * D)
+    loss = (y * weight).sum()
+    with AtenRecorder() as recorder:
+        loss.backward()
+    return recorder, x.grad, w.grad
+
+
+def test_qkvpacked_backward_gathers_nothing():
+    """The packed backward writes dq, dk, dv into one packed gradient: no
+    activation-sized copy, stack, clone or add anywhere in the backward --
+    where the unpacked entry on views of the same qkv stacks its three grads."""
+    B, T, H, D = 2, 24, 2, 16
+    packed, dx, dw = _model_like_backward(flash_attention_qkvpacked, B, T, H, D)
+    unpacked, dx_ref, dw_ref = _model_like_backward(lambda qkv: flash_attention(*unpack(qkv)),
+                                                    B, T, H, D)
+    activation = B * T * H * D
+    assert unpacked.copies(activation), "the recorder saw no copy where autograd must stack"
+    assert not packed.copies(activation), f"activation-sized copies: {packed.copies(activation)}"
+    assert_close(dx, dx_ref, TOL[torch.float32], "dx")
+    assert_close(dw, dw_ref, TOL[torch.float32], "dw")
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: _t(1, 4, 3, 2), ValueError, r"qkv has shape \(1, 4, 3, 2\); expected 5-d"),
+    (lambda: _t(1, 4, 2, 1, 16), ValueError, "expected \\(\\*, \\*, 3, \\*, \\*\\)"),
+    (lambda: _t(1, 4, 3, 1, 48), ValueError, "qkv has head dim 48"),
+    (lambda: _t(1, 4, 3, 1, 32)[..., ::2], ValueError, "qkv has last-dimension stride 2"),
+    (lambda: torch.zeros(1, 4, 3, 1, 16, dtype=torch.int32, device=DEVICE), TypeError,
+     "qkv has dtype int32"),
+    (lambda: _t(1, 4, 3, 1, 16, device="meta"), ValueError, "CUDA tensor is needed"),
+])
+def test_qkvpacked_bad_inputs(make, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        flash_attention_qkvpacked(make())
+    assert str(info.value).startswith("flash_attention_qkvpacked: ")
 
 
 # ----------------------------------------------------------------------------
@@ -361,7 +508,7 @@ def test_repeat_is_bit_identical_gpu():
 
 def _fitting(tiles, kind, D, elsize):
     return [t for t in tiles
-            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= attn_mod._SMEM_BUDGET]
+            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= SMEM_BUDGET_BYTES]
 
 
 @pytest.mark.gpu
@@ -382,13 +529,13 @@ def test_every_autotune_config_gpu(D, dtype):
         theirs = run_ref(sdpa, q, k, v, do, causal)
         exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
         for i in range(n):
-            tiles = (fwd[i % len(fwd)], (dkdv[i % len(dkdv)], dq[i % len(dq)]))
-            ours = run_ours(q, k, v, do, causal, tiles=tiles)
+            fixed = attn_mod._Tiles(fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)])
+            ours = run_ours(q, k, v, do, causal, tiles=fixed)
             for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
                 if fp32:
-                    assert_close(a, e, TOL[torch.float32], f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+                    assert_close(a, e, TOL[torch.float32], f"{name} tiles={fixed} Tq={Tq} Tk={Tk}")
                 else:
-                    assert_bf16_comparable(a, t, e, f"{name} tiles={tiles} Tq={Tq} Tk={Tk}")
+                    assert_bf16_comparable(a, t, e, f"{name} tiles={fixed} Tq={Tq} Tk={Tk}")
 
 
 @pytest.mark.gpu

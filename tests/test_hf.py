@@ -82,9 +82,9 @@ def test_load_into_padded_vocab(hf_dir):
 
 def test_errors_name_the_file(tmp_path, hf_dir):
     path, _ = hf_dir
-    with pytest.raises(UserInputError, match="not a directory"):
+    with pytest.raises(UserInputError, match="nope: no such file or directory"):
         GPT.from_pretrained(tmp_path / "nope")
-    with pytest.raises(UserInputError, match="config.json: missing"):
+    with pytest.raises(UserInputError, match="neither a run folder .* nor a Hugging Face GPT-2 folder"):
         GPT.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(UserInputError, match="no model.safetensors or pytorch_model.bin"):
@@ -126,3 +126,60 @@ def test_refuses_pickled_objects(tmp_path, hf_dir):
     torch.save({"payload": object()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(UserInputError, match="pytorch_model.bin: cannot be read"):
         GPT.from_pretrained(tmp_path)
+
+
+def save_variant(path, **fields):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=97,
+                                  bos_token_id=96, eos_token_id=96, **fields)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+# Each GPT2Config variant the model does not implement, and the words its refusal must hold.
+REFUSED_VARIANTS = [
+    (dict(scale_attn_by_inverse_layer_idx=True), "config.json: scale_attn_by_inverse_layer_idx is true"),
+    (dict(scale_attn_weights=False), "config.json: scale_attn_weights is false"),
+    (dict(add_cross_attention=True), "config.json: add_cross_attention is true"),
+    (dict(n_inner=100), "config.json: n_inner 100 is not 4 * n_embd"),
+    (dict(activation_function="gelu"), "config.json: activation_function 'gelu' is not GPT-2's tanh GELU"),
+    (dict(activation_function="relu"), "config.json: activation_function 'relu'"),
+    (dict(tie_word_embeddings=False), "lm_head.weight differs from wte.weight (an untied LM head, "
+                                      "tie_word_embeddings=false)"),
+]
+
+
+@pytest.mark.parametrize("fields,needle", REFUSED_VARIANTS, ids=lambda v: str(v)[:40])
+def test_unsupported_variant_is_refused(tmp_path, fields, needle):
+    save_variant(tmp_path, **fields)
+    with pytest.raises(UserInputError) as info:
+        GPT.from_pretrained(tmp_path, backend="torch")
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("fields", [dict(reorder_and_upcast_attn=True), dict(layer_norm_epsilon=1e-3),
+                                    dict(activation_function="gelu_pytorch_tanh"), dict(n_inner=128)],
+                         ids=lambda v: str(v))
+def test_supported_variant_matches_transformers(tmp_path, fields):
+    """reorder_and_upcast_attn only changes the precision of the scores under
+    half-precision autocast: in fp32 the function, and the logits, are GPT-2's."""
+    hf = save_variant(tmp_path, **fields)
+    ours = GPT.from_pretrained(tmp_path, backend="torch").eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], hf(idx).logits) <= 1e-5
+
+
+def test_untied_flag_with_equal_head_loads_and_missing_head_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    save_variant(tmp_path, tie_word_embeddings=False)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    GPT.from_pretrained(tmp_path, backend="torch")  # equal to wte: tying them is exact
+    del weights["lm_head.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match="tie_word_embeddings is false in config.json but there is "
+                                             "no lm_head.weight"):
+        GPT.from_pretrained(tmp_path, backend="torch")

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.layernorm import add_layer_norm, layer_norm
+from kernels.layernorm import _dropout_mask, add_layer_norm, layer_norm
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
 
@@ -280,6 +281,291 @@ def test_add_layer_norm_without_bias_and_unused_outputs():
     assert_close(dr2, drt, rtol, "dresidual alone")
 
 
+# ----------------------------------------------------------------------------- mixed dtypes
+
+# (x, residual, weight and bias, out_dtype): the branch in a 16-bit dtype on an
+# fp32 residual stream with fp32 master weights (autocast's case, fp16 standing
+# in for bf16 on CPU), and the other mixes the contract allows.
+MIXED = [
+    (torch.float16, torch.float32, torch.float32, torch.float16),
+    (torch.float16, torch.float32, torch.float32, None),
+    (torch.float32, torch.float16, torch.float16, None),
+    (torch.float16, torch.float16, torch.float32, torch.float32),
+]
+_TOL_BY_DTYPE = {torch.float32: 2e-5, torch.float16: RTOL[torch.float16], torch.bfloat16: 8e-3}
+
+
+def _mixed_case(lead, C, x_dtype, r_dtype, w_dtype, out_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, C)
+    x = (torch.randn(shape, generator=g) * 0.5).to(x_dtype)
+    r = (torch.randn(shape, generator=g) * 2.0 + 0.3).to(r_dtype)
+    w = (1.0 + 0.3 * torch.randn(C, generator=g)).to(w_dtype)
+    b = (0.3 * torch.randn(C, generator=g)).to(w_dtype)
+    dh = torch.randn(shape, generator=g).to(r_dtype)
+    dy = torch.randn(shape, generator=g).to(out_dtype or r_dtype)
+    return tuple(t.to(DEVICE) for t in (x, r, w, b, dh, dy))
+
+
+def _mixed_reference(x, r, w, b, dh, dy, out_dtype):
+    """The contract in fp32: h = (r + x) rounded to r's dtype, y = LayerNorm(h)
+    rounded to out_dtype; gradients in fp32 (rounded by the caller's tolerance)."""
+    xs, rs, ws, bs = (t.detach().float().requires_grad_() for t in (x, r, w, b))
+    # h rounded to residual's dtype, its gradient left unrounded (the kernel
+    # keeps it in fp32 until each gradient is stored in its input's dtype).
+    h = rs + xs
+    h = h + (h.to(r.dtype).float() - h).detach()
+    y = F.layer_norm(h, (x.shape[-1],), ws, bs, 1e-5)
+    grads = torch.autograd.grad([h, y], [xs, rs, ws, bs], [dh.float(), dy.float()])
+    return h.to(r.dtype), y.to(out_dtype or r.dtype), grads
+
+
+def _check_mixed(x, r, w, b, dh, dy, out_dtype):
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    with poisoned_allocations():
+        h, y = add_layer_norm(*leaves, out_dtype=out_dtype)
+        grads = torch.autograd.grad([h, y], leaves, [dh, dy])
+    h_ref, y_ref, grads_ref = _mixed_reference(x, r, w, b, dh, dy, out_dtype)
+    assert h.dtype == r.dtype and y.dtype == (out_dtype or r.dtype)
+    assert torch.equal(h, h_ref), "h is not (residual + x) rounded once to residual's dtype"
+    assert_close(y, y_ref.float(), _TOL_BY_DTYPE[y.dtype], "y")
+    for name, leaf, grad, ref in zip(("dx", "dresidual", "dweight", "dbias"), leaves, grads, grads_ref):
+        assert grad.dtype == leaf.dtype, f"{name} is {grad.dtype}, its input {leaf.dtype}"
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype,w_dtype,out_dtype", MIXED, ids=str)
+@pytest.mark.parametrize("lead,C", [((3,), 17), ((2, 2), 768)], ids=str)
+def test_add_layer_norm_takes_each_dtype_as_it_is(lead, C, x_dtype, r_dtype, w_dtype, out_dtype):
+    _check_mixed(*_mixed_case(lead, C, x_dtype, r_dtype, w_dtype, out_dtype, seed=C), out_dtype)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", [
+    (torch.float16, torch.float32, None), (torch.float32, torch.float16, torch.float16)], ids=str)
+def test_layer_norm_takes_fp32_weights_with_a_16_bit_x(x_dtype, w_dtype, out_dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 33, generator=g) * 2 + 1).to(x_dtype).to(DEVICE)
+    w = (1 + 0.3 * torch.randn(33, generator=g)).to(w_dtype).to(DEVICE)
+    b = (0.3 * torch.randn(33, generator=g)).to(w_dtype).to(DEVICE)
+    dy = torch.randn(5, 33, generator=g).to(out_dtype or x_dtype).to(DEVICE)
+    leaves = [_leaf(t) for t in (x, w, b)]
+    with poisoned_allocations():
+        y = layer_norm(*leaves, out_dtype=out_dtype)
+        grads = torch.autograd.grad(y, leaves, dy)
+    refs = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    y_ref = F.layer_norm(refs[0], (33,), refs[1], refs[2], 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, refs, dy.float())
+    assert y.dtype == (out_dtype or x_dtype)
+    assert_close(y, y_ref, _TOL_BY_DTYPE[y.dtype], "y")
+    for name, leaf, grad, ref in zip(("dx", "dweight", "dbias"), leaves, grads, grads_ref):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lead,C", [((16, 1024), 768), ((17,), 1000)], ids=str)
+def test_gpu_bf16_branch_on_an_fp32_stream(lead, C):
+    """Autocast's case on the GPU: a bf16 branch, fp32 residual and weights, bf16 y."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    _check_mixed(*_mixed_case(lead, C, bf16, fp32, fp32, bf16, seed=C), bf16)
+
+
+class _AtenRecorder(TorchDispatchMode):
+    """The aten ops run outside Triton launches (the interpreter copies kernel
+    arguments with aten ops of its own, which a GPU launch does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is None:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that allocate or re-view memory without touching activations.
+_NO_PASS_OPS = {"empty", "empty_like", "empty_strided", "view", "_reshape_alias", "detach"}
+
+
+def test_no_cast_or_copy_outside_the_kernels():
+    """The residual stream's dtypes cost no pass: a 16-bit branch, an fp32 stream
+    and fp32 weights go through forward and backward with nothing but
+    allocations and views outside the kernels."""
+    x, r, w, b, dh, dy = _mixed_case((4,), 48, torch.float16, torch.float32, torch.float32,
+                                     torch.float16, seed=1)
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    leaves2 = [_leaf(t) for t in (r, w, b)]
+    with _AtenRecorder() as rec:
+        h, y = add_layer_norm(*leaves, out_dtype=torch.float16)
+        torch.autograd.backward([h, y], [dh, dy])
+        y2 = layer_norm(*leaves2, out_dtype=torch.float16)
+        y2.backward(dy)
+    assert rec.ops, "the recorder saw nothing"
+    assert set(rec.ops) <= _NO_PASS_OPS, f"passes outside the kernels: {set(rec.ops) - _NO_PASS_OPS}"
+    assert [t.grad.dtype for t in leaves] == [torch.float16, torch.float32, torch.float32, torch.float32]
+
+
+def test_double_backward_is_refused():
+    """The backward kernels are not differentiable: a second derivative through
+    them raises instead of being silently wrong."""
+    x, r, w, b, _, _ = _make((3,), 17, torch.float32, seed=2, residual=True)
+    xs, rs = _leaf(x), _leaf(r)
+    y = layer_norm(xs, w, b)
+    (gx,) = torch.autograd.grad((y * y).sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    h, y = add_layer_norm(xs, rs, w, b)
+    (gr,) = torch.autograd.grad((y * y).sum() + (h * h).sum(), rs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gr.sum().backward()
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def _dropout_reference(x, r, w, b, dh, dy, keep, p):
+    """The contract with an explicit mask, in fp32: h = r + x * keep / (1 - p)
+    (rounded to h's dtype, its gradient not), y = LayerNorm(h); the gradients."""
+    xs, ws, bs = (t.detach().float().requires_grad_() for t in (x, w, b))
+    rs = r.detach().float().requires_grad_() if r is not None else None
+    h = xs * keep * (1.0 / (1.0 - p))
+    if rs is not None:
+        h = rs + h
+    h_dtype = r.dtype if r is not None else x.dtype
+    h = h + (h.to(h_dtype).float() - h).detach()
+    y = F.layer_norm(h, (x.shape[-1],), ws, bs, 1e-5)
+    leaves = [t for t in (xs, rs, ws, bs) if t is not None]
+    grads = torch.autograd.grad([h, y], leaves, [dh.float(), dy.float()])
+    return h.to(h_dtype), y, grads
+
+
+# (x dtype, residual dtype or None for the first block)
+DROPOUT_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float32, None),
+                  (torch.float16, None)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("x_dtype,r_dtype", DROPOUT_DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", [((3,), 17), ((2, 3), 257)], ids=str)
+def test_dropout_forward_and_gradients_for_the_mask_drawn(lead, C, x_dtype, r_dtype, p):
+    """Against PyTorch with the mask the kernels drew, materialised by the same
+    Philox stream: h, y and every gradient, with and without a residual."""
+    g = torch.Generator().manual_seed(C)
+    shape = (*lead, C)
+    x = torch.randn(shape, generator=g).to(DEVICE, x_dtype)
+    r = torch.randn(shape, generator=g).to(DEVICE, r_dtype) if r_dtype else None
+    w = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    b = (0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    h_dtype = r_dtype or x_dtype
+    dh = torch.randn(shape, generator=g).to(DEVICE, h_dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, h_dtype)
+    seed = _seed(1234 + C)
+    leaves = [_leaf(t) for t in (x, r, w, b) if t is not None]
+    args = (leaves[0], leaves[1] if r is not None else None, *leaves[-2:])
+    with poisoned_allocations():
+        h, y = add_layer_norm(*args, dropout_p=p, seed=seed)
+        grads = torch.autograd.grad([h, y], leaves, [dh, dy])
+    keep = _dropout_mask(seed, shape, p)
+    assert 0 < keep.sum() < keep.numel()
+    h_ref, y_ref, grads_ref = _dropout_reference(x, r, w, b, dh, dy, keep.float(), p)
+    assert h.dtype == h_dtype
+    assert_close(h, h_ref.float(), _TOL_BY_DTYPE[h_dtype] if r is None else 0.0, "h")
+    assert_close(y, y_ref, _TOL_BY_DTYPE[h_dtype], "y")
+    names = ["dx", "dresidual", "dweight", "dbias"] if r is not None else ["dx", "dweight", "dbias"]
+    for name, leaf, grad, ref in zip(names, leaves, grads, grads_ref):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+    assert torch.all(grads[0][~keep] == 0), "a dropped element got a gradient"
+
+
+def test_dropout_zero_is_bit_identical_to_no_dropout():
+    x, r, w, b, dy, dh = _make((3,), 257, torch.float32, seed=21, residual=True)
+
+    def run(**kwargs):
+        leaves = [_leaf(t) for t in (x, r, w, b)]
+        h, y = add_layer_norm(*leaves, **kwargs)
+        return [h, y, *torch.autograd.grad([h, y], leaves, [dh, dy])]
+    for a, c in zip(run(), run(dropout_p=0.0, seed=_seed(99))):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_one_minus_p_and_reproduces_its_mask(p):
+    shape = (16, 1024)
+    n = shape[0] * shape[1]
+    first = _dropout_mask(_seed(7), shape, p)
+    kept = first.float().mean().item()
+    standard_error = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) <= 4 * standard_error, f"kept {kept:.4f}, expected {1 - p}"
+    assert torch.equal(first, _dropout_mask(_seed(7), shape, p)), "same seed, another mask"
+    other = _dropout_mask(_seed(8), shape, p)
+    assert (first != other).float().mean() > p * (1 - p), "another seed, (nearly) the same mask"
+    # Rows differ from one another: the counter is the element's index, not its column.
+    assert not torch.equal(first[0], first[1])
+
+
+def test_dropout_mask_is_the_one_the_forward_used():
+    """dropout(x) with x = 1 and no residual is keep / (1 - p): the forward's
+    h is the materialised mask itself, scaled."""
+    p, shape = 0.25, (5, 33)
+    x = torch.ones(shape, device=DEVICE)
+    w, b = torch.ones(33, device=DEVICE), torch.zeros(33, device=DEVICE)
+    h, _ = add_layer_norm(x, None, w, b, dropout_p=p, seed=_seed(5))
+    assert torch.equal(h, _dropout_mask(_seed(5), shape, p).float() / (1 - p))
+
+
+def test_first_block_without_residual_or_dropout():
+    """residual=None, p = 0: h is x itself (no copy) and d(x) = dh + dLN(dy)."""
+    x, _, w, b, dy, dh = _make((3,), 17, torch.float32, seed=22)
+    xs, xt = _leaf(x), _leaf(x)
+    with poisoned_allocations():
+        h, y = add_layer_norm(xs, None, w, b)
+        (dx,) = torch.autograd.grad([h, y], [xs], [dh, dy])
+    assert h.data_ptr() == xs.data_ptr()
+    yt = F.layer_norm(xt, (17,), w, b, 1e-5)
+    (dxt,) = torch.autograd.grad([xt, yt], [xt], [dh, dy])
+    assert_close(y, yt, RTOL[torch.float32], "y")
+    assert_close(dx, dxt, RTOL[torch.float32], "dx")
+
+
+def test_a_seed_changed_before_the_backward_is_an_error():
+    x, r, w, b, dy, _ = _make((3,), 17, torch.float32, seed=23, residual=True)
+    seed = _seed(3)
+    _, y = add_layer_norm(_leaf(x), r, w, b, dropout_p=0.1, seed=seed)
+    seed.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dropout_on_an_fp32_stream():
+    C, shape, p = 768, (8, 1024, 768), 0.1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16)
+    r = torch.randn(shape, generator=g).to(DEVICE)
+    w, b = (1 + 0.1 * torch.randn(C, generator=g)).to(DEVICE), (0.1 * torch.randn(C, generator=g)).to(DEVICE)
+    dh, dy = torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16)
+    seed = torch.randint(2**62, (1,), device=DEVICE)
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    h, y = add_layer_norm(*leaves, out_dtype=torch.bfloat16, dropout_p=p, seed=seed)
+    grads = torch.autograd.grad([h, y], leaves, [dh, dy])
+    keep = _dropout_mask(seed, shape, p)
+    h_ref, y_ref, grads_ref = _dropout_reference(x, r, w, b, dh, dy, keep.float(), p)
+    assert abs(keep.float().mean().item() - (1 - p)) <= 4 * (p * (1 - p) / keep.numel()) ** 0.5
+    assert_close(h, h_ref, 1e-6, "h")
+    assert_close(y, y_ref, _TOL_BY_DTYPE[torch.bfloat16], "y")
+    for name, grad, ref in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref):
+        assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
+
+
 # ----------------------------------------------------------------------------- properties
 
 
@@ -401,40 +687,60 @@ def test_rejects_bad_inputs():
     cases = [
         (ValueError, "layer_norm: x is on meta; a CUDA tensor is needed",
          lambda: layer_norm(x.to(meta), w.to(meta), b.to(meta))),
-        (ValueError, "layer_norm: weight is on device 'meta'",
+        (ValueError, "layer_norm: weight is on meta but x is on cpu; all tensors must be on one device",
          lambda: layer_norm(x, w.to(meta), b)),
-        (ValueError, "add_layer_norm: residual is on device 'meta'",
+        (ValueError, "add_layer_norm: residual is on meta but x is on cpu",
          lambda: add_layer_norm(x, x.to(meta), w, b)),
-        (TypeError, "layer_norm: weight has dtype float16",
-         lambda: layer_norm(x, w.half(), b)),
-        (TypeError, "layer_norm: bias has dtype float64",
+        (TypeError, "layer_norm: bias has dtype float64; supported: float32, float16, bfloat16",
          lambda: layer_norm(x, w, b.double())),
-        (TypeError, "add_layer_norm: residual has dtype float16",
-         lambda: add_layer_norm(x, x.half(), w, b)),
+        (TypeError, "add_layer_norm: residual has dtype float64",
+         lambda: add_layer_norm(x, x.double(), w, b)),
+        (TypeError, "add_layer_norm: residual must be a torch.Tensor, got list",
+         lambda: add_layer_norm(x, [1.0], w, b)),
+        (ValueError, "add_layer_norm: dropout_p=0.5 needs a seed: an int64 tensor of shape (1,)",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.5)),
+        (ValueError, "add_layer_norm: dropout_p must be a finite real number >= 0.0 and < 1.0, got 1.0",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=1.0, seed=_seed(1))),
+        (ValueError, "add_layer_norm: dropout_p must be a finite real number >= 0.0 and < 1.0, got -0.1",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=-0.1, seed=_seed(1))),
+        (TypeError, "add_layer_norm: seed has dtype int32; supported: int64",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.1, seed=_seed(1).int())),
+        (ValueError, "add_layer_norm: seed has shape (); expected (1,)",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.1, seed=_seed(1)[0])),
+        (ValueError, "add_layer_norm: seed is on meta but x is on",
+         lambda: add_layer_norm(x, x, w, b, dropout_p=0.1, seed=_seed(1).to("meta"))),
         (TypeError, "layer_norm: x has dtype int32",
          lambda: layer_norm(x.int(), w.int(), b.int())),
         (TypeError, "layer_norm: x has dtype float64",
          lambda: layer_norm(x.double(), w.double(), b.double())),
         (TypeError, "layer_norm: weight must be a torch.Tensor",
          lambda: layer_norm(x, None, b)),
-        (ValueError, "layer_norm: weight has shape (9,)",
+        (ValueError, "layer_norm: weight has shape (9,); expected (8,)",
          lambda: layer_norm(x, torch.randn(9, device=DEVICE), b)),
-        (ValueError, "layer_norm: weight has shape (1, 8)",
+        (ValueError, "layer_norm: weight has shape (1, 8); expected (8,)",
          lambda: layer_norm(x, w[None], b)),
-        (ValueError, "layer_norm: bias has shape (4,)",
+        (ValueError, "layer_norm: bias has shape (4,); expected (8,)",
          lambda: layer_norm(x, w, b[:4])),
-        (ValueError, "layer_norm: x is 0-d",
+        (ValueError, "layer_norm: x has shape (); expected at least 1 dimension (..., C)",
          lambda: layer_norm(x[0, 0], w[:1], b[:1])),
         (ValueError, "layer_norm: x has last dimension 0",
          lambda: layer_norm(x[:, :0], w[:0], b[:0])),
-        (ValueError, "add_layer_norm: residual has shape (1, 8)",
+        (ValueError, "add_layer_norm: residual has shape (1, 8); expected (2, 8)",
          lambda: add_layer_norm(x, x[:1], w, b)),
-        (ValueError, "layer_norm: eps must be",
+        (ValueError, "layer_norm: eps must be a finite real number >= 0.0, got -1.0",
          lambda: layer_norm(x, w, b, eps=-1.0)),
+        (ValueError, "layer_norm: eps must be a finite real number >= 0.0, got inf",
+         lambda: layer_norm(x, w, b, eps=float("inf"))),
     ]
     big = 65536 // 4 + 1
     cases.append((ValueError, f"layer_norm: x has last dimension {big}; at most 16384",
                   lambda: layer_norm(*_ok(C=big))))
+    # The widest of x and residual sets the limit.
+    half = 65536 // 2
+    xh = torch.zeros(1, half, dtype=torch.float16, device=DEVICE)
+    wh = torch.ones(half, device=DEVICE)
+    cases.append((ValueError, f"add_layer_norm: x has last dimension {half}; at most 16384",
+                  lambda: add_layer_norm(xh, xh.float(), wh, None)))
     for exc, msg, call in cases:
         with pytest.raises(exc) as info:
             call()
@@ -568,7 +874,7 @@ def test_out_dtype_matches_layer_norm_then_cast(out_dtype):
 
 def test_bad_out_dtype():
     x, r, w, b, _, _ = _out_dtype_case(torch.float16, rows=2, width=8)
-    with pytest.raises(TypeError, match="layer_norm: out_dtype is torch.int32"):
+    with pytest.raises(TypeError, match="^layer_norm: out_dtype is int32; supported: float32, float16, bfloat16$"):
         layer_norm(x, w, b, out_dtype=torch.int32)
-    with pytest.raises(TypeError, match="add_layer_norm: out_dtype is torch.float64"):
+    with pytest.raises(TypeError, match="^add_layer_norm: out_dtype is float64"):
         add_layer_norm(x, r, w, b, out_dtype=torch.float64)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from engine.errors import UserInputError
-from engine.tokenizer import (ByteTokenizer, GPT2Tokenizer, TokenizerUnavailableError,
-                              get_tokenizer, load_tokenizer)
+from engine.tokenizer import (ByteTokenizer, GPT2Tokenizer, TokenizerUnavailableError, check_encodable,
+                              get_tokenizer, load_tokenizer, tokenizer_for_model)
 
 TEXTS = [
     "Hello world",
@@ -125,6 +125,9 @@ def test_gpt2_unavailable_offline(offline_tiktoken):
     assert "TIKTOKEN_CACHE_DIR" in msg and str(cache) in msg
     assert "--tokenizer bytes" in msg
     assert "vocab.bpe" in msg and "ConnectionError" in msg
+    # one short line: the download error's own text (URLs, retries) stays out of it
+    assert "\n" not in msg and "network disabled" not in msg
+    assert len(msg) - len(str(cache)) < 260, msg
     assert calls, "the failing download function was never reached"
     assert list(cache.iterdir()) == []
     with pytest.raises(TokenizerUnavailableError):
@@ -132,10 +135,46 @@ def test_gpt2_unavailable_offline(offline_tiktoken):
 
 
 def test_auto_falls_back_to_bytes_offline(offline_tiktoken):
+    calls, cache = offline_tiktoken
     tok, reason = load_tokenizer("auto")
     assert isinstance(tok, ByteTokenizer)
-    assert "unavailable" in reason and reason.endswith("using bytes")
-    assert "ConnectionError" in reason
+    assert "unavailable" in reason and "using bytes" in reason and "ConnectionError" in reason
+    assert "TIKTOKEN_CACHE_DIR" in reason and "network disabled" not in reason  # the fix, not the trace
+    assert len(reason) - len(str(cache)) < 220, reason
+
+
+def test_tokenizer_for_model(offline_tiktoken):
+    """A model trained with GPT-2 BPE never falls back to bytes: without the BPE
+    files it fails at once, with the fix; an explicit other tokenizer is refused."""
+    calls, cache = offline_tiktoken
+    with pytest.raises(TokenizerUnavailableError) as info:
+        tokenizer_for_model("auto", "gpt2", "--init-from runs/x")
+    msg = str(info.value)
+    assert msg.startswith("--init-from runs/x was trained with the gpt2 tokenizer")
+    assert "TIKTOKEN_CACHE_DIR" in msg and "ConnectionError" in msg and "network disabled" not in msg
+    with pytest.raises(UserInputError, match="--tokenizer bytes was given; use --tokenizer gpt2"):
+        tokenizer_for_model("bytes", "gpt2", "--resume runs/x")
+    with pytest.raises(UserInputError, match="use --tokenizer bytes"):
+        tokenizer_for_model("gpt2", "bytes", "--resume runs/x")
+    with pytest.raises(UserInputError, match="unknown tokenizer 'sentencepiece'"):
+        tokenizer_for_model("auto", "sentencepiece", "--resume runs/x")
+    tok, reason = tokenizer_for_model("auto", "bytes", "--resume runs/x")
+    assert tok.name == "bytes" and "--resume runs/x" in reason
+
+
+def test_check_encodable():
+    check_encodable("héllo 日本語 🎉", "--prompt")
+    with pytest.raises(UserInputError, match=r"--prompt: character '\\udcff' at position 2 is not valid"):
+        check_encodable("ab\udcffcd", "--prompt")
+
+
+def test_decode_bytes_keeps_partial_characters(gpt2):
+    text = "naïve 日本語 🎉"
+    ids = gpt2.encode(text)
+    assert b"".join(gpt2.decode_bytes([i]) for i in ids) == text.encode("utf-8")
+    assert ByteTokenizer().decode_bytes(list("é".encode())) == "é".encode()
+    with pytest.raises(ValueError, match="outside"):
+        gpt2.decode_bytes([50257])
 
 
 def test_auto_prefers_gpt2(gpt2):
@@ -143,3 +182,16 @@ def test_auto_prefers_gpt2(gpt2):
     assert tok.name == "gpt2" and "GPT-2" in reason
     tok, reason = load_tokenizer("bytes")
     assert tok.name == "bytes" and "requested" in reason
+
+
+def test_data_tokenizer_mismatch_names_the_fix():
+    from engine.tokenizer import data_tokenizer_mismatch
+    msg = data_tokenizer_mismatch("data/gpt2_train_000000.bin", 50257, "bytes", 256, requested="auto")
+    assert msg.startswith("data/gpt2_train_000000.bin: holds gpt2 tokens (vocab 50,257), but this run uses "
+                          "the bytes tokenizer (vocab 256); train with --tokenizer gpt2, or prepare the data "
+                          "again with --tokenizer bytes")
+    assert "auto chose bytes" in msg and "TIKTOKEN_CACHE_DIR" in msg
+    msg = data_tokenizer_mismatch("d.bin", 256, "gpt2", 50257, requested="gpt2")
+    assert msg.endswith("train with --tokenizer bytes, or prepare the data again with --tokenizer gpt2")
+    msg = data_tokenizer_mismatch("d.bin", 32000, "gpt2", 50257)
+    assert "tokens of a 32,000-id vocabulary" in msg and "train with" not in msg

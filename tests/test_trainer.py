@@ -151,14 +151,21 @@ def test_gradient_accumulation_equals_the_big_batch():
     assert abs(loss_one.item() - loss_big.item()) > 1e-4
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "found_inf-on-device"])
-def test_a_non_finite_step_never_reaches_the_weights(fused):
+@pytest.mark.parametrize("kind", ["torch", "torch-fused", "triton"],
+                         ids=["host-check", "found_inf-torch-fused", "found_inf-FusedAdamW"])
+def test_a_non_finite_step_never_reaches_the_weights(kind):
     """A NaN loss: train_step reports it and the optimizer leaves weights, moments and
-    step counts as they were (fused AdamW through its device-side found_inf flag)."""
+    step counts as they were (the fused optimizers through the device-side found_inf
+    flag, no host sync)."""
     import contextlib
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=67, n_layer=1, n_head=2, n_embd=16, backend="torch"))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    if kind == "triton":
+        pytest.importorskip("triton")
+        from kernels import FusedAdamW
+        opt = FusedAdamW(model.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=kind == "torch-fused")
     xs = torch.randint(0, 67, (1, 2, 16))
     train_step(model, opt, xs, xs, grad_clip=1.0, autocast=contextlib.nullcontext)  # a good step
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,10 +1,13 @@
-"""kernels.cross_entropy.linear_cross_entropy against F.cross_entropy on materialised logits."""
+"""kernels/linear_cross_entropy.py: linear_cross_entropy against F.cross_entropy on
+materialised logits (and float64). Small chunks, to cross chunk boundaries at
+interpreter sizes, go through the module's private entry (`chunk_rows`)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.cross_entropy import linear_cross_entropy
+from kernels.linear_cross_entropy import _linear_cross_entropy, linear_cross_entropy
 from tests.helpers import (DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
                            assert_close, poisoned_allocations, rel_err)
 
@@ -25,11 +28,20 @@ def _inputs(n, c, v, num_classes, dtype, seed, ignore_frac=0.2, lead=None):
             t.to(DEVICE))
 
 
+def _lce(x, w, t, *, chunk_rows=None, ignore_index=IGNORE, num_classes=None, check_targets=True):
+    """The public function, or with `chunk_rows` the module's private entry."""
+    if chunk_rows is None:
+        return linear_cross_entropy(x, w, t, ignore_index=ignore_index, num_classes=num_classes,
+                                    check_targets=check_targets)
+    return _linear_cross_entropy(x, w, t, ignore_index, num_classes or w.shape[0], check_targets,
+                                 chunk_rows=chunk_rows)
+
+
 def _ours(x, w, t, **kw):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
     with poisoned_allocations():
-        loss = linear_cross_entropy(x, w, t, **kw)
+        loss = _lce(x, w, t, **kw)
         loss.backward()
     return loss.detach(), x.grad, w.grad
 
@@ -49,7 +61,7 @@ def _torch(x, w, t, num_classes, dtype=None):
     return loss.detach(), x.grad, w.grad
 
 
-# (N, C, V, num_classes, chunk_size): odd sizes, padded vocab, chunk boundaries
+# (N, C, V, num_classes, chunk_rows): odd sizes, padded vocab, chunk boundaries
 # that do and do not divide N, one chunk, one row per chunk.
 CASES = [
     (1, 16, 64, 64, None),
@@ -64,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize("n,c,v,num_classes,chunk", CASES)
 def test_matches_torch(n, c, v, num_classes, chunk, dtype):
     x, w, t = _inputs(n, c, v, num_classes, dtype, seed=n * 1000 + v)
-    loss, dx, dw = _ours(x, w, t, num_classes=num_classes, chunk_size=chunk)
+    loss, dx, dw = _ours(x, w, t, num_classes=num_classes, chunk_rows=chunk)
     ref_loss, ref_dx, ref_dw = _torch(x, w, t, num_classes)
     f64_loss, f64_dx, f64_dw = _torch(x, w, t, num_classes, dtype=torch.float64)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -87,14 +99,14 @@ def test_matches_torch(n, c, v, num_classes, chunk, dtype):
 def test_padded_rows_get_zero_gradient():
     num_classes = 200
     x, w, t = _inputs(20, 16, 256, num_classes, torch.float32, seed=1)
-    _, _, dw = _ours(x, w, t, num_classes=num_classes, chunk_size=8)
+    _, _, dw = _ours(x, w, t, num_classes=num_classes, chunk_rows=8)
     assert torch.all(dw[num_classes:] == 0)
     assert dw[:num_classes].abs().sum() > 0
 
 
 def test_leading_dims_and_int32_targets():
     x, w, t = _inputs(2 * 9, 16, 130, 130, torch.float32, seed=2, lead=(2, 9))
-    loss, dx, dw = _ours(x, w, t.to(torch.int32), chunk_size=7)
+    loss, dx, dw = _ours(x, w, t.to(torch.int32), chunk_rows=7)
     ref_loss, ref_dx, ref_dw = _torch(x, w, t, 130)
     assert dx.shape == x.shape
     assert_close(loss, ref_loss, 1e-5, "loss")
@@ -108,7 +120,7 @@ def test_nonzero_ignore_index_inside_class_range():
     t[::3] = 5
     x_, w_ = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     with poisoned_allocations():
-        loss = linear_cross_entropy(x_, w_, t, ignore_index=5, chunk_size=10)
+        loss = _lce(x_, w_, t, ignore_index=5, chunk_rows=10)
         loss.backward()
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = F.cross_entropy((xr @ wr.T).float(), t, ignore_index=5)
@@ -121,7 +133,7 @@ def test_nonzero_ignore_index_inside_class_range():
 def test_all_ignored_gives_zero_loss_and_grads():
     x, w, t = _inputs(10, 16, 64, 64, torch.float32, seed=4)
     t[:] = IGNORE
-    loss, dx, dw = _ours(x, w, t, chunk_size=4)
+    loss, dx, dw = _ours(x, w, t, chunk_rows=4)
     assert loss.item() == 0.0
     assert torch.all(dx == 0) and torch.all(dw == 0)
 
@@ -140,7 +152,7 @@ def test_grad_output_scaling_and_retained_graph():
     x, w, t = _inputs(19, 16, 100, 90, torch.float32, seed=5)
     _, ref_dx, ref_dw = _torch(x, w, t, 90)
     with poisoned_allocations():
-        loss = linear_cross_entropy(x, w, t, num_classes=90, chunk_size=8)
+        loss = _lce(x, w, t, num_classes=90, chunk_rows=8)
         (3.0 * loss).backward(retain_graph=True)
         dx1, dw1 = x.grad.clone(), w.grad.clone()
         x.grad = w.grad = None
@@ -156,12 +168,12 @@ def test_only_requested_grads_and_no_grad():
     ref_loss, ref_dx, _ = _torch(x, w, t, 64)
     w_frozen = w.detach()
     with poisoned_allocations():
-        loss = linear_cross_entropy(x, w_frozen, t, chunk_size=5)
+        loss = _lce(x, w_frozen, t, chunk_rows=5)
         loss.backward()
     assert w_frozen.grad is None
     assert_close(x.grad, ref_dx, 1e-5, "dx")
     with torch.no_grad(), poisoned_allocations():
-        loss2 = linear_cross_entropy(x, w, t, chunk_size=5)
+        loss2 = _lce(x, w, t, chunk_rows=5)
     assert not loss2.requires_grad
     assert_close(loss2, ref_loss, 1e-5, "loss (no_grad)")
 
@@ -169,7 +181,7 @@ def test_only_requested_grads_and_no_grad():
 def test_inputs_not_modified():
     x, w, t = _inputs(16, 16, 64, 60, torch.float32, seed=7)
     x0, w0, t0 = x.detach().clone(), w.detach().clone(), t.clone()
-    _ours(x, w, t, num_classes=60, chunk_size=6)
+    _ours(x, w, t, num_classes=60, chunk_rows=6)
     assert torch.equal(x.detach(), x0) and torch.equal(w.detach(), w0) and torch.equal(t, t0)
 
 
@@ -178,28 +190,29 @@ def _bad_args():
     w = torch.randn(16, 8, device=DEVICE)
     t = torch.randint(0, 16, (4,), device=DEVICE)
     return [
-        ((x.double(), w.double(), t), {}, TypeError, "x has dtype"),
-        ((x, w.half(), t), {}, TypeError, "weight has dtype"),
-        ((x, w, t.float()), {}, TypeError, "targets has dtype"),
-        ((x, w[0], t), {}, ValueError, "weight must be 2-D"),
-        ((x, w[:, :7], t), {}, ValueError, "x has 8 features"),
-        ((x, w, t[:3]), {}, ValueError, "targets has shape"),
-        ((x, w, t), {"num_classes": 0}, ValueError, "num_classes"),
-        ((x, w, t), {"num_classes": 17}, ValueError, "num_classes"),
+        ((x.double(), w.double(), t), {}, TypeError,
+         "x has dtype float64; supported: float32, float16, bfloat16$"),
+        ((x, w.double(), t), {}, TypeError, "weight has dtype float64"),
+        ((x, w, t.float()), {}, TypeError, "targets has dtype float32; supported: int64, int32$"),
+        ((x, w[0], t), {}, ValueError, r"weight has shape \(8,\); expected 2-d \(V, C\)$"),
+        ((x, w[:, :7], t), {}, ValueError, r"x has 8 features but weight has 7 \(weight is \(V, C\)\)$"),
+        ((x, w, t[:3]), {}, ValueError, r"targets has shape \(3,\); expected"),
+        ((x, w, t), {"num_classes": 0}, ValueError, "num_classes is 0; expected an int >= 1 and <= 16$"),
+        ((x, w, t), {"num_classes": 17}, ValueError, "num_classes is 17"),
         ((x, w, torch.tensor([0, 1, 16, 2], device=DEVICE)), {}, ValueError, "targets contains 16"),
         ((x, w, torch.tensor([0, 1, 12, 2], device=DEVICE)), {"num_classes": 12}, ValueError,
          "targets contains 12"),
         ((x, w, torch.tensor([0, -1, 3, 2], device=DEVICE)), {}, ValueError, "targets contains -1"),
-        ((x, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
-        ((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int, got float$"),
         ((x.numpy() if not ON_GPU else None, w, t), {}, TypeError, "x must be a torch.Tensor"),
+        ((x, w[:0], t), {}, ValueError, r"weight has shape \(0, 8\); V and C must be positive$"),
     ]
 
 
 @pytest.mark.parametrize("case", range(14))
 def test_bad_inputs(case):
     args, kwargs, exc, msg = _bad_args()[case]
-    with pytest.raises(exc, match=f"^linear_cross_entropy: .*{msg}"):
+    with pytest.raises(exc, match=f"^linear_cross_entropy: {msg}"):
         linear_cross_entropy(*args, **kwargs)
 
 
@@ -215,7 +228,7 @@ def test_check_targets_off_still_correct_for_valid_targets():
     x, w, t = _inputs(9, 16, 64, 64, torch.float32, seed=8)
     x_ = x.detach().clone().requires_grad_()
     with poisoned_allocations():
-        loss = linear_cross_entropy(x_, w.detach(), t, check_targets=False, chunk_size=4)
+        loss = _lce(x_, w.detach(), t, check_targets=False, chunk_rows=4)
     ref_loss, _, _ = _torch(x, w, t, 64)
     assert_close(loss.detach(), ref_loss, 1e-5, "loss")
 
@@ -263,17 +276,104 @@ def test_gpt2_size_memory_and_values():
 
 
 @pytest.mark.gpu
-def test_gpu_autocast_fp32_inputs():
-    """Under bf16 autocast, fp32 x and weight: logits in bf16, grads back in fp32."""
+@pytest.mark.parametrize("chunk_rows", [None, 128])
+def test_gpu_bf16_x_with_fp32_master_weight(chunk_rows):
+    """Autocast's case: bf16 hidden states and the fp32 master weight. Logits in
+    bf16, dW accumulated in fp32 (cuBLAS's fp32-output GEMM) and returned in fp32."""
     x, w, t = _inputs(300, 64, 1000, 1000, torch.float32, seed=9)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, dx, dw = _ours(x, w, t, chunk_size=128)
-        ref_loss, ref_dx, ref_dw = _torch(x, w, t, 1000)
-    f64_loss, f64_dx, f64_dw = _torch(x, w, t, 1000, dtype=torch.float64)
-    assert dx.dtype == torch.float32 and dw.dtype == torch.float32
+    x16 = x.detach().to(torch.bfloat16)
+    loss, dx, dw = _ours(x16, w, t, chunk_rows=chunk_rows)
+    ref_loss, ref_dx, ref_dw = _torch(x16, w, t, 1000, dtype=torch.bfloat16)
+    f64_loss, f64_dx, f64_dw = _torch(x16, w, t, 1000, dtype=torch.float64)
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
     assert_bf16_comparable(loss, ref_loss, f64_loss, name="loss")
     assert_bf16_comparable(dx, ref_dx, f64_dx, name="dx")
     assert_bf16_comparable(dw, ref_dw, f64_dw, name="dweight")
+    assert not torch.equal(dw, dw.to(torch.bfloat16).float()), "dW was rounded to bf16"
+
+
+def test_autocast_does_not_change_the_matmul_dtype():
+    """The matmuls run in x's dtype: under autocast fp32 inputs stay fp32."""
+    x, w, t = _inputs(12, 16, 64, 64, torch.float32, seed=10)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss, dx, dw = _ours(x, w, t)
+    ref_loss, ref_dx, ref_dw = _torch(x, w, t, 64)
+    assert dx.dtype == dw.dtype == torch.float32
+    assert_close(loss, ref_loss, 1e-5, "loss")
+    assert_close(dx, ref_dx, 1e-5, "dx")
+    assert_close(dw, ref_dw, 1e-5, "dweight")
+
+
+# ----------------------------------------------------------------------------- dtypes and passes
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16], ids=str)
+def test_16_bit_x_with_a_weight_in_its_own_dtype(w_dtype, chunk_rows):
+    """fp16 x (bf16 on a GPU) with an fp32 master weight or an fp16 one: the logits
+    in x's dtype, dx in x's dtype, dweight in the weight's dtype, summed over the
+    chunks in fp32: within twice PyTorch's own error (autograd through
+    weight.to(x.dtype)) of float64."""
+    x, w, t = _inputs(30, 32, 200, 190, torch.float32, seed=11)
+    x16, w_own = x.detach().half(), w.detach().to(w_dtype)
+    loss, dx, dw = _ours(x16, w_own, t, num_classes=190, chunk_rows=chunk_rows)
+    ref_loss, ref_dx, ref_dw = _torch(x16, w_own.half(), t, 190)
+    f64_loss, f64_dx, f64_dw = _torch(x16, w_own, t, 190, dtype=torch.float64)
+    assert loss.dtype == torch.float32 and dx.dtype == torch.float16 and dw.dtype == w_dtype
+    for name, ours, ref, f64 in (("loss", loss, ref_loss, f64_loss), ("dx", dx, ref_dx, f64_dx),
+                                 ("dweight", dw, ref_dw, f64_dw)):
+        assert rel_err(ours, f64) <= 2 * max(rel_err(ref, f64), 1e-6), name
+    if w_dtype == torch.float32:
+        assert not torch.equal(dw, dw.half().float()), "an fp32 weight's gradient was rounded to fp16"
+
+
+class _AtenRecorder(TorchDispatchMode):
+    """The aten ops run outside Triton launches (the interpreter copies kernel
+    arguments with aten ops of its own, which a GPU launch does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import os
+        import sys
+        frame = sys._getframe(1)
+        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        out = func(*args, **(kwargs or {}))
+        if frame is None:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            numel = max((o.numel() for o in outs if isinstance(o, torch.Tensor)), default=0)
+            self.ops.append((str(func.overloadpacket.__name__), numel))
+        return out
+
+
+def test_dweight_accumulates_inside_the_gemm():
+    """Over several chunks dW grows by one GEMM each (addmm, beta = 1): no separate
+    add over a vocab-sized buffer, no cast of it, no copy."""
+    x, w, t = _inputs(20, 16, 96, 90, torch.float32, seed=12)
+    x_, w_ = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with _AtenRecorder() as rec:
+        loss = _lce(x_, w_, t, num_classes=90, chunk_rows=6, check_targets=False)
+    names = [name for name, _ in rec.ops]
+    # 4 chunks: a logits GEMM and a dx GEMM each; dW's first GEMM, then 3 accumulating.
+    assert names.count("mm") == 4 + 4 + 1 and names.count("addmm_") == 3, names
+    vocab_sized = w.numel()
+    gemms_and_views = {"mm", "addmm_", "empty", "t", "view", "slice", "detach", "alias"}
+    passes = [(name, n) for name, n in rec.ops if n >= vocab_sized and name not in gemms_and_views]
+    assert not passes, f"passes over a vocabulary-sized buffer besides the GEMMs: {passes}"
+    ref_loss, ref_dx, ref_dw = _torch(x, w, t, 90)
+    loss.backward()
+    assert_close(w_.grad, ref_dw, 1e-5, "dweight")
+
+
+def test_double_backward_is_refused():
+    x, w, t = _inputs(6, 16, 64, 64, torch.float32, seed=13)
+    loss = linear_cross_entropy(x, w, t)
+    (gx,) = torch.autograd.grad(loss * loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter message")

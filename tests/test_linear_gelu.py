@@ -1,15 +1,17 @@
-"""Tests for kernels/mlp.py: linear_gelu == F.gelu(F.linear(x, W, b), approximate="tanh").
+"""Tests for kernels/linear_gelu.py: linear_gelu == F.gelu(F.linear(x, W, b), approximate="tanh").
 
 On CPU the kernels run in Triton's interpreter, so shapes stay small; the
-GPT-2-sized checks are marked `gpu`.
+GPT-2-sized checks are marked `gpu`. The recompute and cuBLAS variants are not
+part of the public function; they are reached through the module's `_Plan`.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-import kernels.mlp as mlp
-from kernels.mlp import MatmulBackends, linear_gelu
+from kernels.linear_gelu import _linear_gelu, _Plan, linear_gelu
 from tests.helpers import (DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
                            assert_close, poisoned_allocations)
 
@@ -38,9 +40,16 @@ def _run(fn, x, w, b, dy, **kwargs):
     return (y.detach(),) + tuple(None if t is None else t.grad for t in leaves)
 
 
-def _ours(x, w, b, dy, **kwargs):
+# The module itself (`kernels.linear_gelu` names the function once kernels is imported).
+module = importlib.import_module("kernels.linear_gelu")
+
+
+def _ours(x, w, b, dy, plan=None):
+    """The public function, or the module's computation under another `_Plan`."""
     with poisoned_allocations():
-        return _run(linear_gelu, x, w, b, dy, **kwargs)
+        if plan is None:
+            return _run(linear_gelu, x, w, b, dy)
+        return _run(lambda x, w, b: _linear_gelu(x, w, b, plan), x, w, b, dy)
 
 
 def _torch_ref(x, w, b, dy):
@@ -100,29 +109,26 @@ def test_without_bias(lead, K, N, dtype):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_recompute(dtype, bias):
     x, w, b, dy = _make((2, 9), 47, 65, dtype, seed=11, bias=bias)
-    _check_all(_ours(x, w, b, dy, recompute=True), x, w, b, dy, RTOL[dtype])
+    _check_all(_ours(x, w, b, dy, _Plan(recompute=True)), x, w, b, dy, RTOL[dtype])
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-@pytest.mark.parametrize("backends", [
-    MatmulBackends(forward="torch", dx="torch", dw="torch"),
-    MatmulBackends(forward="torch"),
-    MatmulBackends(dx="torch"),
-    MatmulBackends(dw="torch"),
+@pytest.mark.parametrize("matmuls", [
+    dict(forward="torch", dx="torch", dw="torch"),
+    dict(forward="torch"),
+    dict(dx="torch"),
+    dict(dw="torch"),
 ], ids=["all-torch", "fwd-torch", "dx-torch", "dw-torch"])
-def test_cublas_switches(backends, recompute):
+def test_cublas_switches(matmuls, recompute):
     dtype = torch.float32
     x, w, b, dy = _make((19,), 37, 45, dtype, seed=3)
-    _check_all(_ours(x, w, b, dy, backends=backends, recompute=recompute),
+    _check_all(_ours(x, w, b, dy, _Plan(recompute=recompute, **matmuls)),
                x, w, b, dy, RTOL[dtype])
 
 
-def test_backends_validation():
-    with pytest.raises(ValueError, match="MatmulBackends: dx"):
-        MatmulBackends(dx="cublas")
-    x, w, b, _ = _make((2,), 8, 8, torch.float32, seed=0)
-    with pytest.raises(TypeError, match="linear_gelu: backends"):
-        linear_gelu(x, w, b, backends="torch")
+def test_plan_validation():
+    with pytest.raises(ValueError, match="^_Plan: dx is 'cublas'; expected 'triton' or 'torch'$"):
+        _Plan(dx="cublas")
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
@@ -180,20 +186,20 @@ def test_inputs_untouched(recompute):
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     g = dy.clone()
     with poisoned_allocations():
-        linear_gelu(*leaves, recompute=recompute).backward(g)
+        _linear_gelu(*leaves, _Plan(recompute=recompute)).backward(g)
     for name, before, after in zip(("x", "weight", "bias", "dy"), (x, w, b, dy), (*leaves, g)):
         assert torch.equal(before, after.detach()), f"{name} was modified"
 
 
 def _count_matmuls(monkeypatch):
     calls = []
-    original = mlp._matmul
+    original = module._matmul
 
     def spy(a, b, *args, **kwargs):
         calls.append((tuple(a.shape), tuple(b.shape)))
         return original(a, b, *args, **kwargs)
 
-    monkeypatch.setattr(mlp, "_matmul", spy)
+    monkeypatch.setattr(module, "_matmul", spy)
     return calls
 
 
@@ -223,8 +229,8 @@ def test_needs_input_grad(frozen, monkeypatch):
 
 def test_inference_stores_no_preactivation(monkeypatch):
     seen = []
-    original = mlp._forward
-    monkeypatch.setattr(mlp, "_forward", lambda *a, **k: seen.append(k["store_pre"]) or original(*a, **k))
+    original = module._forward
+    monkeypatch.setattr(module, "_forward", lambda *a, **k: seen.append(k["store_pre"]) or original(*a, **k))
     x, w, b, _ = _make((5,), 16, 24, torch.float32, seed=14)
     with torch.no_grad():
         y = linear_gelu(x, w.requires_grad_(), b)
@@ -244,6 +250,18 @@ def test_bf16_interpreter_upcast():
         assert_close(o, r, 3e-2, name=name)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_double_backward_is_refused(recompute):
+    """The backward is not differentiable: a second derivative through it raises
+    instead of being silently wrong."""
+    x, w, b, _ = _make((3,), 8, 6, torch.float32, seed=16)
+    xs = x.clone().requires_grad_()
+    y = _linear_gelu(xs, w, b, _Plan(recompute=recompute))
+    (gx,) = torch.autograd.grad((y * y).sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
 # --- argument checks --------------------------------------------------------
 
 def _good():
@@ -253,14 +271,15 @@ def _good():
 @pytest.mark.parametrize("case,exc,pattern", [
     ("meta", ValueError, r"linear_gelu: x is on meta"),
     ("mixed_device", ValueError, r"linear_gelu: weight is on meta but x is on"),
-    ("mixed_dtype", TypeError, r"linear_gelu: weight has dtype torch.float16 but x has torch.float32"),
-    ("int", TypeError, r"linear_gelu: x has dtype torch.int64; supported"),
-    ("float64", TypeError, r"linear_gelu: x has dtype torch.float64; supported"),
-    ("scalar", ValueError, r"linear_gelu: x must have at least 1 dimension"),
-    ("weight_1d", ValueError, r"linear_gelu: weight must be 2-D"),
-    ("weight_k", ValueError, r"linear_gelu: weight has in_features 9 but x has last dim 8"),
-    ("bias_shape", ValueError, r"linear_gelu: bias has shape \(5,\); expected \(6,\)"),
-    ("not_tensor", TypeError, r"linear_gelu: weight must be a torch.Tensor"),
+    ("mixed_dtype", TypeError, r"^linear_gelu: weight has dtype float16 but x has float32; they must match$"),
+    ("int", TypeError, r"^linear_gelu: x has dtype int64; supported: float32, float16, bfloat16$"),
+    ("float64", TypeError, r"^linear_gelu: x has dtype float64; supported"),
+    ("scalar", ValueError, r"^linear_gelu: x has shape \(\); expected at least 1 dimension \(\.\.\., in_features\)$"),
+    ("weight_1d", ValueError, r"^linear_gelu: weight has shape \(8,\); expected 2-d \(out_features, in_features\)$"),
+    ("weight_k", ValueError, r"^linear_gelu: weight has shape \(6, 9\); expected \(\*, 8\) "
+                             r"\(out_features, in_features\) with x's in_features$"),
+    ("bias_shape", ValueError, r"^linear_gelu: bias has shape \(5,\); expected \(6,\) \(out_features,\)$"),
+    ("not_tensor", TypeError, r"^linear_gelu: weight must be a torch.Tensor, got list$"),
 ])
 def test_bad_inputs(case, exc, pattern):
     x, w, b = _good()
@@ -317,7 +336,7 @@ def test_gpu_bf16_gpt2_size():
 def test_gpu_gpt2_size(dtype, recompute):
     M, K, N = GPT2_MLP
     x, w, b, dy = _make((M // 1024, 1024), K, N, dtype, seed=21)
-    _check_all(_ours(x, w, b, dy, recompute=recompute), x, w, b, dy, RTOL[dtype])
+    _check_all(_ours(x, w, b, dy, _Plan(recompute=recompute)), x, w, b, dy, RTOL[dtype])
 
 
 @pytest.mark.gpu
