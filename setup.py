@@ -28,5 +28,8 @@ setup(
             "transformers>=4.40",
             "safetensors>=0.4",
         ],
+        # What the benchmarks compare ours with beside PyTorch (bench/cases.py): rows
+        # whose package is missing say so and are skipped.
+        "peers": ["liger-kernel>=0.5"],
     },
 )

@@ -1,5 +1,9 @@
-"""Benchmarks: pytest-benchmark suites (one file per op) and the one-call GPU report.
+"""Benchmarks: pytest-benchmark suites (one file per op), the one-call GPU report and
+the training step's anatomy.
 
-`bench/common.py` holds the measuring (timers, ceilings, checks, results);
-`bench/cases.py` the comparisons themselves, shared by the suites and `bench/report.py`.
+- `harness.py`: the one check -> time -> memory -> ratio loop, and `Case`;
+- `work.py` (FLOP and byte counts), `timing.py` (blocks, paired rounds, ceilings),
+  `results.py` (results, tables, environment): what the harness is built from;
+- `cases.py`: the comparisons, ours beside its peers, shared by the suites and `report.py`;
+- `anatomy.py`: what a training step launches and moves, counted on any machine.
 """

@@ -1,10 +1,15 @@
-"""The comparisons: each builder returns a `Case` (bench/common.py) whose variants
-are ours and the PyTorch baseline(s), on the same inputs.
+"""The comparisons: each builder returns a `Case` (bench/harness.py) whose subject
+is ours and whose peers are what a user would pick instead, on the same inputs:
+PyTorch's own op (and for attention SDPA with each of its backends), Liger-Kernel's
+Triton kernels where that package is installed (the optional `peers` extra),
+torch's fused AdamW, and for the training step the PyTorch path eager and under
+torch.compile.
 
 Used by the pytest-benchmark suites (one file per op) and by `bench/report.py`,
-so a shape or a check lives in one place. Kernel modules are imported inside
-`make`, so this file imports before (or without) them; a missing module makes its
-variant `Unavailable` with the import error as the reason.
+so a shape or a check lives in one place. Kernels are reached only through the
+names `kernels/__init__.py` exports, the model only through `engine`'s public API,
+and both inside `make`: a variant that cannot be built here is `Unavailable`, with
+the reason.
 
 GPU cases are bf16 at GPT-2 124M training shapes; their references are computed
 in fp32 (fp64 for the optimizer) from the same inputs. The CPU group measures the
@@ -13,13 +18,13 @@ engine's own Python-side pieces (model on the torch path, data loader, tokenizer
 from __future__ import annotations
 
 import contextlib
-import types
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import (Case, CheckFailed, Unavailable, attention_flops, gpt_flops_per_token,
-                          matmul_flops, rotation_count)
+from bench.harness import Case, CheckFailed, Unavailable
+from bench.work import attention_flops, gpt_flops_per_token, matmul_flops, rotation_count
 
 EPS = 1e-5
 ROWS = 16 * 1024                       # B*T of a GPT-2 micro-batch of 16 x 1024
@@ -30,9 +35,12 @@ ATTN_SWEEP_D = (64, 128)
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION"}
 ATTN_VARIANTS = ["ours", *SDPA_BACKENDS]
+LN_VARIANTS = ["ours", "torch", "liger"]
 MLP_SHAPE = dict(M=ROWS, K=768, N=3072)
 CE_SHAPE = dict(N=ROWS, C=768, V=50304, classes=50257)
-TRAIN_VARIANTS = ["torch-eager", "torch-compile", "triton"]
+CE_VARIANTS = ["ours", "torch", "liger"]
+ADAMW_VARIANTS = ["ours", "torch-fused", "torch-foreach"]
+TRAIN_VARIANTS = ["triton", "torch-eager", "torch-compile"]
 ADAMW_HYPER = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
@@ -50,13 +58,24 @@ def _leaf32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().requires_grad_(t.requires_grad)
 
 
-def _kernel(module: str, *names):
-    """Functions from a kernel module, or Unavailable saying why not."""
+def _kernels(*names):
+    """Public functions of the `kernels` package, or Unavailable saying why not."""
     try:
-        mod = __import__(f"kernels.{module}", fromlist=list(names))
-        return [getattr(mod, n) for n in names]
+        import kernels
+        return [getattr(kernels, n) for n in names]
     except (ImportError, AttributeError) as e:
-        raise Unavailable(f"kernels.{module} is not usable here ({type(e).__name__}: {e})") from None
+        raise Unavailable(f"kernels is not usable here ({type(e).__name__}: {e})") from None
+
+
+def _liger(*names):
+    """Liger-Kernel's functional ops, or Unavailable when the package is not installed."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise Unavailable("liger-kernel is not installed (pip install -e '.[peers]')")
+    try:
+        from liger_kernel.transformers import functional
+        return [getattr(functional, n) for n in names]
+    except (ImportError, AttributeError) as e:
+        raise Unavailable(f"liger-kernel is not usable here ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------
@@ -100,9 +119,17 @@ def layernorm_case(kind: str, width: int, rows: int = ROWS, fused: bool = False,
 
     def make(variant):
         if variant == "ours":
-            layer_norm, add_layer_norm = _kernel("layernorm", "layer_norm", "add_layer_norm")
+            layer_norm, add_layer_norm = _kernels("layer_norm", "add_layer_norm")
             ln = lambda x, w, b: layer_norm(x, w, b, EPS)  # noqa: E731
             add_ln = lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)  # noqa: E731
+        elif variant == "liger":
+            # Liger has no residual-add + LayerNorm fusion: its peer adds, then normalises.
+            liger_ln = _liger("liger_layer_norm")[0]
+            ln = lambda x, w, b: liger_ln(x, w, b, EPS)  # noqa: E731
+
+            def add_ln(x, r, w, b):
+                h = x + r
+                return h, liger_ln(h, w, b, EPS)
         else:
             ln, add_ln = torch_ln, torch_add_ln
 
@@ -121,7 +148,7 @@ def layernorm_case(kind: str, width: int, rows: int = ROWS, fused: bool = False,
     moves = (4 if fused else 2) + ((4 if fused else 3) if grad else 0)
     name = "add_layernorm" if fused else "layernorm"
     return Case(group=f"{name}-{kind}", params=f"rows={rows} C={width} {_dt(dtype)}",
-                variants=["torch", "ours"], baseline="torch", make=make, n_inputs=n,
+                variants=list(LN_VARIANTS), baseline="torch", make=make, n_inputs=n,
                 reference=reference, bytes=moves * act, device=device)
 
 
@@ -157,7 +184,7 @@ def linear_gelu_case(kind: str, M: int = MLP_SHAPE["M"], K: int = MLP_SHAPE["K"]
         return (y, *torch.autograd.grad(y, (x, w, b), dy))
 
     def make(variant):
-        op = _kernel("linear_gelu", "linear_gelu")[0] if variant == "ours" else torch_op
+        op = _kernels("linear_gelu")[0] if variant == "ours" else torch_op
         return lambda i: run(op, xs[i], w, b, dys[i] if grad else None)
 
     def reference():
@@ -166,7 +193,7 @@ def linear_gelu_case(kind: str, M: int = MLP_SHAPE["M"], K: int = MLP_SHAPE["K"]
     flops = matmul_flops(M, N, K) * (3 if grad else 1)
     moved = (M * K + N * K + M * N) * e * (3 if grad else 1)
     return Case(group=f"linear_gelu-{kind}", params=f"{M}x{K}->{N} {_dt(dtype)}",
-                variants=["torch", "ours"], baseline="torch", make=make, n_inputs=n,
+                variants=["ours", "torch"], baseline="torch", make=make, n_inputs=n,
                 reference=reference, flops=flops, bytes=moved, device=device)
 
 
@@ -196,7 +223,7 @@ def attention_case(kind: str, B: int, H: int, T: int, D: int, causal: bool = Tru
 
     def make(variant):
         if variant == "ours":
-            flash = _kernel("attention", "flash_attention")[0]
+            flash = _kernels("flash_attention")[0]
             op, ctx = (lambda q, k, v: flash(q, k, v, causal=causal)), contextlib.nullcontext
         else:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -278,11 +305,16 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
 
     def make(variant):
         if variant == "ours":
-            lce = _kernel("linear_cross_entropy", "linear_cross_entropy")[0]
+            lce = _kernels("linear_cross_entropy")[0]
             # As the model calls it: the ids are checked once upstream, not per call
             # (that check reads a flag back to the host: a sync in every timed call).
             op = lambda x, w, t: lce(x, w, t, ignore_index=-100, num_classes=classes,  # noqa: E731
                                      check_targets=False)
+        elif variant == "liger":
+            liger_lce = _liger("liger_fused_linear_cross_entropy")[0]
+            # Liger normalises over every row of the weight it is given: the real classes'
+            # rows (a view; the padded rows get a zero gradient through the slice).
+            op = lambda x, w, t: liger_lce(x, w[:classes], t, ignore_index=-100)  # noqa: E731
         else:
             op = torch_op
         return lambda i: run(op, x, w)
@@ -292,7 +324,7 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
 
     e = torch.tensor([], dtype=dtype).element_size()
     return Case(group=f"linear_cross_entropy-{kind}", params=f"N={N} C={C} V={V} ({classes} classes) {_dt(dtype)}",
-                variants=["torch", "ours"], baseline="torch", make=make, n_inputs=1,
+                variants=list(CE_VARIANTS), baseline="torch", make=make, n_inputs=1,
                 reference=reference, flops=matmul_flops(N, V, C) * (3 if grad else 1),
                 bytes=(N * C + V * C) * e * (2 if grad else 1), track_memory=True, device=device)
 
@@ -303,8 +335,7 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
 
 def gpt2_param_shapes(preset: str = "gpt2") -> list[tuple[tuple[int, ...], bool]]:
     """(shape, decayed?) of every parameter of a GPT preset (tied weights once)."""
-    from engine.config import GPTConfig
-    from engine.model import GPT
+    from engine import GPT, GPTConfig
     with torch.device("meta"):
         model = GPT(GPTConfig.from_preset(preset, vocab_multiple=64, backend="torch"))
     return [(tuple(p.shape), p.dim() >= 2) for p in model.parameters()]
@@ -333,7 +364,7 @@ def adamw_case(preset: str = "gpt2", device="cuda", shapes=None) -> Case:
         params, groups = fresh(torch.float32)
         kw = dict(lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
         if variant == "ours":
-            fused_adamw = _kernel("adamw", "FusedAdamW")[0]
+            fused_adamw = _kernels("FusedAdamW")[0]
             opt = fused_adamw(groups, weight_decay=hp["weight_decay"], **kw)
         elif variant == "torch-fused":
             opt = torch.optim.AdamW(groups, fused=True, **kw)
@@ -352,7 +383,7 @@ def adamw_case(preset: str = "gpt2", device="cuda", shapes=None) -> Case:
 
     # fp32: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq.
     return Case(group="adamw-step", params=f"{preset} {numel / 1e6:.1f}M params fp32",
-                variants=["torch-fused", "torch-foreach", "ours"], baseline="torch-fused",
+                variants=list(ADAMW_VARIANTS), baseline="torch-fused",
                 make=make, reference=reference, bytes=7 * 4 * numel, tol_floor=1e-6, device=device)
 
 
@@ -362,79 +393,79 @@ def adamw_case(preset: str = "gpt2", device="cuda", shapes=None) -> Case:
 
 def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2",
                   device="cuda") -> Case:
-    """One optimizer step of GPT (bf16 autocast, grad clip 1.0, AdamW): the torch
-    backend eager and under torch.compile, and the triton backend with FusedAdamW
-    and the whole step in a CUDA graph (engine.cuda_graph) when those exist."""
-    from engine.config import GPTConfig
-    from engine.model import GPT
+    """One optimizer step of GPT (bf16 autocast, grad clip 1.0, AdamW) through the
+    engine's one step function (`engine.step.train_step`), on the same model, batch
+    and initial weights: ours is the triton backend with FusedAdamW and, on CUDA, the
+    whole step in a CUDA graph (`engine.cuda_graph.GraphedTrainStep`); its peers are
+    the PyTorch path (torch backend, torch's fused AdamW) eager and under torch.compile."""
+    from engine import GPT, GPTConfig
     B, T = batch_size, seq_len
     base_cfg = GPTConfig.from_preset(preset, vocab_multiple=64, block_size=max(1024, T))
     with torch.device("meta"):
-        n_params = GPT(GPTConfig.from_preset(preset, vocab_multiple=64, block_size=max(1024, T),
-                                             backend="torch")).num_parameters()
+        n_params = GPT(GPTConfig.from_dict({**base_cfg.to_dict(), "backend": "torch"})).num_parameters()
     gen = _gen("cpu", 5)
-    xs = [torch.randint(0, base_cfg.vocab_size, (B, T), generator=gen) for _ in range(2)]
-    ys = [torch.randint(0, base_cfg.vocab_size, (B, T), generator=gen) for _ in range(2)]
-    opt_cfg = types.SimpleNamespace(max_lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # (accum=1, B, T) batches, two of them so that consecutive steps see different data.
+    xs = [torch.randint(0, base_cfg.vocab_size, (1, B, T), generator=gen) for _ in range(2)]
+    ys = [torch.randint(0, base_cfg.vocab_size, (1, B, T), generator=gen) for _ in range(2)]
+    opt_kw = dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
+    device_type = torch.device(device).type
     meta: dict = {}
-
-    from engine.step import autocast_factory
-    autocast = autocast_factory("bf16", torch.device(device).type)
 
     def build(backend):
         cfg = GPTConfig.from_dict({**base_cfg.to_dict(), "backend": backend})
         torch.manual_seed(0)  # the same initial weights for every variant
         with torch.device(device):
-            model = GPT(cfg)
-        return model
+            return GPT(cfg)
+
+    def quiet(*a, **k):
+        pass
+
+    def eager(model, opt, forward=None):
+        from engine.step import autocast_factory, train_step
+        autocast = autocast_factory("bf16", device_type)
+        xd = [x.to(device) for x in xs]
+        yd = [y.to(device) for y in ys]
+        forward = model if forward is None else forward  # `or` would call len() on a compiled module
+
+        def fn(i):
+            loss, _ = train_step(forward, opt, xd[i], yd[i], grad_clip=1.0, autocast=autocast)
+            return loss
+        return fn
 
     def make(variant):
         from engine.optim import configure_optimizer
+        if variant != "triton":
+            model = build("torch")
+            opt = configure_optimizer(model, **opt_kw, kind="torch", log=quiet)
+            return eager(model, opt, torch.compile(model) if variant == "torch-compile" else None)
+        try:
+            model = build("triton")
+            _kernels("FusedAdamW")
+        except (ImportError, RuntimeError) as e:
+            raise Unavailable(f"triton backend unavailable ({type(e).__name__}: {e})") from None
+        meta["optimizer"] = "FusedAdamW"
+        graphs = device_type == "cuda"
+        opt = configure_optimizer(model, **opt_kw, kind="triton", capturable=graphs, log=quiet)
+        meta["cuda_graphs"] = graphs
+        if not graphs:
+            return eager(model, opt)
+        from engine.cuda_graph import GraphedTrainStep
+        from engine.step import autocast_factory
+        step = GraphedTrainStep(model, opt, accum=1, batch_size=B, seq_len=T, device=torch.device(device),
+                                autocast=autocast_factory("bf16", "cuda", cache_enabled=False),
+                                grad_clip=1.0, log=quiet)
 
-        def quiet(*a, **k):
-            pass
-        if variant == "triton":
-            try:
-                model = build("triton")
-            except (ImportError, RuntimeError) as e:
-                raise Unavailable(f"triton backend unavailable ({type(e).__name__}: {e})") from None
-            try:
-                _kernel("adamw", "FusedAdamW")
-                kind = "triton"
-            except Unavailable:
-                kind = "torch"
-            try:
-                from engine.cuda_graph import GraphedTrainStep
-            except ImportError:
-                GraphedTrainStep = None  # noqa: N806
-            meta["optimizer"] = "FusedAdamW" if kind == "triton" else "torch AdamW (fused)"
-            graphs = GraphedTrainStep is not None and torch.device(device).type == "cuda"
-            opt = configure_optimizer(model, lr=opt_cfg.max_lr, betas=opt_cfg.betas,
-                                      weight_decay=opt_cfg.weight_decay, device=device, kind=kind,
-                                      capturable=graphs, log=quiet)
-            if graphs:
-                step = GraphedTrainStep(model, opt, accum=1, batch_size=B, seq_len=T,
-                                        device=torch.device(device),
-                                        autocast=autocast_factory("bf16", "cuda", cache_enabled=False),
-                                        grad_clip=1.0, log=quiet)
-
-                def fn(i):
-                    loss, _ = step.step(xs[i][None], ys[i][None])
-                    meta["cuda_graphs"] = step.captured
-                    return loss
-                return fn
-            meta["cuda_graphs"] = False
-            return _eager_step(model, opt, xs, ys, device, autocast)
-        model = build("torch")
-        opt = configure_optimizer(model, lr=opt_cfg.max_lr, betas=opt_cfg.betas,
-                                  weight_decay=opt_cfg.weight_decay, device=device, kind="torch", log=quiet)
-        fwd = torch.compile(model) if variant == "torch-compile" else model
-        return _eager_step(model, opt, xs, ys, device, autocast, fwd)
+        def fn(i):
+            loss, _ = step.step(xs[i], ys[i])
+            meta["cuda_graphs"] = step.captured
+            return loss
+        return fn
 
     def reference():
+        from engine.step import autocast_factory
         model = build("torch")
-        with torch.no_grad(), autocast():
-            _, loss = model(xs[0].to(device), ys[0].to(device), return_logits=False)
+        with torch.no_grad(), autocast_factory("bf16", device_type)():
+            _, loss = model(xs[0][0].to(device), ys[0][0].to(device), return_logits=False)
         return loss.float()
 
     def verify(variant, loss):
@@ -444,29 +475,16 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
         if not abs(got - ref) <= 3e-3 * abs(ref):
             raise CheckFailed(f"training {variant}: first-step loss {got:.5f} != torch eager's {ref:.5f}")
 
+    def release(variant):
+        if variant == "torch-compile":
+            torch._dynamo.reset()  # compiled graphs hold the model's memory otherwise
+
     case = Case(group="train-step", params=f"{preset} B={B} T={T} bf16", variants=list(TRAIN_VARIANTS),
-                baseline="torch-eager", make=make, reference=reference, verify=verify,
+                subject="triton", baseline="torch-eager", make=make, reference=reference, verify=verify,
                 tokens=B * T, flops_per_token=gpt_flops_per_token(n_params, base_cfg.n_layer,
                                                                   base_cfg.n_embd, T),
-                track_memory=True, device=device, meta=meta)
+                track_memory=True, device=device, release=release, meta=meta)
     return case
-
-
-def _eager_step(model, opt, xs, ys, device, autocast, fwd=None):
-    fwd = model if fwd is None else fwd  # `or` would call len() on a compiled module
-    params = [p for p in model.parameters() if p.requires_grad]
-    xd = [x.to(device) for x in xs]
-    yd = [y.to(device) for y in ys]
-
-    def fn(i):
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            _, loss = fwd(xd[i], yd[i], return_logits=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        return loss.detach()
-    return fn
 
 
 # --------------------------------------------------------------------------
@@ -482,11 +500,11 @@ def corpus_text(n_chars: int) -> str:
     return text[:n_chars]
 
 
-def cpu_model_case(tmp_dir, B: int = 2, T: int = 64) -> Case:
+def cpu_model_case(tmp_dir, B: int = 4, T: int = 128) -> Case:
     """Forward + backward of the engine's GPT (torch backend) against transformers'
-    GPT2LMHeadModel holding the same weights (written by GPT.save_pretrained)."""
-    from engine.config import GPTConfig
-    from engine.model import GPT
+    GPT2LMHeadModel holding the same weights (written by GPT.save_pretrained), on one
+    torch thread: about 20 ms a call, so that framework overhead does not dominate."""
+    from engine import GPT, GPTConfig
     cfg = GPTConfig(block_size=T, vocab_size=512, n_layer=2, n_head=4, n_embd=128, backend="torch")
     torch.manual_seed(0)
     ours = GPT(cfg)
@@ -534,7 +552,8 @@ def cpu_model_case(tmp_dir, B: int = 2, T: int = 64) -> Case:
             raise CheckFailed(f"cpu model {variant}: loss {float(loss):.6f} != engine's {ref:.6f}")
 
     case = Case(group="cpu-model-fwdbwd", params=f"L=2 C=128 V=512 B={B} T={T} fp32",
-                variants=["transformers", "engine-torch"], baseline="transformers", make=make,
+                variants=["engine-torch", "transformers"], subject="engine-torch",
+                baseline="transformers", make=make,
                 reference=reference, verify=verify, tokens=B * T, device="cpu")
     return case
 
@@ -571,13 +590,14 @@ def cpu_loader_case(tmp_dir, B: int = 8, T: int = 256, n_chars: int = 300_000) -
         if not (torch.equal(x.reshape(-1), want[:-1]) and torch.equal(y.reshape(-1), want[1:])):
             raise CheckFailed(f"loader {variant}: the first batch is not the first B*T+1 tokens")
 
-    return Case(group="cpu-data-loader", params=f"B={B} T={T} bytes tokens", variants=["text", "shard"],
-                baseline="text", make=make, verify=verify, tokens=B * T, device="cpu",
+    return Case(group="cpu-data-loader", params=f"B={B} T={T} bytes tokens", variants=["shard", "text"],
+                subject="shard", baseline="text", make=make, verify=verify, tokens=B * T, device="cpu",
                 meta={"per_call": "batches"})
 
 
 def cpu_tokenizer_case(n_chars: int = 50_000) -> Case:
-    """Encoding English prose: tiktoken's GPT-2 BPE against UTF-8 bytes."""
+    """Encoding English prose: the GPT-2 BPE (tiktoken) against UTF-8 bytes, the
+    cost of a real tokenizer in the data pipeline."""
     text = corpus_text(n_chars)
 
     def make(variant):
@@ -594,7 +614,7 @@ def cpu_tokenizer_case(n_chars: int = 50_000) -> Case:
             raise CheckFailed(f"tokenizer {variant}: decode(encode(text)) != text")
 
     return Case(group="cpu-tokenizer", params=f"{len(text.encode())} bytes of prose",
-                variants=["bytes", "gpt2"], baseline="bytes", make=make, verify=verify,
+                variants=["gpt2", "bytes"], subject="gpt2", baseline="bytes", make=make, verify=verify,
                 bytes=len(text.encode()), device="cpu")
 
 

@@ -1,5 +1,6 @@
 """Fixtures of the benchmark suites: the session's results registry, the measured
-ceilings, and the table of ratios printed at the end of the run.
+ceilings, and the tables printed at the end of a timed run (every row with its
+ratio to ours and that ratio's spread, then ours beside the best peer).
 
 The root conftest decides Triton's mode and turns timing off unless
 `--benchmark-only` is given (plain `pytest` runs each benchmark once, as a smoke test).
@@ -9,7 +10,8 @@ import gc
 import pytest
 import torch
 
-from bench.common import Registry, measure_ceilings
+from bench.results import Registry
+from bench.timing import CPU_THREADS, measure_ceilings
 
 REGISTRY = pytest.StashKey[Registry]()
 CEILINGS = pytest.StashKey[object]()
@@ -21,7 +23,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def bench_registry(pytestconfig) -> Registry:
-    """Results of this session; each benchmark's ratio is to the baseline recorded here."""
+    """Results of this session."""
     return pytestconfig.stash[REGISTRY]
 
 
@@ -50,10 +52,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not registry:
         return
     tr = terminalreporter
-    tr.section("benchmark ratios (speedup = baseline time / time, same session)")
+    for title, lines in registry.sections.items():
+        tr.section(title)
+        for line in lines:
+            tr.write_line(line)
+    if not registry.results:
+        return
+    tr.section("benchmark ratios: a peer's time / ours, median of paired rounds [interquartile range]")
+    tr.write_line("ms/call: median over rounds of blocks of back-to-back calls ending in a device sync; "
+                  f"CPU cases on {CPU_THREADS} torch thread(s)")
     if CEILINGS in config.stash:
         c = config.stash[CEILINGS].as_dict()
         tr.write_line(f"ceilings: copy {c['copy_GB_per_s']:.0f} GB/s, "
                       f"bf16 matmul {c['bf16_matmul_TFLOP_per_s']:.0f} TFLOP/s")
     for line in registry.summary_lines():
         tr.write_line(line)
+    peers = registry.peer_lines()
+    if peers:
+        tr.write_line("")
+        tr.write_line("ours beside the best peer:")
+        for line in peers:
+            tr.write_line(line)

@@ -1,49 +1,71 @@
 #!/usr/bin/env bash
-# The one device call of a GPU session (issue "On a real GPU"): the whole test suite
-# on the GPU (bf16 included), then `python -m bench.report --quick`, inside one
-# deadline. Run from the repo root on the GPU machine; results go under $OUT.
+# A whole GPU session in one command: the test suite on the GPU (bf16 included),
+# then `python -m bench.report --quick`, both inside one deadline, every result
+# under one folder. Run it from anywhere on a machine with a CUDA GPU:
 #
-#   bash bench/gpu_session.sh            # both phases, about 9 minutes at most
-#   bash bench/gpu_session.sh tests      # the test phase alone
-#   bash bench/gpu_session.sh report     # the report alone (add GPU_SESSION_FULL=1: full plan)
+#   bash bench/gpu_session.sh --out DIR                  # both phases, 9 minutes at most
+#   bash bench/gpu_session.sh --out DIR tests            # the test phase alone
+#   bash bench/gpu_session.sh --out DIR --full report    # the report alone, its full plan
 #
-# Why it is shaped this way: a session gets 15 minutes of device time, a machine
-# start included, so one call of under 10 minutes is all there is; compiling
-# every autotune configuration dominates the test phase, so the tests run in
-# 8 pytest-xdist workers (Triton compiles in each worker's process; the on-disk
-# cache is shared) when xdist is there; the report runs alone on the GPU after
-# them and rewrites its tables after every comparison, so a phase cut off by
-# its deadline keeps what it measured. At most 8 files come back from $OUT:
-# environment.txt, pytest.log, report.log, report/{results.json, results.md,
-# 2 plots}.
+# Options:
+#   --out DIR             where the results go (default bench/results/gpu-session-<date-time>)
+#   --deadline SECONDS    the whole session's deadline (default 540)
+#   --full                the report's full plan instead of --quick
+#   --tiktoken-cache DIR  a folder holding tiktoken's cache of the gpt2 files, for a
+#                         machine without network (or set TIKTOKEN_CACHE_DIR)
+#   --commit REV          the commit being measured, recorded where the tree has no .git
+#   PYTHON=...            the interpreter holding torch and triton (default python3)
 #
-# The GPU machine has no network and no .git: before the call, here,
-#   mkdir -p device_cache && cp -r ../shared/tiktoken device_cache/ && git rev-parse --short HEAD > device_cache/commit.txt
-# and name device_cache (git-ignored) in the call's `carry`; PYTHONPATH=. replaces
-# `pip install -e .` there.
+# DIR then holds environment.txt, pytest.log, report.log and report/ (results.json,
+# results.md, two plots). Commit it as bench/results/<gpu>-<date>/, whatever it shows.
+#
+# Why it is shaped this way: compiling every autotune configuration dominates the
+# test phase, so the tests run in 8 pytest-xdist workers when xdist is installed
+# (each worker compiles in its own process; Triton's on-disk cache is shared); the
+# report then runs alone on the GPU, so that nothing else competes with its timing,
+# and rewrites its tables after every comparison. The deadline sends SIGINT: pytest
+# prints its summary, the report writes what it measured and marks the rest
+# "skipped: interrupted". The tail of the output is the verdicts, not the logs.
 set -u
-cd "$(dirname "$0")/.."
-phase="${1:-all}"
-case "$phase" in all|tests|report) ;; *) echo "usage: bash bench/gpu_session.sh [all|tests|report]" >&2; exit 2 ;; esac
-deadline_s="${GPU_SESSION_SECONDS:-540}"   # the call's timeout_s should leave a minute beyond it
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+usage="usage: bash bench/gpu_session.sh [--out DIR] [--deadline SECONDS] [--full] [--tiktoken-cache DIR] [--commit REV] [all|tests|report]"
+out="" deadline_s=540 full=0 commit="" phase=all tiktoken_cache=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="${2:?$usage}"; shift 2 ;;
+    --deadline) deadline_s="${2:?$usage}"; shift 2 ;;
+    --full) full=1; shift ;;
+    --tiktoken-cache) tiktoken_cache="${2:?$usage}"; shift 2 ;;
+    --commit) commit="${2:?$usage}"; shift 2 ;;
+    all|tests|report) phase="$1"; shift ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+done
+case "$deadline_s" in ''|*[!0-9]*) echo "gpu_session: --deadline takes whole seconds, got '$deadline_s'" >&2; exit 2 ;; esac
 started=$(date +%s)
 left() { echo $(( deadline_s - ($(date +%s) - started) )); }
-out="${OUT:-bench/results/local-$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$out"
-py="${PYTHON:-python3}"   # the GPU machine's python3 holds torch and triton
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-if [ -d device_cache/tiktoken ]; then
-  export TIKTOKEN_CACHE_DIR="$PWD/device_cache/tiktoken"
-else
-  # tiktoken would try to download the gpt2 BPE (no timeout) on a machine without network.
-  echo "WARNING: device_cache/tiktoken is missing: gpt2-tokenizer tests will try the network" >&2
+# Paths given on the command line are relative to where it was run; then the repo root.
+if [ -n "$tiktoken_cache" ]; then
+  TIKTOKEN_CACHE_DIR="$(cd "$tiktoken_cache" 2>/dev/null && pwd)" || {
+    echo "gpu_session: --tiktoken-cache: no folder $tiktoken_cache" >&2; exit 2; }
+  export TIKTOKEN_CACHE_DIR
 fi
+[ -n "$out" ] || out="$repo/bench/results/gpu-session-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
+cd "$repo"
+py="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ]; then
+  echo "note: TIKTOKEN_CACHE_DIR is not set: without network the gpt2-tokenizer tests skip" >&2
+fi
+[ -n "$commit" ] || commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 have_xdist=0
 "$py" -c "import xdist, pytest_timeout" 2>/dev/null && have_xdist=1
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat device_cache/commit.txt 2>/dev/null || echo unknown)"
+  echo "commit: $commit"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
   "$py" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| numpy', numpy.__version__)"
   if [ "$have_xdist" = 1 ]; then echo "pytest-xdist and pytest-timeout: present"
@@ -54,15 +76,17 @@ cat "$out/environment.txt"
 
 status=0
 if [ "$phase" != report ]; then
+  # All phases: the tests get what the report's ~330 s leave, at most 240 s.
   if [ "$phase" = all ]; then tests_s=$(( $(left) - 330 )); else tests_s=$(( $(left) - 10 )); fi
   [ "$tests_s" -gt 240 ] && [ "$phase" = all ] && tests_s=240
   parallel=()
   [ "$have_xdist" = 1 ] && parallel=(-n 8 --timeout 180)
-  # test_sm90_compile.py compiles every kernel ahead of time, serially: on a GPU
-  # the real launches below compile (and run) them all anyway.
+  # The ahead-of-time compile check compiles every kernel serially; here the real
+  # launches compile (and run) them all anyway.
+  [ -f tests/test_sm90_compile.py ] && parallel+=(--ignore=tests/test_sm90_compile.py)
   echo "== tests: pytest tests ${parallel[*]} (${tests_s} s at most)"
-  timeout -s INT --kill-after=20 "$tests_s" "$py" -m pytest tests "${parallel[@]}" -v --tb=short -p no:cacheprovider \
-    --ignore=tests/test_sm90_compile.py -rfEs --durations=25 > "$out/pytest.log" 2>&1
+  timeout -s INT --kill-after=20 "$tests_s" "$py" -m pytest tests "${parallel[@]}" -v --tb=short \
+    -p no:cacheprovider --durations=25 > "$out/pytest.log" 2>&1
   rc=$?
   [ "$rc" -ne 0 ] && status=1
   [ "$rc" -ge 124 ] && echo "tests: stopped at the ${tests_s} s deadline (exit $rc)" | tee -a "$out/pytest.log"
@@ -72,8 +96,8 @@ if [ "$phase" != tests ]; then
   # Comparisons are not started past --budget; the hard deadline stops one that overruns.
   budget_s=$(( report_s - 60 ))
   mode=(--quick)
-  [ "${GPU_SESSION_FULL:-0}" = 1 ] && mode=()
-  echo "== report: python3 -m bench.report ${mode[*]} --budget ${budget_s} (${report_s} s at most)"
+  [ "$full" = 1 ] && mode=()
+  echo "== report: $py -m bench.report ${mode[*]} --budget ${budget_s} (${report_s} s at most)"
   TRITON_PRINT_AUTOTUNING=1 timeout -s INT --kill-after=20 "$report_s" "$py" -m bench.report "${mode[@]}" \
     --budget "$budget_s" --out "$out/report" > "$out/report.log" 2>&1
   rc=$?
@@ -81,15 +105,16 @@ if [ "$phase" != tests ]; then
   [ "$rc" -ge 124 ] && echo "report: stopped at the ${report_s} s deadline (exit $rc)" | tee -a "$out/report.log"
 fi
 
-# What the reply's output tail should hold: the verdicts, not the logs.
+echo "== results in $out"
 if [ -f "$out/pytest.log" ]; then
   echo "== tests (full log: pytest.log)"
   grep -E "^(FAILED|ERROR)" "$out/pytest.log" | cut -c1-300 | head -n 40
+  grep -E "^[0-9]+ skipped: " "$out/pytest.log" | head -n 10
   grep -E "(passed|failed|error).* in [0-9.]+s" "$out/pytest.log" | tail -n 1
   grep -E "^tests: stopped" "$out/pytest.log"
 fi
 if [ -f "$out/report/results.md" ]; then
-  echo "== report (full table: report/results.md)"
+  echo "== report (full tables: report/results.md)"
   grep -E "^\| " "$out/report/results.md" | cut -c1-260
 elif [ -f "$out/report.log" ]; then
   tail -n 30 "$out/report.log"

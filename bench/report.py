@@ -3,15 +3,18 @@
     python -m bench.report [--out DIR] [--quick] [--budget SECONDS] [--only SECTION]
 
 Measures the ceilings first (device-to-device copy bandwidth, bf16 matmul rate at
-8192^3), then runs each comparison of `bench.cases.gpu_plan`: for every variant
-a correctness check against the reference (recorded pass/FAIL; a failing variant
-is not timed), then CUDA-event timing (`bench.common.time_call`). One comparison
-that fails (an OOM, a compile error) becomes an error row; the rest continue.
-Comparisons left when the time budget is spent become "skipped" rows.
+8192^3), then runs each comparison of `bench.cases.gpu_plan` through the harness's
+one loop (`bench.harness.measure_case`): every variant is checked against the
+reference (recorded pass/FAIL; a failing variant is not timed), ours is timed, and
+each peer is timed in paired rounds with ours, so that "ours vs peer" comes with
+its spread. One comparison that fails (an OOM, a compile error) becomes an error
+row; the rest continue. Comparisons left when the time budget is spent become
+"skipped" rows.
 
 Writes to bench/results/<gpu-name-slug>-<YYYY-MM-DD>/ (or --out): results.json
-(with the configuration each autotuned kernel chose for each key), results.md (the
-table with versions and ceilings), attention_tflops.png and training_tokens_per_s.png.
+(with the configuration each autotuned kernel chose for each key), results.md (ours
+beside the best peer of each comparison, then every row, with versions and
+ceilings), attention_tflops.png and training_tokens_per_s.png.
 The tables are rewritten after every comparison, so a run stopped from outside
 keeps what it measured; an interrupt (Ctrl-C, SIGINT) skips the comparisons left and
 writes the outputs. Exit status: 2 without CUDA, 130 when interrupted, 1 if any check
@@ -21,18 +24,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import pathlib
-import statistics
 import sys
 import time
-import traceback
 
 import torch
 
-from bench.common import (Ceilings, CheckFailed, Result, Unavailable, environment, measure_ceilings,
-                          metrics_for, peak_memory, slug, throughput_text, time_call)
+from bench.harness import first_line, free_memory, measure_case
+from bench.results import (PEER_COLUMNS, Result, ceiling_pct, environment, peer_rows, slug,
+                           throughput_text)
+from bench.timing import Ceilings, measure_ceilings
 from engine.fileio import atomic_write
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -44,71 +46,12 @@ def default_out_dir(env: dict) -> pathlib.Path:
     return ROOT / "results" / f"{slug(env.get('device', 'unknown'))}-{day}"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-def _free_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def run_case(section: str, build, ceilings: Ceilings | None, log=print) -> list[Result]:
-    """Check and time every variant of one comparison, baseline first. Never raises."""
-    try:
-        case = build()
-    except Exception as e:  # noqa: BLE001 - one broken comparison must not end the report
-        log(traceback.format_exc())
-        return [Result(section, "-", "-", "-", check=f"error: {_first_line(e)}")]
-    results = []
-    base_seconds = None
-    order = [case.baseline] + [v for v in case.variants if v != case.baseline]
-    for variant in order:
-        r = Result(case.group, case.params, variant, case.baseline)
-        fn = None
-        try:
-            fn = case.make(variant)
-            r.check = case.check(variant, fn)
-            call = case.rotating(fn)
-            r.seconds = statistics.median(time_call(call, case.device))
-            r.metrics = metrics_for(case, r.seconds, ceilings)
-            if case.track_memory:
-                peak, delta, reserved = peak_memory(call, case.device)
-                r.metrics["peak_mem_MB"] = peak / 2 ** 20
-                r.metrics["extra_mem_MB"] = delta / 2 ** 20
-                r.metrics["peak_reserved_MB"] = reserved / 2 ** 20
-        except Unavailable as e:
-            r.check = f"skipped: {e}"
-        except CheckFailed as e:
-            r.check = f"FAIL: {e}"
-        except Exception as e:  # noqa: BLE001
-            log(traceback.format_exc())
-            r.check = f"error: {_first_line(e)}"
-            r.seconds = None
-        finally:
-            del fn
-            if variant == "torch-compile":
-                torch._dynamo.reset()
-            _free_memory()
-        r.meta = {k: v for k, v in case.meta.items() if isinstance(v, (bool, int, float, str))}
-        if variant == case.baseline and r.ok:
-            base_seconds = r.seconds
-        if r.ok and base_seconds:
-            r.speedup = base_seconds / r.seconds
-        results.append(r)
-        log(format_row(r))
-    del case
-    _free_memory()
-    return results
-
-
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
 
-COLUMNS = ("op", "shape", "variant", "ms", "baseline ms", "speedup", "throughput", "% of ceiling", "check")
+COLUMNS = ("op", "shape", "variant", "ms", "ours ms (same rounds)", "ours vs this [IQR]", "throughput",
+           "% of ceiling", "check")
 
 
 def _memory_text(m: dict) -> str:
@@ -120,33 +63,43 @@ def _memory_text(m: dict) -> str:
     return text
 
 
-def _cells(r: Result, base_ms: float | None) -> tuple[str, ...]:
-    m = r.metrics
-    pct = m.get("MFU_pct", m.get("pct_of_ceiling"))
+def _cells(r: Result) -> tuple[str, ...]:
+    pct = ceiling_pct(r.metrics)
     return (r.group, r.params, r.variant,
             f"{r.seconds * 1e3:.4g}" if r.seconds is not None else "-",
-            f"{base_ms:.4g}" if base_ms is not None else "-",
-            f"{r.speedup:.2f}x" if r.speedup is not None else "-",
-            throughput_text(m) + _memory_text(m),
+            f"{r.subject_seconds * 1e3:.4g}" if r.subject_seconds is not None else "-",
+            r.speedup_text() if r.seconds is not None else "-",
+            throughput_text(r.metrics) + _memory_text(r.metrics),
             f"{pct:.1f}%" if pct is not None else "-",
             r.check)
 
 
 def format_row(r: Result) -> str:
-    return " | ".join(_cells(r, None))
+    return " | ".join(_cells(r))
 
 
 def table_rows(results: list[Result]) -> list[tuple[str, ...]]:
-    base = {(r.group, r.params): r.seconds * 1e3 for r in results
-            if r.variant == r.baseline and r.seconds is not None}
-    return [_cells(r, base.get((r.group, r.params))) for r in results]
+    return [_cells(r) for r in results]
+
+
+def _text(columns, rows) -> str:
+    rows = [columns] + [tuple(c if len(c) <= 60 else c[:57] + "..." for c in row) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def text_table(results: list[Result]) -> str:
-    rows = [COLUMNS] + [tuple(c if len(c) <= 60 else c[:57] + "..." for c in row)
-                        for row in table_rows(results)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return _text(COLUMNS, table_rows(results))
+
+
+def peer_table(results: list[Result]) -> str:
+    return _text(PEER_COLUMNS, peer_rows(results))
+
+
+def _markdown_table(columns, rows) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    return lines
 
 
 def markdown(env: dict, ceilings: Ceilings | None, results: list[Result], args: dict) -> str:
@@ -157,13 +110,16 @@ def markdown(env: dict, ceilings: Ceilings | None, results: list[Result], args: 
         lines.append(f"- ceilings measured in this run: copy {c['copy_GB_per_s']:.0f} GB/s "
                      f"(read + write), bf16 matmul {c['bf16_matmul_TFLOP_per_s']:.0f} TFLOP/s (8192^3)")
     lines.append(f"- options: {args}")
-    lines += ["", "speedup = baseline ms / ms in this run; % of ceiling = throughput against the "
-              "measured copy bandwidth (memory-bound ops) or matmul rate (compute-bound ops; MFU "
-              "for training, 6N + 6LCT FLOPs per token).", ""]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "---|" * len(COLUMNS))
-    for row in table_rows(results):
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    lines += ["", "Times are per call: blocks of back-to-back calls ending in a device sync, "
+              "median over rounds. \"ours vs peer\" = the peer's time / ours, median of rounds "
+              "in which both ran back to back, with the interquartile range: above 1 ours is "
+              "faster. % of ceiling = throughput against the copy bandwidth (memory-bound ops) "
+              "or the bf16 matmul rate (compute-bound ops; MFU for training, 6N + 6LCT FLOPs "
+              "per token), both measured in this run.", ""]
+    lines += ["## Ours beside the best peer", ""]
+    lines += _markdown_table(PEER_COLUMNS, peer_rows(results))
+    lines += ["", "## Every row", ""]
+    lines += _markdown_table(COLUMNS, table_rows(results))
     return "\n".join(lines) + "\n"
 
 
@@ -228,22 +184,19 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
 
 def autotune_choices() -> dict[str, list[dict]]:
     """The configuration each autotuned kernel picked, per autotune key, in this
-    process: what the next tuning round prunes from."""
-    import importlib
+    process: what the next tuning round prunes from. Every `triton.autotune` object
+    of the imported kernel modules is read, under its module-qualified name."""
+    from triton.runtime.autotuner import Autotuner
 
-    from kernels import attention
-    linear_gelu = importlib.import_module("kernels.linear_gelu")  # the module, not the function
-
-    tuned = {"attention_fwd": attention._attn_fwd_tuned,
-             "attention_bwd_dkdv": attention._attn_bwd_dkdv_tuned,
-             "attention_bwd_dq": attention._attn_bwd_dq_tuned,
-             "matmul": linear_gelu._matmul_kernel}
     choices = {}
-    for name, tuner in tuned.items():
-        cache = getattr(tuner, "cache", None)
-        if cache:
-            choices[name] = [{"key": [str(k) for k in key], "config": str(config)}
-                             for key, config in cache.items()]
+    for mod_name, module in sorted(sys.modules.items()):
+        if module is None or not (mod_name == "kernels" or mod_name.startswith("kernels.")):
+            continue
+        for attr, tuner in sorted(vars(module).items()):
+            cache = getattr(tuner, "cache", None) if isinstance(tuner, Autotuner) else None
+            if cache:
+                choices[f"{mod_name}.{attr}"] = [{"key": [str(k) for k in key], "config": str(config)}
+                                                 for key, config in cache.items()]
     return choices
 
 
@@ -270,7 +223,7 @@ def write_outputs(out_dir, env: dict, ceilings: Ceilings | None, results: list[R
             if plot(results, out / name):
                 written[name] = out / name
         except Exception as e:  # noqa: BLE001 - a plot must not lose the tables
-            print(f"bench.report: could not draw {name}: {_first_line(e)}", file=sys.stderr)
+            print(f"bench.report: could not draw {name}: {first_line(e)}", file=sys.stderr)
     return written
 
 
@@ -311,9 +264,9 @@ def main(argv=None) -> int:
         print(f"ceilings: copy {c['copy_GB_per_s']:.0f} GB/s, bf16 matmul "
               f"{c['bf16_matmul_TFLOP_per_s']:.0f} TFLOP/s", flush=True)
     except Exception as e:  # noqa: BLE001
-        print(f"ceilings: not measured ({_first_line(e)})", flush=True)
+        print(f"ceilings: not measured ({first_line(e)})", flush=True)
         ceilings = None
-    _free_memory()
+    free_memory()
 
     results: list[Result] = []
     interrupted = False
@@ -325,7 +278,8 @@ def main(argv=None) -> int:
             results.append(Result(section, "-", "-", "-", check=f"skipped: {why}"))
             continue
         try:
-            results.extend(run_case(section, build, ceilings, log=lambda s: print(s, flush=True)))
+            results.extend(measure_case(build, ceilings, section, log=lambda s: print(s, flush=True),
+                                        row=format_row))
         except KeyboardInterrupt:  # Ctrl-C or a deadline's SIGINT: keep what was measured
             interrupted = True
             results.append(Result(section, "-", "-", "-", check="skipped: interrupted"))
@@ -336,6 +290,8 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - start
     written = write_outputs(out_dir, env, ceilings, results, options, elapsed,
                             autotune=autotune_choices())
+    print()
+    print(peer_table(results))
     print()
     print(text_table(results))
     print(f"\nbench.report: {len(results)} rows in {elapsed:.0f} s; wrote "

@@ -1,22 +1,20 @@
 """Causal attention, bf16: ours against SDPA with each backend (flash, cuDNN,
-memory-efficient; one this build or GPU lacks is skipped with the reason).
-GPT-2's B=16 H=12 T=1024 D=64 for fwd, bwd and fwd+bwd, and FlashAttention's sweep
-(16k tokens, width 2048) over T for D=64 and 128. TFLOP/s as FlashAttention counts."""
+memory-efficient; one this build or GPU lacks is skipped with the reason), each
+backend timed in paired rounds with ours. GPT-2's B=16 H=12 T=1024 D=64 for fwd,
+bwd and fwd+bwd, and FlashAttention's sweep (16k tokens, width 2048) over T for
+D=64 and 128. TFLOP/s as FlashAttention counts."""
 import pytest
 
 from bench.cases import (ATTN_MAIN, ATTN_SWEEP_D, ATTN_SWEEP_T, ATTN_VARIANTS, attention_case,
                          attention_sweep_shape)
-from bench.common import run_benchmark
+from bench.harness import run_benchmark
 
 pytestmark = pytest.mark.gpu
-
-# The baseline (sdpa-flash) first, so that ratios use the baseline timed in this session.
-VARIANTS = ["sdpa-flash"] + [v for v in ATTN_VARIANTS if v != "sdpa-flash"]
 
 
 @pytest.mark.benchmark(group="attention")
 @pytest.mark.parametrize("kind", ["fwd", "bwd", "fwdbwd"])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ATTN_VARIANTS)
 def test_attention_gpt2(benchmark, bench_registry, ceilings, kind, variant):
     run_benchmark(benchmark, attention_case(kind, **ATTN_MAIN), variant, bench_registry, ceilings)
 
@@ -25,7 +23,7 @@ def test_attention_gpt2(benchmark, bench_registry, ceilings, kind, variant):
 @pytest.mark.parametrize("kind", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("D", ATTN_SWEEP_D)
 @pytest.mark.parametrize("T", ATTN_SWEEP_T)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ATTN_VARIANTS)
 def test_attention_sweep(benchmark, bench_registry, ceilings, kind, D, T, variant):
     case = attention_case(kind, **attention_sweep_shape(T, D))
     run_benchmark(benchmark, case, variant, bench_registry, ceilings)

@@ -3,13 +3,13 @@
 import pytest
 
 from bench.cases import linear_gelu_case
-from bench.common import run_benchmark
+from bench.harness import run_benchmark
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.benchmark(group="linear_gelu")
 @pytest.mark.parametrize("kind", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("variant", ["torch", "ours"])
+@pytest.mark.parametrize("variant", ["ours", "torch"])
 def test_linear_gelu(benchmark, bench_registry, ceilings, kind, variant):
     run_benchmark(benchmark, linear_gelu_case(kind), variant, bench_registry, ceilings)

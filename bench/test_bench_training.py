@@ -1,13 +1,13 @@
 """End-to-end training step of GPT-2 124M, T=1024, bf16 autocast, micro-batch 16
-and 32: torch backend eager (baseline), torch backend under torch.compile, and the
-triton backend (FusedAdamW and the whole step as a CUDA graph when available).
+and 32, all through engine.step.train_step: ours (the triton backend, FusedAdamW,
+the whole step in a CUDA graph) against the PyTorch path (torch backend, torch's
+fused AdamW) eager and under torch.compile, each peer in paired rounds with ours.
 extra_info: tokens/sec, MFU (6N + 6*L*C*T FLOPs per token against the bf16 matmul
 rate measured in this session), peak memory."""
 import pytest
-import torch
 
 from bench.cases import TRAIN_VARIANTS, training_case
-from bench.common import run_benchmark
+from bench.harness import run_benchmark
 
 pytestmark = pytest.mark.gpu
 
@@ -16,9 +16,4 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("batch_size", [16, 32])
 @pytest.mark.parametrize("variant", TRAIN_VARIANTS)
 def test_training_step(benchmark, bench_registry, ceilings, batch_size, variant):
-    try:
-        run_benchmark(benchmark, training_case(batch_size), variant, bench_registry, ceilings,
-                      rounds=8)
-    finally:
-        if variant == "torch-compile":
-            torch._dynamo.reset()  # compiled graphs hold the model's memory otherwise
+    run_benchmark(benchmark, training_case(batch_size), variant, bench_registry, ceilings)

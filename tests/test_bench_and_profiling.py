@@ -1,20 +1,24 @@
-"""The benchmark machinery (bench/common.py, bench/cases.py, bench/report.py) and
-engine.profiling: what they measure, check and write, without timing anything."""
+"""The benchmark machinery (bench/harness.py with bench/work.py, timing.py and
+results.py; bench/cases.py; bench/report.py) and engine.profiling: what they
+measure, check and write. Timing is exercised on calls whose duration is known
+(sleeps), never to judge the speed of project code."""
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from torch.profiler import record_function
 
 from bench import cases
-from bench.common import (Case, CheckFailed, Registry, Result, Unavailable, attention_flops, compare,
-                          gpt_flops_per_token, metrics_for, rotation_count, slug, time_call)
-from engine.config import GPTConfig
-from engine.model import GPT
+from bench.harness import (Case, CheckFailed, Unavailable, compare, measure_case, measure_variant)
+from bench.results import Registry, Result, best_peers, metrics_for, slug
+from bench.timing import Block, Ceilings, OwnRounds, Spread, cpu_threads, time_block
+from bench.work import attention_flops, gpt_flops_per_token, rotation_count
+from engine import GPT, GPTConfig
 from engine.profiling import profile_training
 from tests.helpers import DEVICE, HAS_MATPLOTLIB, ON_GPU, child_env
 
@@ -113,18 +117,22 @@ def test_report_without_cuda_exits_2_with_one_clear_line():
 
 def _fake_results():
     rs = []
-    for T, base_ms, ours_ms in ((512, 1.0, 0.8), (2048, 4.0, 3.0)):
-        case = Case("attention-fwdbwd", f"T={T}", ["sdpa-flash", "ours"], "sdpa-flash",
+    for T, peer_ms, ours_ms in ((512, 1.0, 0.8), (2048, 4.0, 3.0)):
+        case = Case("attention-fwdbwd", f"T={T}", ["ours", "sdpa-flash", "sdpa-cudnn"], "sdpa-flash",
                     make=lambda v: None, flops=1e12, bytes=1e9)
-        for variant, ms in (("sdpa-flash", base_ms), ("ours", ours_ms)):
-            r = Result(case.group, case.params, variant, case.baseline, ms / 1e3, "pass",
-                       metrics_for(case, ms / 1e3, None), base_ms / ms, {"T": T, "D": 64})
+        for variant, ms in (("ours", ours_ms), ("sdpa-flash", peer_ms), ("sdpa-cudnn", 2 * peer_ms)):
+            r = Result(case.group, case.params, variant, case.subject, ms / 1e3, "pass",
+                       metrics_for(case, ms / 1e3, None), meta={"T": T, "D": 64})
+            if variant != "ours":
+                r.set_speedup(Spread(ms / ours_ms, 0.95 * ms / ours_ms, 1.05 * ms / ours_ms))
             rs.append(r)
-    train = Case("train-step", "gpt2 B=16 T=1024 bf16", ["torch-eager", "triton"], "torch-eager",
-                 make=lambda v: None, tokens=16384, flops_per_token=1e9)
-    rs.append(Result(train.group, train.params, "torch-eager", train.baseline, 0.2, "pass",
-                     metrics_for(train, 0.2, None), 1.0))
-    rs.append(Result(train.group, train.params, "triton", train.baseline, None, "error: OutOfMemoryError"))
+        rs.append(Result(case.group, case.params, "liger", case.subject,
+                         check="skipped: liger-kernel is not installed"))
+    train = Case("train-step", "gpt2 B=16 T=1024 bf16", ["triton", "torch-eager"], "torch-eager",
+                 subject="triton", make=lambda v: None, tokens=16384, flops_per_token=1e9)
+    rs.append(Result(train.group, train.params, "triton", "triton", None, "error: OutOfMemoryError"))
+    eager = Result(train.group, train.params, "torch-eager", "triton", 0.2, "pass", metrics_for(train, 0.2, None))
+    rs.append(eager)
     return rs
 
 
@@ -133,10 +141,14 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     env = {"device": "Fake GPU", "date": "2026-01-01 00:00 UTC", "torch": torch.__version__}
     written = report.write_outputs(tmp_path, env, None, _fake_results(), {"quick": True}, 1.0)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["environment"]["device"] == "Fake GPU" and len(data["results"]) == 6
+    assert data["environment"]["device"] == "Fake GPU" and len(data["results"]) == 10
     md = (tmp_path / "results.md").read_text()
-    assert "| op | shape | variant | ms |" in md and "error: OutOfMemoryError" in md
-    assert "1.33x" in md  # 4.0 / 3.0
+    assert "## Ours beside the best peer" in md and "| op | shape | variant | ms |" in md
+    assert "error: OutOfMemoryError" in md
+    # T=2048: the best peer is sdpa-flash, 4.0 ms against ours 3.0: 1.33x, with its spread.
+    best = [line for line in md.splitlines() if line.startswith("| attention-fwdbwd | T=2048 | 3 |")]
+    assert len(best) == 1 and "| sdpa-flash | 4 | 1.33x [1.27-1.40] |" in best[0], md
+    assert "liger: skipped: liger-kernel is not installed" in best[0]
     if HAS_MATPLOTLIB:  # the plots are an optional extra; the tables never are
         assert {"attention_tflops.png", "training_tokens_per_s.png"} <= set(written)
         for name in ("attention_tflops.png", "training_tokens_per_s.png"):
@@ -145,19 +157,32 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert table.splitlines()[0].split()[:3] == ["op", "shape", "variant"]
 
 
+def test_best_peer_is_the_one_closest_to_ours():
+    rows = best_peers(_fake_results())
+    by_shape = {subject.params: (subject, best, missing) for subject, best, missing in rows}
+    subject, best, missing = by_shape["T=512"]
+    assert subject.variant == "ours" and best.variant == "sdpa-flash"
+    assert [r.variant for r in missing] == ["liger"]
+    subject, best, _ = by_shape["gpt2 B=16 T=1024 bf16"]
+    assert not subject.ok and best is None  # ours failed: no ratio to show
+
+
 def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, monkeypatch):
     import triton
+    from triton.runtime.autotuner import Autotuner
 
+    import kernels  # noqa: F401 - loads every kernel module
     from bench import report
-    from kernels import attention
+    tuners = [(name, attr, obj) for name, mod in sorted(sys.modules.items())
+              if name.startswith("kernels.") and mod is not None
+              for attr, obj in sorted(vars(mod).items()) if isinstance(obj, Autotuner)]
+    assert tuners, "no triton.autotune object in the kernel modules"
+    name, attr, tuner = tuners[0]
     # What a GPU run's autotuner holds after tuning one key: the report must carry it.
-    fake = {(1024, 1024, 64, True): triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8,
-                                                  num_stages=3)}
-    monkeypatch.setattr(attention._attn_fwd_tuned, "cache", fake, raising=False)
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    monkeypatch.setattr(tuner, "cache", {(1024, 64, True): config}, raising=False)
     choices = report.autotune_choices()
-    assert choices["attention_fwd"] == [{"key": ["1024", "1024", "64", "True"],
-                                         "config": str(fake[(1024, 1024, 64, True)])}]
-    assert "BLOCK_M: 128" in choices["attention_fwd"][0]["config"]
+    assert choices[f"{name}.{attr}"] == [{"key": ["1024", "64", "True"], "config": str(config)}]
     env = {"device": "Fake GPU", "date": "2026-01-01 00:00 UTC"}
     written = report.write_outputs(tmp_path, env, None, _fake_results()[:2], {}, 1.0,
                                    plots=False, autotune=choices)
@@ -166,7 +191,7 @@ def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, m
     assert len(data["results"]) == 2 and data["autotune"] == choices
     # A later write replaces the tables whole, leaving no temp files behind.
     report.write_outputs(tmp_path, env, None, _fake_results(), {}, 2.0, plots=False)
-    assert len(json.loads((tmp_path / "results.json").read_text())["results"]) == 6
+    assert len(json.loads((tmp_path / "results.json").read_text())["results"]) == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
@@ -175,17 +200,21 @@ def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, m
                     reason="needs bash and coreutils' timeout")
 def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
     script = str(ROOT / "bench" / "gpu_session.sh")
-    bad = subprocess.run(["bash", script, "everything"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage: bash bench/gpu_session.sh" in bad.stderr
+    for bad_args in (["everything"], ["--deadline", "soon"], ["--tiktoken-cache", "/no/such/folder"]):
+        bad = subprocess.run(["bash", script, *bad_args], cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and "gpu_session" in bad.stderr, bad_args
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", script, "report"], cwd=ROOT, capture_output=True, text=True,
-                          env=child_env(OUT=str(out), GPU_SESSION_SECONDS="120", PYTHON=sys.executable),
-                          timeout=300)
+    (tmp_path / "bpe").mkdir()
+    # Relative paths are taken from where the script is run, not from the repository.
+    proc = subprocess.run(["bash", script, "--out", "out", "--tiktoken-cache", "bpe", "--deadline", "120",
+                           "--commit", "abc1234", "report"], cwd=tmp_path, capture_output=True, text=True,
+                          env=child_env(PYTHON=sys.executable), timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     env_lines = (out / "environment.txt").read_text()
-    assert "| torch " in env_lines and "commit: " in env_lines
+    assert "| torch " in env_lines and "commit: abc1234" in env_lines
     assert "no CUDA GPU" in (out / "report.log").read_text()
     assert "--quick --budget" in proc.stdout and proc.stdout.rstrip().endswith("exit 1")
+    assert f"results in {out}" in proc.stdout
     assert not (out / "pytest.log").exists()  # the report phase alone ran
 
 
@@ -195,7 +224,7 @@ def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
     from bench import report
 
     def toy():
-        return Case("toy", "n=4", ["torch"], "torch", lambda v: (lambda i: torch.ones(4)),
+        return Case("toy", "n=4", ["ours"], "ours", lambda v: (lambda i: torch.ones(4)),
                     reference=lambda: torch.ones(4), device="cpu", bytes=16)
 
     def interrupted():
@@ -214,28 +243,60 @@ def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
     assert rows[1]["check"] == "skipped: interrupted" and rows[0]["seconds"] > 0
 
 
-def test_report_run_case_records_failures_and_continues():
-    from bench import report
-
+def _sleeper(seconds: dict):
+    """make(variant) -> fn(i) that sleeps seconds[variant] and returns ones."""
     def make(variant):
-        if variant == "missing":
-            raise Unavailable("no such kernel here")
+        if variant not in seconds:
+            raise Unavailable("no such variant here")
+
+        def fn(i):
+            time.sleep(seconds[variant])
+            return torch.ones(4)
+        return fn
+    return make
+
+
+def test_measure_case_pairs_each_peer_with_ours_and_records_failures():
+    def make(variant):
         if variant == "crash":
             raise RuntimeError("boom\nsecond line")
-        scale = 1.0 if variant == "torch" else 1.5
-        return lambda i: torch.ones(4) * scale
+        if variant == "wrong":
+            return lambda i: torch.ones(4) * 1.5
+        return _sleeper({"ours": 2e-3, "slow": 4e-3})(variant)
 
     def build():
-        return Case("toy", "n=4", ["torch", "wrong", "missing", "crash"], "torch", make,
+        return Case("toy", "n=4", ["ours", "slow", "wrong", "missing", "crash"], "slow", make,
                     reference=lambda: torch.ones(4), device="cpu", bytes=16)
-    rows = report.run_case("toy", build, None, log=lambda s: None)
-    checks = {r.variant: r.check for r in rows}
-    assert checks["torch"].startswith("pass") and rows[0].seconds > 0 and rows[0].speedup == 1.0
-    assert checks["wrong"].startswith("FAIL") and rows[1].seconds is None
-    assert checks["missing"] == "skipped: no such kernel here"
-    assert checks["crash"] == "error: RuntimeError: boom"
-    broken = report.run_case("toy", lambda: 1 / 0, None, log=lambda s: None)
+    rows = {r.variant: r for r in measure_case(build, None, log=lambda s: None)}
+    assert list(rows) == ["ours", "slow", "wrong", "missing", "crash"]
+    ours, slow = rows["ours"], rows["slow"]
+    assert ours.check.startswith("pass") and ours.subject_speedup is None and ours.seconds >= 2e-3
+    # The peer sleeps twice as long: ours is ~2x faster, measured in paired rounds.
+    assert slow.check.startswith("pass (baseline")
+    assert 1.6 < slow.subject_speedup < 2.4 and slow.subject_speedup_q1 <= slow.subject_speedup_q3
+    assert slow.rounds >= 7 and slow.calls_per_round >= 1
+    assert rows["wrong"].check.startswith("FAIL") and rows["wrong"].seconds is None
+    assert rows["missing"].check == "skipped: no such variant here"
+    assert rows["crash"].check == "error: RuntimeError: boom"
+    broken = measure_case(lambda: 1 / 0, None, section="toy", log=lambda s: None)
     assert len(broken) == 1 and broken[0].check.startswith("error: ZeroDivisionError")
+
+
+def test_a_peer_is_timed_alone_when_ours_cannot_run():
+    case = Case("toy", "n=4", ["ours", "peer"], "peer", _sleeper({"peer": 1e-3}),
+                reference=lambda: torch.ones(4), device="cpu")
+    notes = []
+    r = measure_variant(case, "peer", log=notes.append)
+    assert r.check.startswith("pass") and r.seconds >= 1e-3 and r.subject_speedup is None
+    assert "timed alone" in notes[0] and "no such variant here" in notes[0]
+
+
+def test_a_variant_whose_baseline_cannot_run_says_so():
+    case = Case("toy", "n=4", ["ours", "gone"], "gone", _sleeper({"ours": 0.0}),
+                reference=lambda: torch.ones(4), device="cpu")
+    r = measure_variant(case, "ours")
+    assert r.check == ("skipped: ours cannot be checked: the baseline gone it is judged against "
+                       "cannot run here (no such variant here)") and r.seconds is None
 
 
 def test_gpu_plan_lists_every_comparison_lazily():
@@ -248,7 +309,7 @@ def test_gpu_plan_lists_every_comparison_lazily():
 
 
 # --------------------------------------------------------------------------
-# Measuring: counts, checks, results
+# Measuring: counts, timing, checks, results
 # --------------------------------------------------------------------------
 
 def test_work_counts():
@@ -265,13 +326,12 @@ def test_work_counts():
 
 
 def test_metrics_against_ceilings():
-    from bench.common import Ceilings
     c = Ceilings(copy_bytes_per_s=2e12, matmul_flops_per_s=500e12)
-    mem = Case("g", "p", ["a"], "a", make=None, bytes=2e9)
+    mem = Case("g", "p", ["a"], "a", make=None, subject="a", bytes=2e9)
     m = metrics_for(mem, 2e-3, c)
     assert m["GB_per_s"] == pytest.approx(1000) and m["pct_of_ceiling"] == pytest.approx(50)
     assert m["floor_ms"] == pytest.approx(1.0)
-    train = Case("t", "p", ["a"], "a", make=None, tokens=1000, flops_per_token=1e9)
+    train = Case("t", "p", ["a"], "a", make=None, subject="a", tokens=1000, flops_per_token=1e9)
     m = metrics_for(train, 0.01, c)
     assert m["tokens_per_s"] == pytest.approx(1e5) and m["MFU_pct"] == pytest.approx(20)
 
@@ -282,7 +342,7 @@ def test_check_rejects_a_wrong_variant_and_judges_by_the_baselines_error():
                "nan": x * float("nan"), "short": (x, x)}
 
     case = Case("toy", "n=101", list(outputs), "torch", lambda v: (lambda i: outputs[v]),
-                reference=lambda: x, device="cpu")
+                subject="close", reference=lambda: x, device="cpu")
     assert case.check("torch", case.make("torch")).startswith("pass (baseline")
     assert case.check("close", case.make("close")).startswith("pass")
     for bad in ("off", "nan", "short"):
@@ -292,39 +352,70 @@ def test_check_rejects_a_wrong_variant_and_judges_by_the_baselines_error():
     assert ok
     ok, detail, _ = compare((x, x), (x, x), (x, None))
     assert not ok and "expected None" in detail
+    with pytest.raises(ValueError, match="subject 'mine' is not among"):
+        Case("toy", "n", ["torch"], "torch", make=None, subject="mine")
 
 
-def test_registry_summary_lists_ratios():
+def test_registry_summary_lists_ratios_with_their_spread():
     reg = Registry()
     assert not reg
-    reg.add(Result("g", "p", "torch", "torch", 2e-3, "pass", {"GB_per_s": 100.0}, 1.0))
-    reg.add(Result("g", "p", "ours", "torch", 1e-3, "pass", {"GB_per_s": 200.0}, 2.0))
+    reg.add(Result("g", "p", "ours", "ours", 1e-3, "pass", {"GB_per_s": 200.0}, rounds=9, calls_per_round=20))
+    peer = Result("g", "p", "torch", "ours", 2e-3, "pass", {"GB_per_s": 100.0}, rounds=9, calls_per_round=10)
+    peer.set_speedup(Spread(2.0, 1.9, 2.1))
+    reg.add(peer)
     lines = reg.summary_lines()
-    assert lines[0].split() == ["group", "params", "variant", "ms", "vs", "baseline", "throughput"]
-    assert "baseline" in lines[1] and "2.00x torch" in lines[2] and "200 GB/s" in lines[2]
-    assert reg.seconds("g", "p", "ours") == 1e-3 and reg.seconds("g", "p", "x") is None
+    assert lines[0].split()[:4] == ["group", "params", "variant", "ms/call"]
+    assert "(subject)" in lines[1] and "9x20" in lines[1] and "200 GB/s" in lines[1]
+    assert "2.00x [1.90-2.10]" in lines[2] and "9x10" in lines[2]
+    peers = reg.peer_lines()
+    assert "torch" in peers[1] and "2.00x [1.90-2.10]" in peers[1]
+    only_notes = Registry()  # titled sections alone are worth printing
+    only_notes.sections["notes"] = ["a line"]
+    assert only_notes
 
 
-def test_time_call_and_slug():
-    samples = time_call(lambda: sum(range(1000)), "cpu", min_time=0.01, min_reps=3)
-    assert len(samples) >= 3 and all(s > 0 for s in samples)
+def test_timing_blocks_pairs_and_spread():
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert time_block(lambda: time.sleep(1e-3), 3, "cpu") >= 1e-3
+    calls = []
+    fast = Block(lambda: calls.append("fast") or time.sleep(1e-3), 2)
+    slow = Block(lambda: calls.append("slow") or time.sleep(2e-3), 1)
+    mine, theirs = OwnRounds().paired(fast, slow, "cpu", rounds=4)
+    assert len(mine) == len(theirs) == 4
+    assert all(m < t for m, t in zip(mine, theirs))
+    # Blocks alternate which goes first: after the warm-up pair, slow opens rounds 0 and 2.
+    rounds = "".join("F" if c == "fast" else "S" for c in calls[3:])
+    assert rounds == "SFF" + "FFS" + "SFF" + "FFS"
+    spread = Spread.of([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert (spread.median, spread.q1, spread.q3) == (3.0, 2.0, 4.0) and spread.text() == "3.00x [2.00-4.00]"
+    before = torch.get_num_threads()
+    with cpu_threads("cpu", 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
 
 
-def test_cpu_benchmarks_time_and_record_the_cpu_group(tmp_path):
+def test_cpu_benchmarks_report_per_call_statistics_and_paired_ratios(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "bench/test_bench_cpu.py",
                            "-p", "no:cacheprovider", "-q", f"--benchmark-json={out}"],
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "benchmark ratios" in proc.stdout
+    assert "benchmark ratios" in proc.stdout and "ours beside the best peer" in proc.stdout
     assert "cpu-model-fwdbwd" in proc.stdout and "cpu-data-loader" in proc.stdout
     data = json.loads(out.read_text())
     by_name = {b["name"]: b for b in data["benchmarks"]}
-    engine = by_name["test_cpu_model_fwdbwd[engine-torch]"]["extra_info"]
-    assert engine["tokens_per_s"] > 0 and engine["speedup_vs_transformers"] > 0
-    shard = by_name["test_cpu_data_loader[shard]"]["extra_info"]
-    assert shard["batches_per_s"] > 0 and shard["speedup_vs_text"] > 0
+    for bench in by_name.values():
+        info, stats = bench["extra_info"], bench["stats"]
+        # pytest-benchmark's statistics are per call: iterations = calls per block,
+        # and its median is the harness's per-call time.
+        assert stats["iterations"] == info["calls_per_round"]
+        assert stats["median"] * 1e3 == pytest.approx(info["ms"], rel=1e-9)
+    hf = by_name["test_cpu_model_fwdbwd[transformers]"]["extra_info"]
+    low, high = hf["engine-torch_speedup_iqr"]
+    assert 0 < low <= hf["engine-torch_speedup"] <= high
+    assert by_name["test_cpu_model_fwdbwd[engine-torch]"]["extra_info"]["tokens_per_s"] > 0
+    text = by_name["test_cpu_data_loader[text]"]["extra_info"]
+    assert text["batches_per_s"] > 0 and text["shard_speedup"] > 0
     assert by_name["test_cpu_tokenizer[bytes]"]["extra_info"]["GB_per_s"] > 0
 
 
@@ -351,6 +442,7 @@ def _small_cases():
 @pytest.mark.parametrize("name", list(_small_cases()))
 def test_small_case_checks_ours_against_the_baseline(name):
     case = _small_cases()[name]()
+    assert case.subject == "ours"
     try:
         fn = case.make("ours")
     except Unavailable as e:
@@ -360,10 +452,23 @@ def test_small_case_checks_ours_against_the_baseline(name):
     call()  # the next input set, as timing would use it
 
 
+@pytest.mark.parametrize("name", ["layernorm", "add_layernorm", "cross_entropy"])
+def test_liger_peers_run_or_say_why_not(name):
+    import importlib.util
+    case = _small_cases()[name]()
+    assert "liger" in case.peers
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(Unavailable, match="liger-kernel is not installed"):
+            case.make("liger")
+        return
+    assert case.check("liger", case.make("liger")).startswith("pass")
+
+
 def test_small_attention_case_reports_unavailable_sdpa_backends():
     case = _small_cases()["attention"]()
+    assert set(case.peers) == set(cases.SDPA_BACKENDS)
     verdicts = {}
-    for variant in (v for v in case.variants if v != "ours"):
+    for variant in case.peers:
         try:
             verdicts[variant] = case.check(variant, case.make(variant))
         except Unavailable as e:
@@ -376,23 +481,22 @@ def test_small_attention_case_reports_unavailable_sdpa_backends():
 def test_training_case_torch_variants_check_their_first_loss(variant):
     device = DEVICE.type
     case = cases.training_case(batch_size=1, seq_len=16, preset="tiny", device=device)
+    assert case.subject == "triton" and set(case.peers) == {"torch-eager", "torch-compile"}
     try:
         fn = case.make(variant)
         assert case.check(variant, fn) == "pass"
         second = float(fn(1))
     finally:
-        torch._dynamo.reset()
+        case.released(variant)
     assert 0 < second < 20
 
 
 @pytest.mark.gpu
 def test_report_runs_a_small_comparison_on_the_gpu():
-    from bench import report
-    from bench.common import measure_ceilings
+    from bench.timing import measure_ceilings
     ceilings = measure_ceilings("cuda", copy_bytes=1 << 28, n=4096)
     assert ceilings.copy_bytes_per_s > 1e11 and ceilings.matmul_flops_per_s > 1e13
-    rows = report.run_case("layernorm", lambda: cases.layernorm_case("fwdbwd", 768, rows=4096), ceilings,
-                           log=lambda s: None)
-    assert [r.variant for r in rows] == ["torch", "ours"]
-    assert all(r.check.startswith("pass") and r.seconds > 0 for r in rows), [r.check for r in rows]
-    assert rows[1].metrics["GB_per_s"] > 0 and rows[1].speedup > 0
+    rows = measure_case(lambda: cases.layernorm_case("fwdbwd", 768, rows=4096), ceilings, log=lambda s: None)
+    assert [r.variant for r in rows] == ["ours", "torch", "liger"]
+    assert all(r.check.startswith("pass") and r.seconds > 0 for r in rows[:2]), [r.check for r in rows]
+    assert rows[0].metrics["GB_per_s"] > 0 and rows[1].subject_speedup > 0
