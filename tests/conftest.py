@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules. (Triton's mode and the `gpu` marker are
 decided in the root conftest.py, which serves tests/ and bench/ alike.)"""
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ def corpus(tmp_path_factory) -> Path:
     text = "\n\n".join(topics[k] for k in sorted(topics))[:150_000]
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tinyshakespeare() -> Path:
+    """The real corpus (tiny-shakespeare, 1.1 MB): the file TINYSHAKESPEARE names, or
+    ../shared/data/tinyshakespeare.txt beside the checkout; skipped where neither is."""
+    env = os.environ.get("TINYSHAKESPEARE")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"tiny-shakespeare not found at {path} (set TINYSHAKESPEARE to its input.txt)")
     return path
 
 

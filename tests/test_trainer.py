@@ -97,8 +97,8 @@ def test_total_batch_divisibility_includes_world_size():
 def test_auto_defaults_follow_the_device():
     cpu = TrainConfig().resolved("cpu")
     cuda = TrainConfig().resolved("cuda")
-    assert (cpu.model, cpu.batch_size, cpu.seq_len) == ("tiny", 8, 64)
-    assert cpu.total_batch_size == 8 * 64  # one micro-step per step on CPU
+    assert (cpu.model, cpu.batch_size, cpu.seq_len) == ("tiny", 16, 64)
+    assert cpu.total_batch_size == 16 * 64  # one micro-step per step on CPU
     assert (cuda.model, cuda.seq_len, cuda.total_batch_size, cuda.max_steps, cuda.warmup_steps,
             cuda.max_lr) == ("gpt2", 1024, 524288, 19073, 715, 6e-4)
     assert cuda.total_batch_size % (cuda.batch_size * cuda.seq_len) == 0
