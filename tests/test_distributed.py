@@ -1,7 +1,7 @@
 """DDP: `torchrun --nproc_per_node=2` (gloo on CPU) equals one process with the same
 global batch (2 accumulation micro-steps); only rank 0 logs and writes files.
-Faults: divergence ends every rank with the same status; a stalled rank ends the
-job within --ddp-timeout-s."""
+Faults: divergence and a signal to one rank end every rank with the same status;
+a stalled rank ends the job within --ddp-timeout-s."""
 import csv
 import os
 import signal
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import checkpoint as ckpt_lib
 from engine.distributed import DistInfo, env_dist_info
 from engine.errors import UserInputError
 from engine.train_config import TrainConfig
@@ -142,3 +143,23 @@ def test_a_stalled_rank_ends_the_job_within_the_ddp_timeout(corpus, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: DDP rank 0: a collective failed ("), err[-2000:]
     assert f"stalled longer than --ddp-timeout-s {timeout_s}" in lines[0]
     assert waited < timeout_s + 30, waited
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(corpus, tmp_path):
+    """The ranks agree on a pending signal when they log (one tiny all-reduce), so a
+    signal to any one of them stops all after the same step: rank 0 writes the
+    checkpoint, every rank exits 143 naming it, none is left in a collective."""
+    run = tmp_path / "run"
+    flags = as_flags(dict(COMMON, max_steps=100_000, eval_interval=0, checkpoint_interval=100_000))
+    rank0, rank1 = launch_ranks(["--data", str(corpus), "--run-dir", str(run), *flags], tmp_path)
+    for line in rank0.stdout:
+        if line.startswith("step     3 |"):
+            break
+    rank1.send_signal(signal.SIGTERM)
+    results = [(p.wait(timeout=120), p.communicate()[1]) for p in (rank0, rank1)]
+    assert [rc for rc, _ in results] == [143, 143], [err[-2000:] for _, err in results]
+    (ckpt,) = ckpt_lib.list_checkpoints(run)
+    step = ckpt_lib.load_checkpoint(ckpt)["step"]
+    for _, err in results:
+        assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM after step {step - 1}: wrote {ckpt}; "
+                                                f"continue with: python train.py --resume {run}")
