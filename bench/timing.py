@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -221,10 +222,10 @@ def measure_ceilings(device="cuda", copy_bytes: int = 1 << 30, n: int = 8192) ->
     gen = torch.Generator(device=device).manual_seed(0)
     src = torch.randn(copy_bytes // 4, device=device, generator=gen)
     dst = torch.empty_like(src)
-    copy = lambda: dst.copy_(src)  # noqa: E731
+    copy = functools.partial(dst.copy_, src)
     t_copy = statistics.median(OwnRounds().solo(Block(copy, calls_per_block(
         seconds_per_call(copy, device), device)), device, MIN_ROUNDS))
-    del src, dst
+    del copy, src, dst
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
     c = torch.empty(n, n, device=device, dtype=torch.bfloat16)

@@ -1,32 +1,66 @@
-"""Training checkpoints: atomic writes, the last K kept, safe loading.
+"""Training checkpoints: atomic, checksummed writes; the last K kept; safe loading.
 
 A checkpoint is one file `run_dir/ckpt_{step:06d}.pt` (step = training steps
-completed) holding only tensors, dicts, lists, numbers, strings and None, so it
-loads with `torch.load(weights_only=True)`: loading never unpickles arbitrary
-objects. It is written to a hidden temp file in the same folder, flushed and
-fsynced, renamed over the final name (atomic on POSIX) and the folder fsynced:
-a run killed mid-save leaves the previous checkpoints intact, and the temp file
-(which never matches the checkpoint name pattern) is ignored and later removed.
+completed): the bytes of `torch.save(state)` followed by a 56-byte trailer
+
+    b"gpt2-engine ckpt" | payload size (uint64, little-endian) | sha256 of the payload
+
+torch.load ignores bytes after the zip archive, so the file stays an ordinary
+torch file. The state holds only tensors, dicts, lists, numbers, strings and
+None, so it loads with `torch.load(weights_only=True)`: loading never unpickles
+arbitrary objects. Loading first checks the trailer and the checksum (a file
+with flipped bytes is "damaged"), then the contents (a file without the trailer
+or without the entries a training run writes is "not a training checkpoint of
+this engine"); both are a CheckpointError naming the file.
+
+Writes go to a hidden temp file in the same folder (its name carries the
+writing process's token), are fsynced and renamed over the final name (atomic
+on POSIX): a run killed mid-save leaves the previous checkpoints intact, and a
+failed write (a full disk) removes its temp file and raises RunFileError.
+Old checkpoints are rotated away only after the new one is complete.
 """
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import random
 import re
+import struct
 
 import numpy as np
 import torch
 
 from engine.errors import UserInputError
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, os_reason
+from engine.run_errors import RunFileError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.pt$")
 TMP_PREFIX = ".ckpt_"
 TMP_SUFFIX = ".tmp"
+FORMAT_VERSION = 2  # 1: no checksum trailer
+TRAILER_MAGIC = b"gpt2-engine ckpt"
+_TRAILER = struct.Struct("<16sQ32s")
+# What every training checkpoint holds, and the type of each entry.
+REQUIRED = {"version": int, "step": int, "model": dict, "optimizer": dict, "train_loader": dict,
+            "val_loader": dict, "rng": dict, "train_config": dict, "model_config": dict}
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint that cannot be used: `damaged` (its bytes changed since it was
+    written) or not one this engine wrote."""
+
+    def __init__(self, path, reason: str, damaged: bool):
+        self.path, self.reason, self.damaged = pathlib.Path(path), reason, damaged
+        what = "damaged checkpoint" if damaged else "not a training checkpoint of this engine"
+        super().__init__(f"{path}: {what} ({reason})")
 
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:06d}.pt"
+
+
+def checkpoint_step(path) -> int:
+    return int(CKPT_RE.match(pathlib.Path(path).name).group(1))
 
 
 def list_checkpoints(run_dir) -> list[pathlib.Path]:
@@ -48,7 +82,7 @@ def latest_checkpoint(run_dir) -> pathlib.Path | None:
 
 
 def resolve_checkpoint(path) -> pathlib.Path:
-    """A checkpoint file, or a run folder -> its latest checkpoint."""
+    """A checkpoint file, or a run folder -> its latest checkpoint (not yet verified)."""
     path = pathlib.Path(path)
     if path.is_dir():
         latest = latest_checkpoint(path)
@@ -60,36 +94,155 @@ def resolve_checkpoint(path) -> pathlib.Path:
     return path
 
 
-def _remove_stale_temps(run_dir: pathlib.Path) -> None:
-    for p in run_dir.iterdir():
-        if p.name.startswith(TMP_PREFIX) and p.name.endswith(TMP_SUFFIX):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+class _HashingWriter:
+    """A write-only file for torch.save that hashes what passes through and keeps
+    the OSError of a failed write (torch re-raises it as an opaque RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha.update(data)
+        self.size += len(data)
+        return n
+
+    def flush(self):
+        self.f.flush()
 
 
-def save_checkpoint(run_dir, step: int, state: dict, keep: int = 0) -> pathlib.Path:
-    """Write `state` atomically as run_dir/ckpt_{step:06d}.pt; keep the last `keep`
-    checkpoints (0 keeps all). Returns the path written."""
+def _write_checkpoint(f, state: dict) -> None:
+    out = _HashingWriter(f)
+    try:
+        torch.save(state, out)
+    except RuntimeError:
+        if out.error is not None:
+            raise out.error from None
+        raise
+    f.write(_TRAILER.pack(TRAILER_MAGIC, out.size, out.sha.digest()))
+
+
+def save_checkpoint(run_dir, step: int, state: dict, keep: int = 0, token: str = "") -> pathlib.Path:
+    """Write `state` atomically as run_dir/ckpt_{step:06d}.pt with its checksum
+    trailer; then keep the last `keep` checkpoints (0 keeps all). `token` names
+    the temp file as this process's. A failed write raises RunFileError."""
     run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(run_dir)  # left by a run killed mid-save
-    dest = atomic_write(run_dir / checkpoint_name(step), lambda f: torch.save(state, f),
-                        tmp_prefix=f"{TMP_PREFIX}{step:06d}.", tmp_suffix=TMP_SUFFIX)
+    dest = run_dir / checkpoint_name(step)
+    prefix = f"{TMP_PREFIX}{step:06d}.{token + '.' if token else ''}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest, lambda f: _write_checkpoint(f, state), tmp_prefix=prefix, tmp_suffix=TMP_SUFFIX)
+    except (OSError, RuntimeError) as e:
+        latest = latest_checkpoint(run_dir)
+        raise RunFileError(f"checkpoint: could not write {dest} ({os_reason(e)}); the earlier checkpoints "
+                           f"are intact (latest: {latest or 'none'})") from None
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink()
+            old.unlink(missing_ok=True)
     return dest
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint (weights_only: no arbitrary unpickling)."""
-    path = resolve_checkpoint(path)
+def verify_checksum(path) -> None:
+    """Raise CheckpointError unless the file ends in a trailer whose checksum and
+    size match the bytes before it."""
+    path = pathlib.Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated file raises RuntimeError/EOFError/pickle errors
-        raise UserInputError(f"resume: {path} cannot be loaded, truncated or damaged ({e})") from None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < _TRAILER.size:
+                raise CheckpointError(path, f"{size} bytes, no checksum trailer", damaged=False)
+            f.seek(size - _TRAILER.size)
+            magic, payload, digest = _TRAILER.unpack(f.read(_TRAILER.size))
+            if magic != TRAILER_MAGIC:
+                raise CheckpointError(path, "no checksum trailer", damaged=False)
+            if payload != size - _TRAILER.size:
+                raise CheckpointError(path, f"{size:,} bytes, but {payload + _TRAILER.size:,} were written "
+                                      "(truncated or extended)", damaged=True)
+            f.seek(0)
+            sha, left = hashlib.sha256(), payload
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    raise CheckpointError(path, "shorter than its trailer says", damaged=True)
+                sha.update(block)
+                left -= len(block)
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read the checkpoint ({os_reason(e)})") from None
+    if sha.digest() != digest:
+        raise CheckpointError(path, "sha256 mismatch: its bytes changed after it was written", damaged=True)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and check a checkpoint written by save_checkpoint; a run folder means its
+    latest checkpoint. Raises CheckpointError (a UserInputError) naming the file."""
+    path = resolve_checkpoint(path)
+    verify_checksum(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler says, the file is unusable.
+        # The message of a refused global suggests weights_only=False: never repeat it.
+        raise CheckpointError(path, f"its contents cannot be loaded safely: {type(e).__name__}",
+                              damaged=False) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"it holds a {type(state).__name__}, not a dict", damaged=False)
+    problems = [k for k, kind in REQUIRED.items()
+                if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    if problems:
+        raise CheckpointError(path, f"missing or malformed: {', '.join(problems)}", damaged=False)
+    if state["version"] != FORMAT_VERSION or state["step"] < 0:
+        raise CheckpointError(path, f"format version {state['version']}, step {state['step']}; this engine "
+                              f"writes version {FORMAT_VERSION}", damaged=False)
+    return state
+
+
+def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
+    """(checkpoint path, state) to resume from `path`: a checkpoint file, or a run
+    folder's newest valid checkpoint. A damaged or foreign latest checkpoint in a
+    folder is skipped with a log line (the trainer sets it aside with the other
+    abandoned ones); a damaged file named explicitly is refused, naming the
+    newest valid one beside it."""
+    given = pathlib.Path(path)
+    if given.is_dir():
+        ckpts = list_checkpoints(given)
+        if not ckpts:
+            raise UserInputError(f"resume: {given} holds no checkpoint (ckpt_NNNNNN.pt)")
+        skipped = []
+        for candidate in reversed(ckpts):
+            try:
+                state = load_checkpoint(candidate)
+            except CheckpointError as e:
+                skipped.append(e)
+                continue
+            for e in skipped:
+                log(f"resume: skipping {e}")
+            if skipped:
+                log(f"resume: using the newest valid checkpoint, {candidate}")
+            return candidate, state
+        raise UserInputError(f"resume: no valid checkpoint in {given}: {skipped[0]}"
+                             + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    file = resolve_checkpoint(given)
+    try:
+        return file, load_checkpoint(file)
+    except CheckpointError as e:
+        valid = newest_valid_checkpoint(file.parent, exclude=file)
+        hint = f"; the newest valid checkpoint beside it is {valid}: --resume {valid}" if valid else ""
+        raise UserInputError(f"resume: {e}{hint}") from None
+
+
+def newest_valid_checkpoint(run_dir, exclude=None) -> pathlib.Path | None:
+    for p in reversed(list_checkpoints(run_dir)):
+        if exclude is not None and p == pathlib.Path(exclude):
+            continue
+        try:
+            verify_checksum(p)
+        except UserInputError:
+            continue
+        return p
+    return None
 
 
 # RNG states as plain containers, so weights_only loading accepts them.

@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                "noted per option. TOML keys are the option names with underscores "
                "(batch_size = 8); 'auto' is accepted there too. "
                f"With --resume the run continues as its checkpoint was configured; only {safe} "
-               "may be given to change it.")
+               "may be given to change it. Exit status: 0 done (or the resumed run was already "
+               "finished), 2 bad input, 3 the loss diverged (max_bad_steps non-finite steps in a row), "
+               "4 a run file could not be written (disk full), 5 a DDP process stalled or died, "
+               "130/143 stopped by SIGINT/SIGTERM after writing a checkpoint.")
     parser.add_argument("--config", metavar="FILE.toml",
                         help="read options from a TOML file; flags given here override it")
     for f in dataclasses.fields(TrainConfig):
@@ -184,14 +187,22 @@ def parse(argv=None) -> tuple[dict, dict, str | None]:
     return from_file, from_flags, config_path
 
 
-def config_from_args(argv=None) -> TrainConfig:
-    """Parse the command line (and --config file) into a TrainConfig."""
+def parse_train_args(argv=None) -> tuple[TrainConfig, frozenset[str]]:
+    """Parse the command line (and --config file): (the TrainConfig, the names of the
+    fields the user gave, in the file or as flags). A resumed run takes every field
+    not given from its checkpoint."""
     from_file, from_flags, config_path = parse(argv)
     try:
-        return TrainConfig(**{**from_file, **from_flags})
+        cfg = TrainConfig(**{**from_file, **from_flags})
     except UserInputError as e:
         # A value only the file gave: say which file.
         field = str(e).split(" ", 1)[0]
         if field in from_file and field not in from_flags:
             raise UserInputError(f"--config {config_path}: {e}") from None
         raise
+    return cfg, frozenset(from_file) | frozenset(from_flags)
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    """Parse the command line (and --config file) into a TrainConfig."""
+    return parse_train_args(argv)[0]

@@ -3,10 +3,20 @@
 `torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE;
 without them the run is a single process. CUDA runs use NCCL and one GPU per
 process (cuda:LOCAL_RANK); CPU runs use gloo (slow, for tests and laptops).
+
+Every collective waits at most `ddp_timeout_s` (init_process_group's timeout)
+for the other processes: with gloo a stalled or dead peer then raises an error
+that the trainer reports as one line (PeerLost, exit 5); with NCCL the watchdog
+aborts the process after the same time. Teardown releases the DDP wrapper
+before destroying the process group: the wrapper's reducer holds the group,
+and a gloo group that outlives destroy_process_group aborts the process at
+exit ("terminate called without an active exception").
 """
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +53,9 @@ def env_dist_info() -> DistInfo:
     return DistInfo(ddp=world > 1, rank=rank, local_rank=local, world_size=world)
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Start the process group if torchrun launched several processes.
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
+    """Start the process group if torchrun launched several processes; each
+    collective then waits at most timeout_s seconds.
 
     On CUDA selects this process's GPU first (NCCL needs it before init)."""
     info = env_dist_info()
@@ -61,7 +72,12 @@ def init_distributed(device_type: str) -> DistInfo:
     else:
         raise UserInputError(f"distributed training on {device_type} is not supported; use cuda or cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, TimeoutError, ValueError) as e:
+            from engine.run_errors import PeerLost
+            raise PeerLost(f"DDP rank {info.rank}: could not join the other {info.world_size - 1} "
+                           f"process(es) within {timeout_s:g} s ({failure_reason(e)})") from None
     return info
 
 
@@ -98,6 +114,32 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(info.world_size)
     return t
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In place: the maximum over processes (a no-op in a single process)."""
+    if info.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset)|broken pipe|"
+                                 r"socket|peer", re.IGNORECASE)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an exception raised in a DDP run comes from a collective whose
+    peers stalled or died (gloo raises plain RuntimeErrors for both)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(e)))
+
+
+def failure_reason(e: BaseException) -> str:
+    """The first line of a collective's error, without its C++ source location."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0].rstrip(".")
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:

@@ -49,3 +49,15 @@ def atomic_write(dest, write: Callable[[BinaryIO], None], tmp_prefix: str | None
         raise
     fsync_dir(dest.parent)
     return dest
+
+
+def os_reason(e: BaseException) -> str:
+    """A short reason for a failed file operation: the OSError's strerror where there
+    is one (also behind a RuntimeError that wraps it), else the first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -2,9 +2,12 @@
 
 `RunLog` keeps the history of the whole run (on resume, the rows of the earlier
 steps are read back from metrics.csv, so the plot shows the run from step 0),
-writes one CSV row per logged step, and draws the loss curve. Rewrites of the
-CSV (on resume, dropping rows of abandoned steps) are atomic. Only the master
-rank writes; the others keep the history and stay silent.
+writes one CSV row per logged step, and draws the loss curve. A run resumed
+into another folder copies the earlier rows from the checkpoint's folder. Rewrites
+of the CSV (on resume, dropping rows of abandoned steps) and of the plot are
+atomic, with temp files named by the run's token; a row cut short by a kill is
+dropped when the CSV is read back. A failed write raises RunFileError. Only the
+master rank writes; the others keep the history and stay silent.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import io
 import math
 import pathlib
 
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, os_reason
+from engine.run_errors import RunFileError
 
 CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "val_loss", "skipped")
 
@@ -29,29 +33,46 @@ def format_step_line(row: dict) -> str:
 def _number(text: str):
     if text in ("", None):
         return None
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        return None
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
+def _write_failed(path, e: OSError) -> RunFileError:
+    return RunFileError(f"{path}: could not write ({os_reason(e)}); the checkpoints are intact")
+
+
 class RunLog:
-    def __init__(self, run_dir, *, master: bool, log=print):
+    def __init__(self, run_dir, *, master: bool, log=print, token: str = ""):
         self.run_dir = pathlib.Path(run_dir)
         self.master = master
         self.log = log if master else (lambda *a, **k: None)
+        self.token = token
         self.history: list[dict] = []
+
+    def _atomic(self, path: pathlib.Path, data: bytes) -> None:
+        try:
+            atomic_write(path, lambda f: f.write(data), tmp_prefix=f".{path.name}.{self.token}.")
+        except OSError as e:
+            raise _write_failed(path, e) from None
 
     @property
     def csv_path(self) -> pathlib.Path:
         return self.run_dir / "metrics.csv"
 
-    def start(self, first_step: int) -> None:
-        """Keep the rows of steps before `first_step` (a resumed run), drop the rest."""
+    def start(self, first_step: int, earlier_csv=None) -> None:
+        """Keep the rows of steps before `first_step` (a resumed run), read from
+        `earlier_csv` (the checkpoint's folder's metrics.csv) or this folder's; drop the rest."""
+        source = pathlib.Path(earlier_csv) if earlier_csv is not None else self.csv_path
         kept = []
-        if first_step > 0 and self.csv_path.is_file():
-            with open(self.csv_path, newline="") as f:
+        if first_step > 0 and source.is_file():
+            with open(source, newline="") as f:
                 for r in csv.DictReader(f):
-                    if r.get("step", "").isdigit() and int(r["step"]) < first_step:
-                        kept.append({k: _number(r.get(k)) for k in CSV_FIELDS})
+                    row = {k: _number(r.get(k)) for k in CSV_FIELDS}
+                    if (r.get("step") or "").isdigit() and int(r["step"]) < first_step and row["loss"] is not None:
+                        kept.append(row)
         self.history = [dict(r, skipped=bool(r.get("skipped"))) for r in kept]
         if not self.master:
             return
@@ -59,8 +80,7 @@ class RunLog:
         writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(self._csv_row(r) for r in kept)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.csv_path, lambda f: f.write(buf.getvalue().encode()))
+        self._atomic(self.csv_path, buf.getvalue().encode())
 
     @staticmethod
     def _csv_row(row: dict) -> dict:
@@ -74,8 +94,11 @@ class RunLog:
         if not self.master:
             return
         self.log(format_step_line(row))
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(self._csv_row(row))
+        try:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(self._csv_row(row))
+        except OSError as e:
+            raise _write_failed(self.csv_path, e) from None
 
     def plot(self) -> pathlib.Path | None:
         """loss.png: the train loss of every step and the val loss where evaluated."""
@@ -99,6 +122,6 @@ class RunLog:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        atomic_write(path, lambda f: f.write(buf.getvalue()))
+        self._atomic(path, buf.getvalue())
         self.log(f"loss curve: {path}")
         return path

@@ -111,6 +111,13 @@ class TrainConfig:
     checkpoint_interval: int | None = _f(None, "checkpoint every this many steps and at the end (0: never)",
                                          _auto_text("checkpoint_interval"), resume_safe=True)
     keep_checkpoints: int = _f(3, "keep the last K checkpoints (0: all)", resume_safe=True)
+    overwrite: bool = _f(False, "replace the run already in --run-dir (deletes its checkpoints, metrics.csv, "
+                         "config.json, loss.png); without it such a folder is refused", resume_safe=True)
+    max_bad_steps: int = _f(3, "a step whose loss or grad norm is NaN/inf is skipped (the weights do not "
+                            "change); this many in a row, or one on the last step, stop the run (exit 3)",
+                            resume_safe=True)
+    ddp_timeout_s: float = _f(600.0, "DDP: seconds a collective waits for the other processes before the "
+                              "job stops (exit 5)", resume_safe=True)
     seed: int = _f(1337, "random seed (model init, data order, sampling)")
     resume: str = _f("", "continue from a checkpoint file, or a run folder's latest checkpoint",
                      resume_safe=True)
@@ -131,7 +138,7 @@ class TrainConfig:
             raise UserInputError(f"{flag('model')} must be auto or one of {', '.join(PRESETS)}, "
                                  f"got {self.model!r}")
         positive = ("n_layer", "n_head", "n_embd", "vocab_multiple", "batch_size", "seq_len",
-                    "total_batch_size", "max_steps", "eval_batches", "log_interval")
+                    "total_batch_size", "max_steps", "eval_batches", "log_interval", "max_bad_steps")
         non_negative = ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval",
                         "keep_checkpoints", "seed")
         for name in positive + non_negative:
@@ -146,7 +153,8 @@ class TrainConfig:
                 raise UserInputError(f"{flag(name)} must be >= 0, got {value}")
         if self.seed >= 2 ** 63:
             raise UserInputError(f"{flag('seed')} must be < 2**63, got {self.seed}")
-        for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout", "val_fraction"):
+        for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "dropout", "val_fraction",
+                     "ddp_timeout_s"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -154,6 +162,11 @@ class TrainConfig:
                 raise UserInputError(f"{flag(name)} must be a finite number, got {value!r}")
             if value < 0:
                 raise UserInputError(f"{flag(name)} must be >= 0, got {value}")
+        if self.ddp_timeout_s <= 0:
+            raise UserInputError(f"{flag('ddp_timeout_s')} must be > 0, got {self.ddp_timeout_s}")
+        for name in ("compile", "profile", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserInputError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.max_lr is not None and self.max_lr <= 0:
             raise UserInputError(f"{flag('max_lr')} must be > 0, got {self.max_lr}")
         if self.min_lr is not None and self.max_lr is not None and self.min_lr > self.max_lr:

@@ -8,11 +8,18 @@ learning rate. One log line and CSV row per step (engine.run_log), the val loss
 every eval_interval steps, samples every sample_interval steps, checkpoints every
 checkpoint_interval steps, a loss-curve PNG at the end. Under torchrun the model
 is wrapped in DDP and rank 0 logs and writes every file.
+
+Faults end a run in one line with its own exit status (engine.run_errors):
+max_bad_steps skipped non-finite steps in a row, SIGINT/SIGTERM (between steps,
+with a checkpoint: engine.signals), a failed write, a stalled DDP peer. Under
+DDP every rank decides at the same step, so all exit alike and none waits in a
+collective. Resumes take the checkpoint's configuration (engine.train_state);
+one process at a time holds a run folder (engine.run_dir).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import gc
 import math
 import os
 import pathlib
@@ -22,61 +29,64 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
-from engine.config import GPTConfig
 from engine.cuda_graph import GraphedTrainStep, graph_decision
 from engine.errors import UserInputError
-from engine.fileio import atomic_write
 from engine.optim import configure_optimizer, lr_at, resolve_optimizer, set_lr
+from engine.run_dir import new_token
+from engine.run_errors import Interrupted, PeerLost, RunFileError, RunFinished, TrainingDiverged, signal_name
 from engine.run_log import RunLog
+from engine.run_setup import (build_model, claim_run_dir, header_lines, load_data, resolve_device,
+                              resolve_dtype, write_config_json)
+from engine.signals import StopSignals
 from engine.step import autocast_factory, train_step
 from engine.train_config import SAMPLE_PROMPT, TrainConfig, accumulation_steps
+from engine.train_state import (explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
+                                training_state, weights_are_finite)
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; the run stops and the
-    checkpoints on disk stay as they were."""
-
-
-def resolve_device(name: str) -> str:
-    mps_ok = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("device (--device) cuda: no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not mps_ok:
-        raise UserInputError("device (--device) mps: MPS is not available; use --device cpu")
-    return name
-
-
-def resolve_dtype(name: str, device_type: str) -> str:
-    if name == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    return name
+__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "resolve_dtype", "train"]
 
 
 class Trainer:
     """Everything a run needs, set up from a TrainConfig; `run()` trains.
 
     `log` receives each line (rank 0 only). After `run()`, `history` holds one dict
-    per step (step, loss, lr, grad_norm, dt_ms, tokens_per_sec, val_loss or None).
+    per step (step, loss, lr, grad_norm, dt_ms, tokens_per_sec, val_loss or None),
+    the earlier steps of a resumed run included.
+
+    With `cfg.resume`, the fields named in `explicit` (train.py passes those the
+    user gave; None means the fields that differ from their defaults) may change
+    the stored configuration where resume-safe. A finished run raises RunFinished.
     """
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=print, explicit=None):
+        self._log = log if dist_lib.env_dist_info().master else (lambda *a, **k: None)
+        self.token = new_token()  # names this process's temp files
+        self.folder = None
+        resume_path = state = None
+        if cfg.resume:
+            resume_path, state = ckpt_lib.load_for_resume(cfg.resume, log=self._log)
+            cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path)
+            if state["step"] >= cfg.max_steps:
+                raise RunFinished(f"{resume_path.parent}: this run is finished (step {state['step']} of "
+                                  f"max_steps {cfg.max_steps}); give --max-steps N with N > {state['step']} "
+                                  "to train further")
         device_type = resolve_device(cfg.device)
         if device_type == "cuda":
             # As build-nanogpt: fp32 matmuls (--dtype fp32, and those autocast leaves
             # in fp32) on TF32 tensor cores. Process-wide, as torch's switch is.
             torch.set_float32_matmul_precision("high")
-        self.dist = dist_lib.init_distributed(device_type)
-        self._log = log if self.dist.master else (lambda *a, **k: None)
+        self.ddp_timeout_s = cfg.ddp_timeout_s
+        self.dist = dist_lib.init_distributed(device_type, cfg.ddp_timeout_s)
         try:
-            self._setup(cfg, device_type)
-        except BaseException:
-            dist_lib.destroy(self.dist)
+            self._setup(cfg, device_type, resume_path, state)
+        except BaseException as e:
+            self._teardown(ok=False)
+            lost = self._peer_lost(e)
+            if lost is not None:
+                raise lost from None
             raise
 
-    # ------------------------------------------------------------------ setup
-    def _setup(self, cfg: TrainConfig, device_type: str):
+    def _setup(self, cfg: TrainConfig, device_type: str, resume_path, state):
         info = self.dist
         self.device = torch.device(dist_lib.process_device(device_type, info))
         self.device_type = self.device.type
@@ -94,11 +104,12 @@ class Trainer:
             raise UserInputError(f"dropout (--dropout) {cfg.dropout}: the triton backend has no dropout "
                                  "yet; use --dropout 0 or --backend torch")
 
-        resume_path = ckpt_lib.resolve_checkpoint(cfg.resume) if cfg.resume else None
-        self.run_dir = pathlib.Path(self._choose_run_dir(cfg, resume_path))
-        self._setup_data(cfg)
-        ckpt = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
-        self.raw_model = self._build_model(cfg, ckpt)
+        self.run_dir, self.folder = claim_run_dir(cfg, resume_path, info, self.token, log=self._log)
+        self.data = load_data(cfg, info, self.device_type)
+        self.tokenizer, self.train_loader, self.val_loader = (self.data.tokenizer, self.data.train_loader,
+                                                              self.data.val_loader)
+        self.raw_model = build_model(cfg, state, backend=self.backend, vocab_size=self.tokenizer.vocab_size,
+                                     device=self.device, dtype=self.dtype)
         self.model_config = self.raw_model.config
         if cfg.seq_len > self.model_config.block_size:
             raise UserInputError(f"seq_len (--seq-len) {cfg.seq_len} exceeds the model's block_size "
@@ -109,7 +120,7 @@ class Trainer:
 
         self.use_graphs, graph_reason = graph_decision(cfg.cuda_graphs, self.device_type, self.backend,
                                                        cfg.compile, info.ddp, profile=cfg.profile)
-        optimizer_lines = []  # printed after the header lines below
+        optimizer_lines = []  # printed with the header lines below
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.max_lr, betas=cfg.betas,
                                              weight_decay=cfg.weight_decay, device=self.device,
                                              kind=self.optimizer_kind, capturable=self.use_graphs,
@@ -117,134 +128,35 @@ class Trainer:
         model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = dist_lib.wrap_model(model, info, self.device)
 
-        self.step = 0
-        if ckpt is not None:
-            self._restore(ckpt, resume_path)
+        self.step = self.bad_streak = 0
+        self.last_checkpoint = None  # (step, path): the newest checkpoint this run can go back to
+        if state is not None:
+            restore(self, state, resume_path)
+            self.last_checkpoint = (self.step, resume_path)
             if info.master:
-                self._set_aside_later_checkpoints()
+                set_aside_later_checkpoints(self.run_dir, self.step, log=self._log)
+        # What checkpoints store: the values this run resolved, so that a resume
+        # elsewhere (another folder, device or tiktoken cache) continues the same run.
+        self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(self.data.data_path),
+                                             tokenizer=self.tokenizer.name, dtype=self.dtype,
+                                             run_dir=str(self.run_dir), resume="", overwrite=False)
         self.graphed = None
         if self.use_graphs:
             self.graphed = GraphedTrainStep(self.model, self.optimizer, self.accum, cfg.batch_size,
                                             cfg.seq_len, self.device,
                                             autocast_factory(self.dtype, self.device_type, False),
                                             cfg.grad_clip, log=self._log)
-
-        self._log(f"device: {self.device}{f' (DDP, world size {info.world_size})' if info.ddp else ''}"
-                  f" | dtype: {self.dtype} | backend: {self.backend} | optimizer: {self._optimizer_text()}")
-        self._log(f"model: {self._model_text()} | {self.raw_model.num_parameters():,} parameters")
-        for line in optimizer_lines:
+        for line in header_lines(self, graph_reason, optimizer_lines, resume_path):
             self._log(line)
-        self._log(f"tokenizer: {self.tokenizer.name} ({self.tokenizer_reason})")
-        self._log(f"corpus: {self.corpus_note or self.data_path}")
-        self._log(f"train data: {self.train_loader.description}")
-        self._log(f"val data: {self.val_loader.description}")
-        self._log(f"total batch: {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.seq_len} x "
-                  f"{info.world_size} process(es) x {self.accum} accumulation step(s)")
-        self._log(f"cuda graphs: {'on' if self.use_graphs else 'off'} ({graph_reason})")
-        if self.dtype == "bf16-params" and self.optimizer_kind == "torch":
-            self._log("note: with bf16-params, torch's AdamW keeps its moments in bf16 (the parameters' "
-                      "dtype); --optimizer triton keeps them in fp32")
-        self._log(f"run folder: {self.run_dir}" + (f" | resumed from {resume_path} at step {self.step}"
-                                                      if resume_path else ""))
-        self.run_log = RunLog(self.run_dir, master=info.master, log=self._log)
+
+        self.run_log = RunLog(self.run_dir, master=info.master, log=self._log, token=self.token)
         self._pending: list[tuple] = []
         self._val_at: dict[int, float] = {}
+        self.signals = StopSignals()  # inactive; run() installs the handlers
         if info.master:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config = {"train": cfg.to_dict(), "model": self.model_config.to_dict()}
-            atomic_write(self.run_dir / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
-        self.run_log.start(self.step)
-
-    def _setup_data(self, cfg):
-        from engine.data import build_loader, resolve_default_corpus
-        from engine.tokenizer import load_tokenizer
-        self.tokenizer, self.tokenizer_reason = load_tokenizer(cfg.tokenizer)
-        self.corpus_note = ""
-        data_path = cfg.data
-        if not data_path:
-            data_path, self.corpus_note = resolve_default_corpus()
-        self.data_path = str(data_path)
-        common = dict(rank=self.dist.rank, world_size=self.dist.world_size, tokenizer=self.tokenizer,
-                      val_fraction=cfg.val_fraction, seed=cfg.seed, pin_memory=self.device_type == "cuda")
-        self.train_loader = build_loader(data_path, cfg.batch_size, cfg.seq_len, split="train", **common)
-        self.val_loader = build_loader(data_path, cfg.batch_size, cfg.seq_len, split="val", **common)
-
-    def _choose_run_dir(self, cfg, resume_path) -> str:
-        if cfg.run_dir != "auto":
-            return cfg.run_dir
-        if resume_path is not None:
-            return str(resume_path.parent)
-        name = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        return dist_lib.broadcast_object(name, self.dist)  # every rank names the same folder
-
-    def _build_model(self, cfg, ckpt):
-        from engine.model import GPT
-        torch.manual_seed(cfg.seed)
-        if ckpt is not None:
-            mc = GPTConfig.from_dict(dict(ckpt["model_config"]))
-            model = GPT(dataclasses.replace(mc, backend=self.backend))
-        elif cfg.init_from:
-            model = GPT.from_pretrained(cfg.init_from, backend=self.backend,
-                                        vocab_multiple=cfg.vocab_multiple, dropout=cfg.dropout)
-        else:
-            overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
-            try:
-                mc = GPTConfig.from_preset(cfg.model, vocab_size=self.tokenizer.vocab_size,
-                                           vocab_multiple=cfg.vocab_multiple, dropout=cfg.dropout,
-                                           backend=self.backend, **overrides)
-            except ValueError as e:
-                raise UserInputError(f"model: {e}") from None
-            model = GPT(mc)
-        model.to(self.device)
-        if self.dtype == "bf16-params":
-            model.to(torch.bfloat16)
-        return model
-
-    def _restore(self, ckpt, path):
-        missing = [k for k in ("model", "optimizer", "step", "train_loader", "val_loader", "rng")
-                   if k not in ckpt]
-        if missing:
-            raise UserInputError(f"resume: {path} is not a training checkpoint (missing {', '.join(missing)})")
-        if ckpt.get("tokenizer") not in (None, self.tokenizer.name):
-            raise UserInputError(f"resume: {path} was trained with the {ckpt['tokenizer']} tokenizer, "
-                                 f"this run uses {self.tokenizer.name} (set --tokenizer)")
-        self.raw_model.load_state_dict(ckpt["model"])
-        # Keep this run's learning-rate objects (device tensors when capturable):
-        # load_state_dict would replace them with the saved ones.
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for g, lr in zip(self.optimizer.param_groups, lrs):
-            g["lr"] = lr
-        self.train_loader.load_state_dict(ckpt["train_loader"])
-        self.val_loader.load_state_dict(ckpt["val_loader"])
-        ckpt_lib.set_rng_state(ckpt["rng"])
-        self.step = int(ckpt["step"])
-
-    def _set_aside_later_checkpoints(self):
-        """Resuming from an earlier checkpoint abandons the steps after it: their
-        checkpoints move to superseded/ (kept, never deleted), so that `--resume
-        RUN_DIR` keeps meaning this run's latest step."""
-        later = [p for p in ckpt_lib.list_checkpoints(self.run_dir)
-                 if int(ckpt_lib.CKPT_RE.match(p.name).group(1)) > self.step]
-        if not later:
-            return
-        aside = self.run_dir / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-        aside.mkdir(parents=True, exist_ok=True)
-        for p in later:
-            os.replace(p, aside / p.name)
-        self._log(f"resume: moved {len(later)} later checkpoint(s) of the abandoned steps to {aside}")
-
-    def _optimizer_text(self) -> str:
-        if self.optimizer_kind == "triton":
-            return "triton FusedAdamW"
-        fused = any(g.get("fused") for g in self.optimizer.param_groups)
-        return "torch AdamW" + (" (fused)" if fused else "")
-
-    def _model_text(self) -> str:
-        c = self.model_config
-        src = f"from {self.cfg.init_from}" if self.cfg.init_from else f"preset {self.cfg.model}"
-        return (f"{src}: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} "
-                f"block_size={c.block_size} vocab={c.vocab_size} (padded {c.padded_vocab_size})")
+            write_config_json(self.run_dir, cfg, self.model_config, self.token)
+        elsewhere = resume_path is not None and resume_path.parent.resolve() != self.run_dir.resolve()
+        self.run_log.start(self.step, earlier_csv=resume_path.parent / "metrics.csv" if elsewhere else None)
 
     @property
     def history(self) -> list[dict]:
@@ -278,8 +190,10 @@ class Trainer:
 
     def _flush(self, keep_newest: bool = False):
         """Read the pending steps' loss and norm (one host sync), log them, and stop
-        on a non-finite one. keep_newest leaves the step just queued pending, so the
-        host waits on the step before it while the GPU already runs this one."""
+        after max_bad_steps non-finite steps in a row or a non-finite last step.
+        keep_newest leaves the step just queued pending, so the host waits on the
+        step before it while the GPU already runs this one. Under DDP the ranks then
+        agree (one tiny all-reduce) on a pending signal and on a failed log write."""
         keep = 1 if keep_newest else 0
         if len(self._pending) <= keep:
             return
@@ -288,17 +202,42 @@ class Trainer:
         now = time.perf_counter()
         dt = (now - self._t_mark) / len(pending)
         self._t_mark = now
+        io_error = None
         for (step, lr, _, _), (loss, norm) in zip(pending, values):
             finite = math.isfinite(loss) and math.isfinite(norm)
-            self.run_log.record(dict(step=step, loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000,
-                                     tokens_per_sec=self.cfg.total_batch_size / dt if dt > 0 else float("inf"),
-                                     val_loss=self._val_at.pop(step, None), skipped=not finite))
-            if not finite:
-                latest = ckpt_lib.latest_checkpoint(self.run_dir)
-                raise TrainingDiverged(
-                    f"training diverged: the loss is {loss} and the grad norm {norm} at step {step}; "
-                    f"the step was skipped and the run stopped. Last good checkpoint: "
-                    f"{latest or 'none written yet'}. Try a lower --max-lr or --grad-clip")
+            try:
+                self.run_log.record(dict(step=step, loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000,
+                                         tokens_per_sec=self.cfg.total_batch_size / dt if dt > 0 else float("inf"),
+                                         val_loss=self._val_at.pop(step, None), skipped=not finite))
+            except RunFileError as e:
+                io_error = io_error or e
+            self.bad_streak = 0 if finite else self.bad_streak + 1
+            if not finite and (self.bad_streak >= self.cfg.max_bad_steps or step == self.cfg.max_steps - 1):
+                raise self._diverged(step, loss, norm)
+        if self.dist.ddp:
+            flags = torch.tensor([self.signals.requested or 0, io_error is not None], dtype=torch.int64,
+                                 device=self.device)
+            self._agreed_signal, io_failed = dist_lib.all_reduce_max(flags, self.dist).tolist()
+            if io_failed:
+                raise io_error or RunFileError(f"DDP rank {self.dist.rank}: rank 0 could not write the run's "
+                                               "files (its message says why); stopping with it")
+        elif io_error is not None:
+            raise io_error
+
+    def _last_good(self) -> str:
+        last = getattr(self, "last_checkpoint", None)
+        return str(last[1]) if last else "none written yet"
+
+    def _diverged(self, step, loss, norm) -> TrainingDiverged:
+        on_last = step == self.cfg.max_steps - 1 and self.bad_streak < self.cfg.max_bad_steps
+        return TrainingDiverged.at_step(step, loss, norm, self.bad_streak, self.cfg.max_bad_steps, on_last,
+                                        self._last_good())
+
+    def _peer_lost(self, e: BaseException) -> PeerLost | None:
+        info = getattr(self, "dist", None)
+        if info is None or not info.ddp or not dist_lib.is_collective_failure(e):
+            return None
+        return PeerLost.after(info.rank, dist_lib.failure_reason(e), self.ddp_timeout_s, self._last_good())
 
     def _reset_clock(self):
         if self.device_type == "cuda":
@@ -338,40 +277,97 @@ class Trainer:
             self._log(f"sample {i}: {t!r}")
         return texts
 
-    def save_checkpoint(self, step: int) -> pathlib.Path | None:
-        """Write ckpt_{step:06d}.pt (step = steps completed); rank 0 only."""
-        self._flush()  # a diverged step raises here, so it is never saved
-        if not self.dist.master:
-            return None
-        state = {
-            "version": 1,
-            "step": step,
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "train_loader": self.train_loader.state_dict(),
-            "val_loader": self.val_loader.state_dict(),
-            "rng": ckpt_lib.rng_state(),
-            "train_config": self.cfg.to_dict(),
-            "model_config": self.model_config.to_dict(),
-            "tokenizer": self.tokenizer.name,
-            "world_size": self.dist.world_size,
-        }
-        path = ckpt_lib.save_checkpoint(self.run_dir, step, state, keep=self.cfg.keep_checkpoints)
+    def save_checkpoint(self, step: int) -> pathlib.Path:
+        """Write ckpt_{step:06d}.pt (step = steps completed); rank 0 writes, every rank
+        learns the outcome. Never from non-finite weights."""
+        self._flush()  # a diverged run raises here, so it is never saved
+        if not weights_are_finite(self.raw_model):
+            raise TrainingDiverged(f"training diverged: the weights are not finite at step {step}; no checkpoint "
+                                   f"written. Last good checkpoint: {self._last_good()}")
+        path = error = None
+        if self.dist.master:
+            try:
+                path = ckpt_lib.save_checkpoint(self.run_dir, step, training_state(self, step),
+                                                keep=self.cfg.keep_checkpoints, token=self.token)
+            except RunFileError as e:
+                error = str(e)
+        path, error = dist_lib.broadcast_object((path and str(path), error), self.dist)
+        if error:
+            raise RunFileError(error)
+        self.last_checkpoint = (step, pathlib.Path(path))
         self._log(f"checkpoint: {path}")
-        return path
+        return pathlib.Path(path)
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
-        """Train from self.step to max_steps; returns the history. Tears down DDP."""
+        """Train from self.step to max_steps; returns the history. Tears down DDP
+        and releases the run folder, whatever happens."""
+        ok = False
+        notice = "stopping after this step and writing a checkpoint (again to abort at once)"
         try:
-            if self.cfg.profile:
-                self._profile()
-            else:
-                self._loop()
-                self.run_log.plot()
+            with StopSignals(notice if self.dist.master else None) as self.signals:
+                try:
+                    if self.cfg.profile:
+                        self._profile()
+                    else:
+                        self._loop()
+                        self.run_log.plot()
+                except (TrainingDiverged, Interrupted):
+                    self._plot_quietly()
+                    raise
+            ok = True
             return self.history
+        except Exception as e:
+            lost = self._peer_lost(e)
+            if lost is not None:
+                raise lost from None
+            raise
         finally:
-            dist_lib.destroy(self.dist)
+            self._teardown(ok)
+
+    def close(self) -> None:
+        """Release what a Trainer holds (the run folder's lock, DDP) without running;
+        run() does this itself."""
+        self._teardown(ok=False)
+
+    def _plot_quietly(self):
+        try:
+            self.run_log.plot()
+        except RunFileError:
+            pass  # the run's own reason to stop is the message that matters
+
+    def _teardown(self, ok: bool):
+        info = getattr(self, "dist", None)
+        if info is not None and info.ddp:
+            if ok:
+                try:
+                    dist_lib.barrier(info)  # nobody leaves before rank 0 has written its files
+                except RuntimeError:
+                    pass
+            # The DDP wrapper's reducer holds the process group; released first, so
+            # that destroy_process_group really ends it (see engine.distributed).
+            self.model = self.graphed = None
+            gc.collect()
+        if info is not None:
+            dist_lib.destroy(info)
+        if self.folder is not None:
+            self.folder.release()
+            self.folder = None
+
+    def _stop_requested(self) -> int:
+        """The signal to stop for, decided between steps: this process's own in a
+        single process; under DDP what the ranks agreed on at the last log flush."""
+        return self._agreed_signal if self.dist.ddp else (self.signals.requested or 0)
+
+    def _stop(self, signum: int):
+        self._flush()
+        if self.cfg.checkpoint_interval > 0 and (self.last_checkpoint or (None,))[0] != self.step:
+            self.save_checkpoint(self.step)
+        if self.last_checkpoint and self.last_checkpoint[0] == self.step:
+            where = f"wrote {self.last_checkpoint[1]}; continue with: python train.py --resume {self.run_dir}"
+        else:
+            where = f"no checkpoint written (checkpoint_interval=0); last checkpoint: {self._last_good()}"
+        raise Interrupted(signum, f"interrupted by {signal_name(signum)} after step {self.step - 1}: {where}")
 
     def _loop(self):
         cfg = self.cfg
@@ -379,6 +375,7 @@ class Trainer:
         def due(interval, step):
             return interval > 0 and (step % interval == 0 or step == cfg.max_steps - 1)
 
+        self._agreed_signal = 0
         self._reset_clock()
         for step in range(self.step, cfg.max_steps):
             last = step == cfg.max_steps - 1
@@ -402,6 +399,9 @@ class Trainer:
             if cfg.checkpoint_interval > 0 and ((step + 1) % cfg.checkpoint_interval == 0 or last):
                 self.save_checkpoint(step + 1)
                 self._reset_clock()
+            signum = self._stop_requested()
+            if signum:
+                self._stop(signum)
         self._flush()
 
     def _profile(self):
@@ -421,8 +421,8 @@ class Trainer:
         self._log(f"profile trace: {trace}")
 
 
-def train(cfg: TrainConfig, log=print) -> Trainer:
+def train(cfg: TrainConfig, log=print, explicit=None) -> Trainer:
     """Set up and run; returns the Trainer (its history, run_dir, model)."""
-    trainer = Trainer(cfg, log=log)
+    trainer = Trainer(cfg, log=log, explicit=explicit)
     trainer.run()
     return trainer

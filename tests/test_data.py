@@ -210,8 +210,10 @@ def test_prepare_function_round_trip(tmp_path, tok_name, request):
     assert s["val"] == val_paths and s["train"] == train_paths and len(train_paths) > 1
     assert all(D.read_shard_header(p)[0] <= 300 for p in val_paths + train_paths)
     assert all(D.read_shard_header(p)[1] == tok.vocab_size for p in val_paths + train_paths)
+    # the shards, their manifest, nothing else (no temp file, no work folder)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        p.name for p in val_paths + train_paths)
+        [p.name for p in val_paths + train_paths] + ["manifest.json"])
+    assert s["manifest"] == tmp_path / "out" / "manifest.json"
 
 
 def test_prepare_command_line(tmp_path, gpt2):

@@ -1,14 +1,19 @@
 """DDP: `torchrun --nproc_per_node=2` (gloo on CPU) equals one process with the same
-global batch (2 accumulation micro-steps); only rank 0 logs and writes files."""
+global batch (2 accumulation micro-steps); only rank 0 logs and writes files.
+Faults: divergence and a signal to one rank end every rank with the same status;
+a stalled rank ends the job within --ddp-timeout-s."""
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from engine import checkpoint as ckpt_lib
 from engine.distributed import DistInfo, env_dist_info
 from engine.errors import UserInputError
 from engine.train_config import TrainConfig
@@ -85,3 +90,76 @@ def test_torchrun_matches_one_process(corpus, tmp_path, monkeypatch):
     assert [r["val_loss"] != "" for r in ddp_rows] == [True, False, False, True]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
         ["ckpt_000004.pt", "config.json", "loss.png", "metrics.csv"])
+
+
+def launch_ranks(args, cwd, world_size=2):
+    """The processes torchrun would start (its environment, no agent): each rank's
+    exit status is then our own to check."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                   CUDA_VISIBLE_DEVICES="", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_ddp_divergence_exits_3_on_every_rank(corpus, tmp_path):
+    """loss and norm are all-reduced: every rank sees the same non-finite steps and
+    stops at the same one, none waiting in a collective."""
+    flags = as_flags(dict(COMMON, max_lr=1e30, warmup_steps=0, max_steps=20, eval_interval=0,
+                          checkpoint_interval=1, keep_checkpoints=1))
+    procs = launch_ranks(["--data", str(corpus), "--run-dir", str(tmp_path / "run"), *flags], tmp_path)
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in results] == [3, 3], [err[-2000:] for _, _, err in results]
+    for rc, out, err in results:
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "training diverged: step 3" in lines[0], err[-2000:]
+        assert f"Last good checkpoint: {tmp_path / 'run' / 'ckpt_000003.pt'}" in lines[0]
+
+
+def test_a_stalled_rank_ends_the_job_within_the_ddp_timeout(corpus, tmp_path):
+    """Rank 1 stops (SIGSTOP) mid-run: rank 0's next collective gives up after
+    --ddp-timeout-s and the job ends with one line and exit 5, not 30 minutes later."""
+    timeout_s = 8  # long enough for both processes to start and meet under load
+    flags = as_flags(dict(COMMON, max_steps=100_000, eval_interval=0, checkpoint_interval=0,
+                          ddp_timeout_s=timeout_s))
+    rank0, rank1 = launch_ranks(["--data", str(corpus), "--run-dir", str(tmp_path / "run"), *flags], tmp_path)
+    try:
+        for line in rank0.stdout:
+            if line.startswith("step     3 |"):
+                break
+        rank1.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = rank0.communicate(timeout=timeout_s + 60)
+        waited = time.monotonic() - stopped
+    finally:
+        rank1.kill()
+        rank1.wait()
+    assert rank0.returncode == 5, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: DDP rank 0: a collective failed ("), err[-2000:]
+    assert f"stalled longer than --ddp-timeout-s {timeout_s}" in lines[0]
+    assert waited < timeout_s + 30, waited
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(corpus, tmp_path):
+    """The ranks agree on a pending signal when they log (one tiny all-reduce), so a
+    signal to any one of them stops all after the same step: rank 0 writes the
+    checkpoint, every rank exits 143 naming it, none is left in a collective."""
+    run = tmp_path / "run"
+    flags = as_flags(dict(COMMON, max_steps=100_000, eval_interval=0, checkpoint_interval=100_000))
+    rank0, rank1 = launch_ranks(["--data", str(corpus), "--run-dir", str(run), *flags], tmp_path)
+    for line in rank0.stdout:
+        if line.startswith("step     3 |"):
+            break
+    rank1.send_signal(signal.SIGTERM)
+    results = [(p.wait(timeout=120), p.communicate()[1]) for p in (rank0, rank1)]
+    assert [rc for rc, _ in results] == [143, 143], [err[-2000:] for _, err in results]
+    (ckpt,) = ckpt_lib.list_checkpoints(run)
+    step = ckpt_lib.load_checkpoint(ckpt)["step"]
+    for _, err in results:
+        assert err.strip().splitlines()[-1] == (f"interrupted by SIGTERM after step {step - 1}: wrote {ckpt}; "
+                                                f"continue with: python train.py --resume {run}")

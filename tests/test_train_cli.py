@@ -120,7 +120,9 @@ def test_toml_config_and_flag_precedence(tmp_path):
     conf = tmp_path / "run.toml"
     conf.write_text('batch_size = 4\nseq_len = 16\nmax_lr = 0.002\ndtype = "fp32"\n'
                     'betas = [0.8, 0.9]\ncompile = false\nmax_steps = "auto"\n')
-    cfg = cli.config_from_args(["--config", str(conf), "--seq-len", "32"])
+    from engine.cli import parse_train_args
+    cfg, explicit = parse_train_args(["--config", str(conf), "--seq-len", "32"])
+    assert explicit == {"batch_size", "seq_len", "max_lr", "dtype", "betas", "compile", "max_steps"}
     assert (cfg.batch_size, cfg.seq_len, cfg.max_lr, cfg.dtype, cfg.betas) == (4, 32, 0.002, "fp32",
                                                                              (0.8, 0.9))
     assert cfg.max_steps is None  # auto
@@ -216,3 +218,44 @@ def test_user_error_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert_one_error_line(proc.stderr, "missing.txt")
+
+
+def test_resume_alone_continues_as_configured(corpus, tmp_path, capsys):
+    """`--resume RUN` alone: the checkpoint's configuration (data, tokenizer, batch,
+    schedule) is the run's, not the defaults; a changed fixed value is refused in one
+    line; a finished run says so in one line and exits 0."""
+    run = tmp_path / "run"
+    rc, out, err = run_main(small_args(corpus, run, "--max-lr", "2e-3", "--checkpoint-interval", "3"), capsys)
+    assert rc == 0, err
+    rc, out, err = run_main(["--resume", str(run)], capsys)
+    assert rc == 0 and err == ""
+    assert out == f"{run}: this run is finished (step 3 of max_steps 3); give --max-steps N with N > 3 to " \
+                  "train further\n"
+    rc, out, err = run_main(["--resume", str(run), "--max-lr", "1e-2", "--max-steps", "5"], capsys)
+    assert rc == 2
+    assert_one_error_line(err, "resume: --max-lr 0.01 would change the run in", "max_lr = 0.002",
+                          "drop these flags")
+    rc, out, err = run_main(["--resume", str(run), "--max-steps", "5"], capsys)
+    assert rc == 0, err
+    assert "tokenizer: bytes" in out and "B=2 T=16" in out and str(corpus) in out
+    lrs = [float(ln.split("lr ")[1].split(" |")[0]) for ln in out.splitlines() if ln.startswith("step ")]
+    from engine.optim import lr_at
+    # the log prints 5 significant digits
+    assert lrs == pytest.approx([lr_at(s, max_lr=2e-3, min_lr=2e-4, warmup_steps=1, max_steps=5) for s in (3, 4)],
+                                rel=1e-4)
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, _, err = run_main(small_args(corpus, run, "--max-steps", "4", "--checkpoint-interval", "2"), capsys)
+    assert rc == 0, err
+    latest = run / "ckpt_000004.pt"
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    latest.write_bytes(bytes(data))
+    rc, out, err = run_main(["--resume", str(run), "--max-steps", "5"], capsys)
+    assert rc == 0, err
+    assert f"resume: skipping {latest}: damaged checkpoint (sha256 mismatch" in out
+    assert f"resume: using the newest valid checkpoint, {run / 'ckpt_000002.pt'}" in out
+    assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2", "3", "4"]
+    assert len(list((run / "superseded").glob("*/ckpt_000004.pt"))) == 1  # set aside, not deleted

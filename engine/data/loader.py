@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.shards import SPLIT_TAG, open_shard, read_shard_header
+from engine.data.shards import SPLIT_TAG, check_manifest, open_shard, read_shard_header
 from engine.data.text import find_text_files, tokenize_file
 from engine.errors import UserInputError
 from engine.tokenizer import load_tokenizer
@@ -183,7 +183,9 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
     """A `TokenLoader` for `split` ("train" or "val") of `data_path`.
 
     - a folder of `*_train_*.bin` / `*_val_*.bin` shards: those shards, the
-      train split shuffled per epoch (`shuffle=None` means: train only);
+      train split shuffled per epoch (`shuffle=None` means: train only); a
+      folder whose manifest.json lists a missing shard (an interrupted prepare)
+      is refused;
     - a single `.bin`: named `..._train...` or `..._val...`, it and its sibling
       for the other split; otherwise its tokens split like a text file;
     - a text file, or a folder of text files without shards: tokenized with
@@ -203,7 +205,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
 
     if path.is_dir():
         bins = sorted(p for p in path.iterdir() if p.suffix == ".bin" and p.is_file())
-        if bins:
+        if check_manifest(path) is not None or bins:
             mine = [p for p in bins if (m := SPLIT_TAG.search(p.name)) and m.group(1) == split]
             if not mine:
                 raise UserInputError(
@@ -229,6 +231,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                             val_fraction, common)
 
     if path.suffix == ".bin":
+        check_manifest(path.parent)
         tag = SPLIT_TAG.search(path.name)
         if tag:
             if tag.group(1) != split:

@@ -1,11 +1,23 @@
 """`python -m engine.data prepare`: text files and folders -> uint16 token shards,
-tokenized in several processes."""
+tokenized in several processes.
+
+All or nothing: the shards are written into a private hidden folder inside
+--out; at the end the manifest (engine.data.shards) is written and the shards
+are moved into --out. An error or an interrupt (Ctrl-C, SIGTERM) removes what
+this prepare wrote, so --out is left as it was; a SIGKILL can leave the hidden
+folder (which no loader reads, and the next prepare into --out removes) or a
+manifest listing missing shards (which the loader refuses). The folder is
+locked while a prepare writes into it: a second prepare into it is refused.
+Memory stays bounded by the chunk size, also for a file that is one long line
+(engine.data.text.safe_cuts).
+"""
 from __future__ import annotations
 
 import argparse
 import mmap
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -13,10 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.shards import SPLIT_TAG, TOKEN_DTYPE, write_shard
-from engine.data.text import DEFAULT_CHUNK_BYTES, encode_bytes, safe_cuts, utf8_error, find_text_files
+from engine.data.shards import MANIFEST_NAME, SPLIT_TAG, TOKEN_DTYPE, write_manifest, write_shard
+from engine.data.text import DEFAULT_CHUNK_BYTES, encode_bytes, find_text_files, safe_cuts, utf8_error
 from engine.errors import UserInputError
+from engine.fileio import fsync_dir
+from engine.run_dir import lock_folder
+from engine.run_errors import RunAborted, signal_name
+from engine.signals import abort_on_sigterm, ignore_stop_signals_in_worker
 from engine.tokenizer import TOKENIZER_NAMES, get_tokenizer
+
+WORK_PREFIX = ".prepare-"
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's shard size: 200 MB of uint16
 
@@ -124,8 +142,39 @@ def prepare(inputs, out_dir, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{out}: --out must be a folder, and this is a file")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock_folder(out)
+    except BlockingIOError:
+        raise UserInputError(f"{out}: another prepare is writing into this folder; wait for it to end or "
+                             "choose another --out") from None
+    except OSError as e:
+        raise UserInputError(f"{out}: cannot use this folder as --out ({e.strerror or e})") from None
+    try:
+        if lock is not None:
+            _remove_stale_work(out)
+        return _prepare_locked(inputs, out, tok, shard_tokens=shard_tokens, workers=workers,
+                               progress=progress, val_fraction=val_fraction, chunk_bytes=chunk_bytes)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _remove_stale_work(out: Path) -> None:
+    # The folder is locked by this process: a work folder or temp file left in it
+    # by an earlier prepare belongs to one that was killed.
+    for p in out.iterdir():
+        if p.name.startswith(WORK_PREFIX):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _prepare_locked(inputs, out: Path, tok, *, shard_tokens, workers, progress, val_fraction, chunk_bytes):
     stale = sorted(p.name for p in out.glob("*.bin") if SPLIT_TAG.search(p.name))
+    if (out / MANIFEST_NAME).exists():
+        stale.insert(0, MANIFEST_NAME)
     if stale:
         raise UserInputError(
             f"{out}: already holds shards ({stale[0]}, ...); choose an empty folder or delete them")
@@ -136,39 +185,54 @@ def prepare(inputs, out_dir, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, worker
     if not tasks:
         raise UserInputError(f"prepare: no text to tokenize in {', '.join(map(str, explicit))}")
 
-    # Tokens stream, in order, into one temporary file; the split point is
-    # known only once the total is, then the file is cut into shards.
     bar = _Progress(total_bytes, progress)
-    fd, tmp_name = tempfile.mkstemp(prefix=".prepare-", suffix=".tmp", dir=out)
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=out))
+    moved, manifest, done = [], None, False
     try:
-        with os.fdopen(fd, "wb") as raw:
+        # Tokens stream, in order, into one file; the split point is known only
+        # once the total is, then the file is cut into shards.
+        stream_path = work / "tokens.u16"
+        with open(stream_path, "wb") as raw:
             if workers == 1 or len(tasks) == 1:
-                results = map(_tokenize_task, tasks)
-                for tokens, nbytes in results:
+                for tokens, nbytes in map(_tokenize_task, tasks):
                     raw.write(tokens.tobytes())
                     bar.update(nbytes, tokens.size)
             else:
-                with _pool_context().Pool(min(workers, len(tasks))) as pool:
+                with _pool_context().Pool(min(workers, len(tasks)), initializer=ignore_stop_signals_in_worker) as pool:
                     for tokens, nbytes in pool.imap(_tokenize_task, tasks, chunksize=1):
                         raw.write(tokens.tobytes())
                         bar.update(nbytes, tokens.size)
         bar.close()
-        n = os.path.getsize(tmp_name) // 2
+        n = os.path.getsize(stream_path) // 2
         n_val = int(n * val_fraction)
-        stream = np.memmap(tmp_name, dtype=TOKEN_DTYPE, mode="r") if n else np.zeros(0, TOKEN_DTYPE)
+        stream = np.memmap(stream_path, dtype=TOKEN_DTYPE, mode="r") if n else np.zeros(0, TOKEN_DTYPE)
         written = {"val": [], "train": []}
         for split, a, b in (("val", 0, n_val), ("train", n_val, n)):
             for i, s in enumerate(range(a, b, shard_tokens)):
-                path = out / f"{tok.name}_{split}_{i:06d}.bin"
+                path = work / f"{tok.name}_{split}_{i:06d}.bin"
                 written[split].append(write_shard(path, stream[s:min(s + shard_tokens, b)], tok.vocab_size))
         del stream
+        # The manifest first: from here on, a shard missing from --out is visible.
+        manifest = write_manifest(out, written["val"] + written["train"], tok.name, tok.vocab_size,
+                                  tmp_prefix=f"{WORK_PREFIX}manifest.")
+        for split in written:
+            for i, p in enumerate(written[split]):
+                os.replace(p, out / p.name)
+                moved.append(out / p.name)
+                written[split][i] = out / p.name
+        fsync_dir(out)
+        done = True
     finally:
         bar.abort()
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        shutil.rmtree(work, ignore_errors=True)
+        if not done:  # leave --out as it was
+            for p in moved:
+                p.unlink(missing_ok=True)
+            if manifest is not None:
+                manifest.unlink(missing_ok=True)
     return {"out": out, "tokenizer": tok.name, "files": len(files), "bytes": total_bytes,
             "train": written["train"], "val": written["val"],
-            "train_tokens": n - n_val, "val_tokens": n_val}
+            "train_tokens": n - n_val, "val_tokens": n_val, "manifest": manifest}
 
 
 def main(argv=None) -> int:
@@ -188,12 +252,17 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     args = ap.parse_args(argv)
     try:
-        s = prepare(args.inputs, args.out, shard_tokens=args.shard_tokens, workers=args.workers,
-                    tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                    progress=not args.quiet)
+        with abort_on_sigterm():
+            s = prepare(args.inputs, args.out, shard_tokens=args.shard_tokens, workers=args.workers,
+                        tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                        progress=not args.quiet)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, RunAborted) else 2
+        print(f"prepare: interrupted by {signal_name(signum)}; {args.out} is left as it was", file=sys.stderr)
+        return 128 + signum
     print(f"{s['files']} files, {s['bytes']:,} bytes -> {s['train_tokens']:,} train tokens in "
           f"{len(s['train'])} shards, {s['val_tokens']:,} val tokens in {len(s['val'])} shards "
           f"({s['tokenizer']}) under {s['out']}")

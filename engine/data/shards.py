@@ -3,9 +3,16 @@
 A shard is a 256 x int32 header [magic 20240520, version 1, token count, vocab
 size, 0...] followed by the tokens as uint16. `python -m engine.data prepare`
 writes them; the loader memory-maps them.
+
+A folder written by prepare also holds `manifest.json`, listing every shard
+with its split, token count and size. prepare writes it before it moves the
+shards into the folder, so a folder whose manifest lists a missing or
+mis-sized shard is an interrupted prepare and the loader refuses it. Folders
+of shards from elsewhere (llm.c's scripts) have no manifest and load as they are.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +20,9 @@ import numpy as np
 
 from engine.errors import UserInputError
 from engine.fileio import atomic_write
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "gpt2-engine token shards"
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -76,3 +86,44 @@ def open_shard(path) -> np.ndarray:
     if ntok == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def write_manifest(folder, shards: list[Path], tokenizer: str, vocab_size: int, tmp_prefix=None) -> Path:
+    """folder/manifest.json listing `shards` (already written, anywhere) by name."""
+    entries = []
+    for p in shards:
+        ntok, _ = read_shard_header(p)
+        entries.append({"name": p.name, "split": SPLIT_TAG.search(p.name).group(1), "tokens": ntok,
+                        "bytes": p.stat().st_size})
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "tokenizer": tokenizer, "vocab_size": vocab_size,
+                "shards": entries}
+    text = json.dumps(manifest, indent=1).encode()
+    return atomic_write(Path(folder) / MANIFEST_NAME, lambda f: f.write(text), tmp_prefix=tmp_prefix)
+
+
+def check_manifest(folder) -> dict | None:
+    """The folder's manifest after checking that every shard it lists is there with
+    its size, and that it lists every shard there; None when there is no manifest."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        entries = {e["name"]: int(e["bytes"]) for e in manifest["shards"]}
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserInputError(f"{path}: not a readable shard manifest ({e})") from None
+    missing = [n for n, size in entries.items()
+               if not (folder / n).is_file() or (folder / n).stat().st_size != size]
+    if missing:
+        raise UserInputError(
+            f"{folder}: incomplete: {MANIFEST_NAME} lists {len(entries)} shards and {len(missing)} are missing "
+            f"or of the wrong size ({missing[0]}, ...); an interrupted prepare? Delete the folder's shards "
+            f"and {MANIFEST_NAME} and prepare again")
+    extra = sorted(p.name for p in folder.glob("*.bin") if SPLIT_TAG.search(p.name) and p.name not in entries)
+    if extra:
+        raise UserInputError(f"{folder}: {extra[0]} is a shard that {MANIFEST_NAME} does not list; "
+                             "the folder mixes datasets (move it elsewhere)")
+    return manifest

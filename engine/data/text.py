@@ -21,11 +21,19 @@ TEXT_SUFFIXES = frozenset({
     ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc",
     ".html", ".htm", ".xml", ".csv", ".tsv"})
 
-# A place to cut text for parallel tokenization without changing the tokens: a
-# single newline between two printable ASCII characters. GPT-2's pre-tokenizer
-# never joins a newline to a non-space neighbour, and a lone newline is its own
-# piece whether or not it ends the text, so cutting right after it is exact.
-_SAFE_CUT = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")
+# Places to cut text into pieces that tokenize exactly like the whole (GPT-2's
+# pre-tokenizer `'s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+` has
+# no look-behind, so a cut is exact where no piece of the whole text spans it):
+# - right after a single newline between two printable ASCII characters: the
+#   newline is a piece of its own whether or not it ends the text;
+# - right before a space that follows a printable ASCII character and precedes
+#   an ASCII letter: a space is a piece's first character or part of a run of
+#   whitespace, and here it is neither inside a run nor at a piece's end, so a
+#   piece starts at it (" word") on both sides of the cut.
+# The second kind cuts a file that is one long line; bytes of multi-byte UTF-8
+# characters never match either pattern.
+_SAFE_CUT = re.compile(rb"[\x21-\x7e](?:(\n)(?=[\x21-\x7e])|( )(?=[A-Za-z]))")
+_CHUNKS_PER_BATCH = 16  # chunks tokenized at once: bounds memory, keeps the threads busy
 
 
 def utf8_error(path: Path, offset: int, err: UnicodeDecodeError) -> UserInputError:
@@ -56,7 +64,7 @@ def safe_cuts(buf, start: int, end: int, chunk_bytes: int) -> list[int]:
         m = _SAFE_CUT.search(buf, pos + chunk_bytes - 1, end)
         if m is None:
             break
-        pos = m.end()
+        pos = m.end() if m.group(1) else m.start(2)
         cuts.append(pos)
     cuts.append(end)
     return cuts
@@ -96,7 +104,12 @@ def tokenize_file(path, tokenizer, *, document_eot: bool = False,
         raise UserInputError(
             f"{path}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 holds 65536")
     cuts = safe_cuts(data, 0, len(data), chunk_bytes)
-    tokens = encode_bytes(tokenizer, [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    # A few chunks at a time, each batch packed to uint16 before the next: the
+    # tokenizer's lists of Python ints never exist for the whole file at once.
+    parts = [encode_bytes(tokenizer, [data[a:b] for a, b in spans[i:i + _CHUNKS_PER_BATCH]])
+             for i in range(0, len(spans), _CHUNKS_PER_BATCH)]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
     if document_eot and tokenizer.eot_token is not None:
         tokens = np.concatenate([np.array([tokenizer.eot_token], dtype=TOKEN_DTYPE), tokens])
     return tokens
