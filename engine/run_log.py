@@ -19,7 +19,8 @@ import pathlib
 from engine.fileio import atomic_write, os_reason
 from engine.run_errors import RunFileError
 
-CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "val_loss", "skipped")
+CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "val_loss", "hellaswag_acc",
+              "hellaswag_acc_norm", "skipped")
 
 
 def format_step_line(row: dict) -> str:
@@ -101,7 +102,8 @@ class RunLog:
             raise _write_failed(self.csv_path, e) from None
 
     def plot(self) -> pathlib.Path | None:
-        """loss.png: the train loss of every step and the val loss where evaluated."""
+        """loss.png: the train loss of every step, the val loss where evaluated, and
+        HellaSwag's acc_norm (right axis) where scored."""
         finite = [h for h in self.history if h["loss"] is not None and math.isfinite(h["loss"])]
         if not self.master or not finite:
             return None
@@ -116,8 +118,17 @@ class RunLog:
             ax.plot(*zip(*val), "o-", label="val")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
         ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        hella = [(h["step"], h["hellaswag_acc_norm"]) for h in self.history
+                 if h.get("hellaswag_acc_norm") is not None]
+        if hella:
+            right = ax.twinx()
+            right.plot(*zip(*hella), "s-", color="tab:green", label="HellaSwag acc_norm")
+            right.set_ylabel("HellaSwag acc_norm")
+            more_handles, more_labels = right.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        ax.legend(handles, labels)
         path = self.run_dir / "loss.png"
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)

@@ -48,14 +48,25 @@ class RunData:
 
 def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     from engine.data import build_loader, resolve_default_corpus
-    from engine.tokenizer import load_tokenizer
-    tokenizer, reason = load_tokenizer(cfg.tokenizer)
+    from engine.tokenizer import load_tokenizer, tokenizer_for_model
+    # A run that continues a trained model takes that model's tokenizer, and fails
+    # here, before any training, when it cannot be loaded: "auto" never falls back
+    # to bytes for a model trained on GPT-2 BPE.
+    if cfg.resume:
+        tokenizer, reason = tokenizer_for_model("auto", cfg.tokenizer, f"--resume {cfg.resume}")
+    elif cfg.init_from:
+        from engine.load import source_tokenizer_name
+        tokenizer, reason = tokenizer_for_model(cfg.tokenizer, source_tokenizer_name(cfg.init_from),
+                                                f"--init-from {cfg.init_from}")
+    else:
+        tokenizer, reason = load_tokenizer(cfg.tokenizer)
     note = ""
     data_path = cfg.data
     if not data_path:
         data_path, note = resolve_default_corpus()
     common = dict(rank=info.rank, world_size=info.world_size, tokenizer=tokenizer,
-                  val_fraction=cfg.val_fraction, seed=cfg.seed, pin_memory=device_type == "cuda")
+                  val_fraction=cfg.val_fraction, seed=cfg.seed, pin_memory=device_type == "cuda",
+                  requested_tokenizer=cfg.tokenizer)
     return RunData(tokenizer, reason, note, str(data_path),
                    build_loader(data_path, cfg.batch_size, cfg.seq_len, split="train", **common),
                    build_loader(data_path, cfg.batch_size, cfg.seq_len, split="val", **common))

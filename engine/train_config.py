@@ -106,6 +106,8 @@ class TrainConfig:
                                    resume_safe=True)
     eval_batches: int | None = _f(None, "val batches per process for each val loss", _auto_text("eval_batches"),
                                   resume_safe=True)
+    hellaswag: str = _f("", "HellaSwag jsonl (python -m engine.eval hellaswag's format) scored at every eval "
+                        "interval (empty: none)", resume_safe=True)
     sample_interval: int | None = _f(None, "sample text every this many steps (0: never)",
                                      _auto_text("sample_interval"), resume_safe=True)
     checkpoint_interval: int | None = _f(None, "checkpoint every this many steps and at the end (0: never)",
@@ -127,7 +129,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("model", "init_from", "data", "run_dir", "resume", *CHOICES):
+        for name in ("model", "init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
             if not isinstance(getattr(self, name), str):
                 raise UserInputError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():

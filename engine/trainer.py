@@ -29,6 +29,7 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
+from engine import run_evals
 from engine.cuda_graph import GraphedTrainStep, graph_decision
 from engine.errors import UserInputError
 from engine.optim import configure_optimizer, lr_at, resolve_optimizer, set_lr
@@ -39,7 +40,7 @@ from engine.run_setup import (build_model, claim_run_dir, header_lines, load_dat
                               resolve_dtype, write_config_json)
 from engine.signals import StopSignals
 from engine.step import autocast_factory, train_step
-from engine.train_config import SAMPLE_PROMPT, TrainConfig, accumulation_steps
+from engine.train_config import TrainConfig, accumulation_steps
 from engine.train_state import (explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
                                 training_state, weights_are_finite)
 
@@ -108,6 +109,10 @@ class Trainer:
         self.data = load_data(cfg, info, self.device_type)
         self.tokenizer, self.train_loader, self.val_loader = (self.data.tokenizer, self.data.train_loader,
                                                               self.data.val_loader)
+        self.hellaswag_items = None
+        if cfg.hellaswag:  # read now, so a bad file fails before any training
+            from engine.eval import load_hellaswag
+            self.hellaswag_items = load_hellaswag(cfg.hellaswag)
         self.raw_model = build_model(cfg, state, backend=self.backend, vocab_size=self.tokenizer.vocab_size,
                                      device=self.device, dtype=self.dtype)
         self.model_config = self.raw_model.config
@@ -138,6 +143,7 @@ class Trainer:
         # What checkpoints store: the values this run resolved, so that a resume
         # elsewhere (another folder, device or tiktoken cache) continues the same run.
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(self.data.data_path),
+                                             hellaswag=cfg.hellaswag and os.path.abspath(cfg.hellaswag),
                                              tokenizer=self.tokenizer.name, dtype=self.dtype,
                                              run_dir=str(self.run_dir), resume="", overwrite=False)
         self.graphed = None
@@ -151,7 +157,7 @@ class Trainer:
 
         self.run_log = RunLog(self.run_dir, master=info.master, log=self._log, token=self.token)
         self._pending: list[tuple] = []
-        self._val_at: dict[int, float] = {}
+        self._evals_at: dict[int, dict] = {}
         self.signals = StopSignals()  # inactive; run() installs the handlers
         if info.master:
             write_config_json(self.run_dir, cfg, self.model_config, self.token)
@@ -208,7 +214,7 @@ class Trainer:
             try:
                 self.run_log.record(dict(step=step, loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000,
                                          tokens_per_sec=self.cfg.total_batch_size / dt if dt > 0 else float("inf"),
-                                         val_loss=self._val_at.pop(step, None), skipped=not finite))
+                                         skipped=not finite, **self._evals_at.pop(step, {})))
             except RunFileError as e:
                 io_error = io_error or e
             self.bad_streak = 0 if finite else self.bad_streak + 1
@@ -244,35 +250,26 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         self._t_mark = time.perf_counter()
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean val loss over eval_batches batches, always the same ones (loader reset)."""
-        model = self.raw_model
-        model.eval()
-        self.val_loader.reset()
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _ in range(self.cfg.eval_batches):
-            x, y = self.val_loader.next_batch()
-            with self.autocast():
-                _, loss = model(x.to(self.device), y.to(self.device), return_logits=False)
-            total += loss.float()
-        total /= self.cfg.eval_batches
-        dist_lib.all_reduce_mean(total, self.dist)
-        model.train()
-        return float(total.item())
+    def evaluate(self, step: int) -> None:
+        """The val loss (and HellaSwag, when given) before step `step`: logged, and
+        kept for that step's CSV row."""
+        results = {"val_loss": run_evals.val_loss(self.raw_model, self.val_loader, self.cfg.eval_batches,
+                                                  self.device, self.autocast, self.dist)}
+        line = f"validation loss: {results['val_loss']:.4f}"
+        if self.hellaswag_items:
+            results.update(run_evals.hellaswag(self.raw_model, self.hellaswag_items, self.tokenizer,
+                                               self.device, self.autocast, self.dist))
+            line += (f" | hellaswag acc {results['hellaswag_acc']:.4f} acc_norm "
+                     f"{results['hellaswag_acc_norm']:.4f} ({len(self.hellaswag_items)} items)")
+        self._evals_at[step] = results
+        self._log(line)
 
-    def sample(self, step: int, num_samples: int = 2, max_new_tokens: int = 32) -> list[str]:
-        """A few continuations of a fixed prompt (top-k 50), logged; rank 0 only."""
+    def sample(self, step: int) -> list[str]:
+        """A few continuations of a fixed prompt, logged; rank 0 only."""
         if not self.dist.master:
             return []
-        from engine.generate import generate
-        ids = self.tokenizer.encode(SAMPLE_PROMPT)
-        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
-        limit = self.model_config.block_size - idx.size(1)
-        with self.autocast():
-            out = generate(self.raw_model, idx, max_new_tokens=max(0, min(max_new_tokens, limit)),
-                           temperature=1.0, top_k=50, seed=self.cfg.seed + step)
-        texts = [self.tokenizer.decode(row.tolist()) for row in out]
+        texts = run_evals.samples(self.raw_model, self.tokenizer, self.device, self.autocast,
+                                  seed=self.cfg.seed + step)
         for i, t in enumerate(texts):
             self._log(f"sample {i}: {t!r}")
         return texts
@@ -381,8 +378,7 @@ class Trainer:
             last = step == cfg.max_steps - 1
             if due(cfg.eval_interval, step):
                 self._flush()
-                self._val_at[step] = val = self.evaluate()
-                self._log(f"validation loss: {val:.4f}")
+                self.evaluate(step)
                 self._reset_clock()
             if step > 0 and due(cfg.sample_interval, step):
                 self._flush()

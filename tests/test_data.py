@@ -428,8 +428,14 @@ def test_shard_vocab_checks(tmp_path):
     d = tmp_path / "v"
     d.mkdir()
     D.write_shard(d / "b_train_000000.bin", positions(40), vocab_size=256)
-    with pytest.raises(UserInputError, match=r"b_train_000000.bin: shard was written by a tokenizer with vocab 256"):
+    with pytest.raises(UserInputError, match=r"b_train_000000.bin: holds bytes tokens \(vocab 256\), but this run "
+                                             r"uses the gpt2 tokenizer \(vocab 50,257\); train with --tokenizer "
+                                             r"bytes, or prepare the data again with --tokenizer gpt2$"):
         D.build_loader(d, 1, 4, tokenizer="gpt2")
+    D.write_shard(d / "b_train_000000.bin", positions(40), vocab_size=50257)
+    with pytest.raises(UserInputError, match=r"--tokenizer auto chose bytes because the GPT-2 BPE files are "
+                                             r"unavailable: set TIKTOKEN_CACHE_DIR"):
+        D.build_loader(d, 1, 4, tokenizer="bytes", requested_tokenizer="auto")
     # llm.c shards carry no vocab: ids beyond the tokenizer's are caught per batch
     D.write_shard(d / "c_train_000000.bin", positions(40, 250))
     loader = D.build_loader(d / "c_train_000000.bin", 2, 4, tokenizer="bytes")

@@ -28,7 +28,7 @@ def tiny_model(vocab=256, seed=0, n_head=2):
 
 def write_run(run_dir, model, step, tokenizer="bytes"):
     """A checkpoint in the trainer's format (Trainer.save_checkpoint)."""
-    state = {"version": 1, "step": step, "model": model.state_dict(), "optimizer": {},
+    state = {"version": ckpt_lib.FORMAT_VERSION, "step": step, "model": model.state_dict(), "optimizer": {},
              "train_loader": {}, "val_loader": {}, "rng": {}, "train_config": {"tokenizer": tokenizer},
              "model_config": model.config.to_dict(), "tokenizer": tokenizer, "world_size": 1}
     return ckpt_lib.save_checkpoint(run_dir, step, state)
@@ -79,7 +79,7 @@ def test_from_pretrained_reads_engine_checkpoints(sources):
             assert rel_err(model(idx)[0], expected) <= 1e-6
     model = GPT.from_pretrained(sources["run"], backend="torch", vocab_multiple=96)
     assert model.lm_head.weight.shape[0] == 288
-    with pytest.raises(UserInputError, match=r"ckpt_000006.pt: cannot be loaded \(truncated, damaged"):
+    with pytest.raises(UserInputError, match=r"ckpt_000006.pt: not a training checkpoint of this engine \(no checksum trailer: truncated"):
         GPT.from_pretrained(sources["damaged"])
     assert source_tokenizer_name(sources["run"]) == "bytes" and source_tokenizer_name(sources["hf"]) == "bytes"
 
@@ -190,7 +190,7 @@ def test_bad_input_is_one_line(sources, tmp_path, capsys):
         ([str(tmp_path / "nope")], "nope: no such file or directory"),
         ([str(empty)], "neither a run folder"),
         ([str(unstarted)], "holds no checkpoint (ckpt_NNNNNN.pt) yet"),
-        ([str(foreign)], "not a checkpoint of this engine"),
+        ([str(foreign)], "not a training checkpoint of this engine"),
         ([str(all_damaged)], "none of its 1 checkpoints loads"),
         ([str(sources["hf"] / "model.safetensors")], "give the folder"),
         ([run, "--prompt", "x" * 65], "the prompt is 65 bytes tokens; the model's block size is 64"),

@@ -27,7 +27,7 @@ import torch
 from engine.data.shards import SPLIT_TAG, check_manifest, open_shard, read_shard_header
 from engine.data.text import find_text_files, tokenize_file
 from engine.errors import UserInputError
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import data_tokenizer_mismatch, load_tokenizer
 
 _KNOWN_VOCAB = {"gpt2": 50257, "bytes": 256}
 
@@ -161,15 +161,14 @@ def _resolve_tokenizer(tokenizer):
     return tokenizer
 
 
-def _shard_pieces(paths: list[Path], tokenizer):
+def _shard_pieces(paths: list[Path], tokenizer, requested_tokenizer: str = ""):
     want = _vocab_of(tokenizer)
     pieces, vocab = [], None
     for p in paths:
         ntok, v = read_shard_header(p)
         if v and want and v != want:
-            raise UserInputError(
-                f"{p}: shard was written by a tokenizer with vocab {v:,}, but this run's "
-                f"tokenizer has vocab {want:,}; prepare the data with the same --tokenizer")
+            name = tokenizer if isinstance(tokenizer, str) else tokenizer.name
+            raise UserInputError(data_tokenizer_mismatch(str(p), v, name, want, requested=requested_tokenizer))
         vocab = vocab or v or want
         # Names without their folder, so a resumed run may find the data moved.
         pieces.append((p.name, open_shard(p)))
@@ -179,7 +178,7 @@ def _shard_pieces(paths: list[Path], tokenizer):
 def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                  world_size: int = 1, tokenizer="gpt2", val_fraction: float = 0.1,
                  seed: int = 0, shuffle: bool | None = None,
-                 pin_memory: bool = False) -> TokenLoader:
+                 pin_memory: bool = False, requested_tokenizer: str = "") -> TokenLoader:
     """A `TokenLoader` for `split` ("train" or "val") of `data_path`.
 
     - a folder of `*_train_*.bin` / `*_val_*.bin` shards: those shards, the
@@ -191,6 +190,8 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
     - a text file, or a folder of text files without shards: tokenized with
       `tokenizer` (a tokenizer object or "gpt2"/"bytes"/"auto"), the last
       `val_fraction` of the tokens being the val split.
+    Shards written by another tokenizer are refused; `requested_tokenizer` (the
+    run's --tokenizer) lets the message say why an `auto` run has the one it has.
     """
     if split not in ("train", "val"):
         raise UserInputError(f"build_loader: split must be 'train' or 'val', got {split!r}")
@@ -211,7 +212,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                 raise UserInputError(
                     f"{path}: none of its {len(bins)} .bin files is a {split} shard "
                     f"(named *_{split}_*.bin)")
-            pieces, vocab = _shard_pieces(mine, tokenizer)
+            pieces, vocab = _shard_pieces(mine, tokenizer, requested_tokenizer)
             n = sum(len(a) for _, a in pieces)
             order = f"shuffled per epoch (seed {seed})" if shuffle else "in order"
             return TokenLoader(pieces, shuffle=shuffle, seed=seed, vocab_size=vocab, kind="shards",
@@ -242,10 +243,10 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                         f"{path}: is a {tag.group(1)} shard; the {split} split needs {sibling.name} "
                         "beside it, which does not exist")
                 path = sibling
-            pieces, vocab = _shard_pieces([path], tokenizer)
+            pieces, vocab = _shard_pieces([path], tokenizer, requested_tokenizer)
             return TokenLoader(pieces, vocab_size=vocab, kind="shards",
                                summary=f"shard {path}: {len(pieces[0][1]):,} tokens", **common)
-        pieces, vocab = _shard_pieces([path], tokenizer)
+        pieces, vocab = _shard_pieces([path], tokenizer, requested_tokenizer)
         return _split_loader(pieces[0][1], path, f"shard {path}", val_fraction, common, vocab)
 
     tok = _resolve_tokenizer(tokenizer)
