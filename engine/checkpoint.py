@@ -158,7 +158,8 @@ def verify_checksum(path) -> None:
             f.seek(size - _TRAILER.size)
             magic, payload, digest = _TRAILER.unpack(f.read(_TRAILER.size))
             if magic != TRAILER_MAGIC:
-                raise CheckpointError(path, "no checksum trailer: truncated, or not written by this engine", damaged=False)
+                raise CheckpointError(path, "no checksum trailer: truncated, or not written by this engine",
+                                      damaged=False)
             if payload != size - _TRAILER.size:
                 raise CheckpointError(path, f"{size:,} bytes, but {payload + _TRAILER.size:,} were written "
                                       "(truncated or extended)", damaged=True)

@@ -79,7 +79,8 @@ def test_from_pretrained_reads_engine_checkpoints(sources):
             assert rel_err(model(idx)[0], expected) <= 1e-6
     model = GPT.from_pretrained(sources["run"], backend="torch", vocab_multiple=96)
     assert model.lm_head.weight.shape[0] == 288
-    with pytest.raises(UserInputError, match=r"ckpt_000006.pt: not a training checkpoint of this engine \(no checksum trailer: truncated"):
+    with pytest.raises(UserInputError, match=r"ckpt_000006.pt: not a training checkpoint of this engine "
+                                             r"\(no checksum trailer: truncated"):
         GPT.from_pretrained(sources["damaged"])
     assert source_tokenizer_name(sources["run"]) == "bytes" and source_tokenizer_name(sources["hf"]) == "bytes"
 
@@ -216,7 +217,8 @@ def test_triton_backend_refusal_is_one_line(tmp_path, capsys):
     backend auto falls back to torch instead."""
     write_run(tmp_path, tiny_model(n_head=4), step=1)
     rc, out, err = sample_main([str(tmp_path), "--backend", "triton", "--device", "cpu"], capsys)
-    assert rc == 2 and "--backend triton: flash_attention_qkvpacked: qkv has head dim 8" in err and "--backend torch" in err
+    assert rc == 2 and "--backend torch" in err
+    assert "--backend triton: flash_attention_qkvpacked: qkv has head dim 8" in err
     model, _, what = load_model(tmp_path, device="cpu", backend="torch")
     assert model.backend == "torch"
 
