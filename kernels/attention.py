@@ -94,16 +94,18 @@ def _visible(q_pos, k_pos, Tk, STAGE: tl.constexpr):
 # Forward
 # ----------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_step,
                     lo, hi, qk_scale, q_pos, offs_n, Tk,
                     STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # The pointers arrive already pointing at key `lo`; they leave pointing at
-    # key `hi`, so the next stage continues where this one stopped.
+    # k_blk, v_blk: scalar pointers to key `lo`, returned pointing at key `hi`
+    # so the next stage continues where this one stopped. Only these scalars
+    # are carried through the loop, not a tile of 64-bit pointers (which, at
+    # 64 per thread, made ptxas of Triton 3.6 spill).
     MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_ptrs, k_pos < Tk, MASKED)
-        v = _load_rows(v_ptrs, k_pos < Tk, MASKED)
+        k = _load_rows(k_blk + k_offs, k_pos < Tk, MASKED)
+        v = _load_rows(v_blk + v_offs, k_pos < Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_visible(q_pos, k_pos, Tk, STAGE), s, float("-inf"))
@@ -120,9 +122,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step,
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_ij
-        k_ptrs += k_step
-        v_ptrs += v_step
-    return acc, l_i, m_i, k_ptrs, v_ptrs
+        k_blk += k_step
+        v_blk += v_step
+    return acc, l_i, m_i, k_blk, v_blk
 
 
 @triton.jit(do_not_specialize=_VARYING_INTS)
@@ -150,10 +152,10 @@ def _attn_fwd(Q, K, V, O, LSE,
     # Block origins go into the base pointers in int64; the offsets inside a
     # tile stay small int32.
     q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh \
-        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh \
-        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_blk = K + off_b * stride_kb + off_h * stride_kh
+    v_blk = V + off_b * stride_vb + off_h * stride_vh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
 
@@ -168,11 +170,11 @@ def _attn_fwd(Q, K, V, O, LSE,
     # Absolute position of each query (keys are numbered from 0).
     q_pos = start_m + offs_m + (Tk - Tq if CAUSAL else 0)
     full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, 0, full, qk_scale,
+    acc, l_i, m_i, k_blk, v_blk = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_step, 0, full, qk_scale,
         q_pos, offs_n, Tk, _STAGE_OFF_BAND, BLOCK_N, PRECISION)
-    acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, full, end, qk_scale,
+    acc, l_i, m_i, k_blk, v_blk = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_step, full, end, qk_scale,
         q_pos, offs_n, Tk, _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION)
 
     # Rows that saw no key at all (only padding rows can) get O = 0 and
@@ -218,16 +220,16 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
-                         lo, hi, qk_scale, k_pos, offs_m, Tq, shift,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, do_step,
+                         lse_ptrs, delta_ptrs, lo, hi, qk_scale, k_pos, offs_m, Tq, shift,
                          STAGE: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     # Scores are built transposed (keys x queries) so dK and dV accumulate
     # with plain dots and no transposed accumulator. Query rows are always
     # bounds-masked: both stages may end in the ragged last query block.
     for start_m in range(lo, hi, BLOCK_M):
         row_ok = (start_m + offs_m) < Tq
-        q = _load_rows(q_ptrs, row_ok, True)
-        do = _load_rows(do_ptrs, row_ok, True)
+        q = _load_rows(q_blk + q_offs, row_ok, True)
+        do = _load_rows(do_blk + do_offs, row_ok, True)
         # +inf for padding rows makes their P exactly zero without a mask.
         lse = tl.load(lse_ptrs + start_m + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptrs + start_m + offs_m, mask=row_ok, other=0.0)
@@ -240,9 +242,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptr
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-        q_ptrs += q_step
-        do_ptrs += do_step
-    return dk, dv, q_ptrs, do_ptrs
+        q_blk += q_step
+        do_blk += do_step
+    return dk, dv, q_blk, do_blk
 
 
 @triton.jit(do_not_specialize=_VARYING_INTS)
@@ -287,10 +289,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         m_lo = 0
         m_full = 0
     m_lo64 = tl.cast(m_lo, tl.int64)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + m_lo64 * stride_qm \
-        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + m_lo64 * stride_dom \
-        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    q_blk = Q + off_b * stride_qb + off_h * stride_qh + m_lo64 * stride_qm
+    do_blk = DO + off_b * stride_dob + off_h * stride_doh + m_lo64 * stride_dom
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
     do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
     lse_ptrs = LSE + off_hz.to(tl.int64) * Tq
@@ -300,11 +302,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # The diagonal band (causal only; empty otherwise), then the query blocks
     # that see the whole key block.
-    dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
+    dk, dv, q_blk, do_blk = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, do_step, lse_ptrs, delta_ptrs,
         m_lo, m_full, qk_scale, k_pos, offs_m, Tq, shift, _STAGE_ON_BAND, BLOCK_M, PRECISION)
-    dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
+    dk, dv, q_blk, do_blk = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, do_step, lse_ptrs, delta_ptrs,
         m_full, Tq, qk_scale, k_pos, offs_m, Tq, shift, _STAGE_OFF_BAND, BLOCK_M, PRECISION)
 
     dk = dk * sm_scale
@@ -317,14 +319,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step,
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_step, v_step,
                        lo, hi, qk_scale, q_pos, offs_n, Tk,
                        STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_ptrs, k_pos < Tk, MASKED)
-        v = _load_rows(v_ptrs, k_pos < Tk, MASKED)
+        k = _load_rows(k_blk + k_offs, k_pos < Tk, MASKED)
+        v = _load_rows(v_blk + v_offs, k_pos < Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -332,9 +334,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_ptrs += k_step
-        v_ptrs += v_step
-    return dq, k_ptrs, v_ptrs
+        k_blk += k_step
+        v_blk += v_step
+    return dq, k_blk, v_blk
 
 
 @triton.jit(do_not_specialize=_VARYING_INTS)
@@ -367,21 +369,21 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
 
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh \
-        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh \
-        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_blk = K + off_b * stride_kb + off_h * stride_kh
+    v_blk = V + off_b * stride_vb + off_h * stride_vh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
 
     q_pos = start_m + offs_m + (Tk - Tq if CAUSAL else 0)
     full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, 0, full, qk_scale,
+    dq, k_blk, v_blk = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_step, v_step, 0, full, qk_scale,
         q_pos, offs_n, Tk, _STAGE_OFF_BAND, BLOCK_N, PRECISION)
-    dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, full, end, qk_scale,
+    dq, k_blk, v_blk = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_step, v_step, full, end, qk_scale,
         q_pos, offs_n, Tk, _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION)
 
     dq = dq * sm_scale
@@ -399,6 +401,12 @@ class _Tile(NamedTuple):
     block_n: int
     num_stages: int
     num_warps: int
+    # The largest head dim it is offered for: above it, its accumulators no
+    # longer fit in registers and the main loop spills.
+    max_head_dim: int = max(_SUPPORTED_HEAD_DIMS)
+
+    def launch_shape(self):
+        return self.block_m, self.block_n, self.num_stages, self.num_warps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,23 +423,30 @@ class _Tiles:
 _INTERPRETER_TILES = _Tiles(fwd=_Tile(32, 16, 1, 4), dkdv=_Tile(16, 32, 1, 4), dq=_Tile(32, 16, 1, 4))
 
 # Hopper: 128-row query tiles feed wgmma; 64-wide key tiles keep the softmax
-# registers in budget at D=128; small BLOCK_M covers decoding.
-_FWD_TILES = tuple(_Tile(*t) for t in [
-    (128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
-    (64, 64, 4, 4), (64, 32, 3, 4), (16, 64, 3, 4), (16, 128, 3, 4)])
-# dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps.
-_DKDV_TILES = tuple(_Tile(*t) for t in [
-    (32, 128, 3, 4), (32, 128, 4, 8), (64, 128, 3, 8), (64, 64, 3, 4),
-    (32, 64, 4, 4), (16, 64, 3, 4)])
+# registers in budget; small BLOCK_M covers decoding. Every 16-bit tile here
+# compiles for sm_90 without a spill in its main loop up to its max_head_dim,
+# with Triton 3.6 and 3.9 (`python -m bench.compile_check` checks it): at
+# D=128 a 4-warp program cannot hold a 128x128 fp32 accumulator (128 registers
+# per thread) beside its scores, so the wide 4-warp tiles stop at D=64.
+_FWD_TILES = (
+    _Tile(128, 64, 3, 4, max_head_dim=64), _Tile(128, 64, 4, 8), _Tile(128, 128, 3, 8),
+    _Tile(128, 32, 4, 4), _Tile(64, 64, 4, 4), _Tile(64, 32, 3, 4), _Tile(16, 64, 3, 4),
+    _Tile(16, 128, 3, 4))
+# dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps; it holds
+# two BLOCK_N x D fp32 accumulators (dK, dV), hence 8 warps for the wide ones.
+_DKDV_TILES = (
+    _Tile(32, 128, 4, 8), _Tile(64, 128, 3, 8, max_head_dim=64), _Tile(64, 64, 3, 8),
+    _Tile(32, 64, 3, 8), _Tile(64, 64, 3, 4, max_head_dim=64),
+    _Tile(32, 64, 4, 4, max_head_dim=64), _Tile(16, 64, 3, 4))
 # dQ: a program owns BLOCK_M queries and walks BLOCK_N-key steps.
-_DQ_TILES = tuple(_Tile(*t) for t in [
-    (128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
-    (64, 32, 4, 4), (16, 64, 3, 4)])
+_DQ_TILES = (
+    _Tile(128, 32, 3, 4, max_head_dim=64), _Tile(128, 32, 4, 8), _Tile(128, 64, 3, 8),
+    _Tile(64, 64, 3, 4), _Tile(64, 32, 4, 4), _Tile(16, 64, 3, 4))
 # float32 uses IEEE dots, which run on CUDA cores with both operands in
-# registers: every 16-bit tile above spills there (ptxas for sm_90 gives 1-20
-# KB of stack per thread) and takes up to 80 s to compile. These small tiles
-# need no spill at D=64, and at least one of each list none at D=128 (the
-# ahead-of-time compile check measures them).
+# registers: the 16-bit tiles spill there by kilobytes and take up to 80 s to
+# compile. These small tiles need no spill at D=64; at D=128 some spill (the
+# compile check reports float32 spills without judging them: float32 is the
+# exact reference path, not the fast one).
 _FWD_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 64, 3, 4), (16, 32, 3, 8), (32, 32, 3, 8),
                                            (64, 32, 3, 8)])
 _DKDV_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 32, 3, 8), (16, 32, 3, 4), (32, 32, 3, 8),
@@ -467,32 +482,34 @@ def _smem_bytes(kind, block_m, block_n, num_stages, head_dim, element_size):
     return rows * head_dim * element_size
 
 
-def _tile_of(config):
-    return _Tile(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages,
-                config.num_warps)
+def _launch_shape(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages,
+            config.num_warps)
 
 
 def _configs(kind):
-    # One autotuner serves every dtype; the pruner below picks each dtype's tiles.
+    # One autotuner serves every dtype and head dim; the pruner below picks
+    # the tiles meant for each.
     tiles16, tiles32 = _TILES[kind]
-    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n},
-                          num_stages=t.num_stages, num_warps=t.num_warps)
-            for t in dict.fromkeys(tiles16 + tiles32)]
+    shapes = dict.fromkeys(t.launch_shape() for t in tiles16 + tiles32)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm, bn, s, w in shapes]
 
 
 def _smem_pruner(kind):
-    """Keeps the tiles meant for the operands' dtype, minus those whose
-    pipelined tiles cannot fit in shared memory (they would only fail to
+    """Keeps the tiles meant for the operands' dtype and head dim, minus those
+    whose pipelined tiles cannot fit in shared memory (they would only fail to
     launch, after costing the compile time)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         head_dim, elsize = args["HEAD_DIM"], args["Q"].element_size()
-        wanted = set(_TILES[kind][1] if elsize == 4 else _TILES[kind][0])
-        configs = [c for c in configs if _tile_of(c) in wanted] or configs
+        wanted = {t.launch_shape() for t in _TILES[kind][1 if elsize == 4 else 0]
+                  if head_dim <= t.max_head_dim}
+        configs = [c for c in configs if _launch_shape(c) in wanted] or configs
 
         def need(c):
-            t = _tile_of(c)
-            return _smem_bytes(kind, t.block_m, t.block_n, t.num_stages, head_dim, elsize)
+            bm, bn, stages, _ = _launch_shape(c)
+            return _smem_bytes(kind, bm, bn, stages, head_dim, elsize)
         fits = [c for c in configs if need(c) <= SMEM_BUDGET_BYTES]
         return fits or [min(configs, key=need)]
     return prune

@@ -507,8 +507,9 @@ def test_repeat_is_bit_identical_gpu():
 
 
 def _fitting(tiles, kind, D, elsize):
-    return [t for t in tiles
-            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= SMEM_BUDGET_BYTES]
+    """The tiles the pruner keeps for this head dim and element size."""
+    return [t for t in tiles if D <= t.max_head_dim and attn_mod._smem_bytes(
+        kind, t.block_m, t.block_n, t.num_stages, D, elsize) <= SMEM_BUDGET_BYTES]
 
 
 @pytest.mark.gpu
