@@ -190,9 +190,13 @@ def _cases(full):
                     qkv = _meta((B, T, 3, H, D), dtype, True)
                     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
                     _backward(kernels.flash_attention(q, k, v, causal=causal))
+                def dropout(dtype=dtype, H=H, D=D, causal=causal):
+                    qkv = _meta((B, T, 3, H, D), dtype, True)
+                    _backward(flash_attention_qkvpacked(qkv, causal=causal, dropout_p=0.1))
                 name = f"{str(dtype)[6:]} H={H} D={D} causal={causal}"
                 cases.append((f"flash_attention_qkvpacked {name}", packed))
                 cases.append((f"flash_attention {name}", unpacked))
+                cases.append((f"flash_attention_qkvpacked dropout_p=0.1 {name}", dropout))
         if full:
             def decode(dtype=dtype):  # one query against a KV cache
                 q = _meta((B, 12, 1, 64), dtype)
@@ -275,7 +279,7 @@ def record(full, grep=()):
             case_ref[0] = label
             try:
                 call()
-            except Exception as exc:  # reported as a finding, like a failed build
+            except Exception as exc:  # noqa: BLE001 - reported as a finding, like a failed build
                 failed.append({"case": label, "error": f"{type(exc).__name__}: {exc}"})
     return sink, failed
 
@@ -341,7 +345,7 @@ class Build:
         return {names[path[0]]: value for path, value in self.constexprs.items()
                 if len(path) == 1 and names[path[0]] in self.signature
                 and self.signature[names[path[0]]] == "constexpr"
-                and not isinstance(value, type(None))}
+                and not (value is None)}
 
     def key(self):
         return json.dumps([self.kernel, self.signature, {str(k): v for k, v in self.constexprs.items()},
@@ -483,7 +487,7 @@ def resource_usage(cubin: bytes):
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
-                             timeout=120).stdout
+                             timeout=120, check=True).stdout
     usage = {}
     for name in ("REG", "STACK"):
         m = re.search(rf"\b{name}:(\d+)", out)
@@ -520,7 +524,7 @@ def compile_build(b: Build):
     try:
         src = ASTSource(b.jit, b.signature, constexprs=b.constexprs, attrs=b.attrs)
         k = triton.compile(src, target=_target(), options=b.options.__dict__)
-    except Exception as exc:  # a failed build is the finding, reported as data
+    except Exception as exc:  # noqa: BLE001 - a failed build is the finding, reported as data
         msg = f"{type(exc).__name__}: {exc}"
         result.update(ok=False, error=msg[-3000:], seconds=round(time.time() - start, 1))
         return result

@@ -56,7 +56,8 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.compile_check", "--json", str(out)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
+                          check=False)
     if not out.exists():
         pytest.fail(f"bench.compile_check wrote no report (exit {proc.returncode}):\n"
                     f"{proc.stderr[-4000:]}")
@@ -81,11 +82,10 @@ def test_every_kernel_dtype_variant_and_config_was_built(report):
         built = {r["dtype"] for r in results if r["kernel"] == kernel}
         assert built == dtypes, f"{kernel}: built in {sorted(built)}, expected {sorted(dtypes)}"
     for kernel in ATTENTION:
-        variants = {(r["constexprs"]["HEAD_DIM"], r["constexprs"]["CAUSAL"])
+        variants = {(r["constexprs"]["HEAD_DIM"], r["constexprs"]["CAUSAL"], r["constexprs"]["DROPOUT"])
                     for r in results if r["kernel"] == kernel}
-        assert variants == {(64, True), (64, False), (128, True), (128, False)}, kernel
-    epilogues = {r["constexprs"]["EPILOGUE"] for r in results if r["kernel"] == "_matmul_kernel"}
-    assert epilogues == {0, 1, 2}
+        assert variants == {(d, c, p) for d in (64, 128) for c in (True, False)
+                            for p in (True, False)}, kernel
     # Every configuration a pruner keeps for a 16-bit variant, built in one of
     # the 16-bit dtypes (they build alike): these are judged for spills and wgmma.
     sixteen = ("bf16", "fp16")
