@@ -16,8 +16,9 @@ in for Triton's launch: each launch is specialised exactly as Triton's JIT
 would specialise it for an sm_90 device (pointer dtypes, i32/i64, divisibility
 by 16, ints equal to 1), and an autotuned launch becomes one build per
 configuration its pruner keeps (with --full, per configuration it has). For
-that run, `meta` tensors pass the kernels' device rule and ask an H100 for its
-properties; nothing else of the kernels is replaced.
+that run `meta` tensors pass the kernels' device rule, the torch.cuda queries
+answer as an idle H100 would, and autocast is off on `meta`; nothing of the
+kernels themselves is replaced.
 
 Each build reports its shared memory, registers, stack, the bytes of register
 spills (local-memory stores and loads in the SASS) and how many of them sit
@@ -31,9 +32,10 @@ cores by design: for them spills are reported, not judged.
     python -m bench.compile_check --full          # every launch x every config
     python -m bench.compile_check --grep attn --json out/compile.json
 
-The fast set covers every kernel in every dtype and constexpr variant, and every
-16-bit attention configuration the pruners keep at every head dimension and
-causality; the rest of the cross product (fp16 beside bf16, pruned configs,
+The fast set covers every kernel in every dtype and constexpr variant, and
+every configuration a pruner keeps for every 16-bit variant (head dim,
+causality, dropout, epilogue, ...) in bf16 or fp16, which build alike; the rest
+of the cross product (fp16 beside bf16, pruned configs, head dims 16 and 32,
 decoding) only with --full. Run it where TRITON_INTERPRET is unset.
 """
 import argparse
@@ -271,7 +273,7 @@ def _cases(full):
     return cases
 
 
-def record(full, grep=()):
+def record(full):
     """Runs the public calls; returns their launches and the cases that failed."""
     sink, case_ref, failed = [], [""], []
     with simulated_hopper(), recording_launches(sink, case_ref):
@@ -345,7 +347,7 @@ class Build:
         return {names[path[0]]: value for path, value in self.constexprs.items()
                 if len(path) == 1 and names[path[0]] in self.signature
                 and self.signature[names[path[0]]] == "constexpr"
-                and not (value is None)}
+                and value is not None}
 
     def key(self):
         return json.dumps([self.kernel, self.signature, {str(k): v for k, v in self.constexprs.items()},
@@ -353,7 +355,7 @@ class Build:
                            self.options.num_warps, self.options.num_stages], sort_keys=True, default=str)
 
     def describe(self):
-        consts = {k: v for k, v in self.public_constexprs().items()}
+        consts = self.public_constexprs()
         return (f"{self.kernel} {self.dtype} {consts} warps={self.options.num_warps} "
                 f"stages={self.options.num_stages}")
 

@@ -17,6 +17,8 @@ import pytest
 from bench.compile_check import problems
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# A few minutes of compiling: the fast set is a couple of hundred builds.
+pytestmark = pytest.mark.slow
 
 # Every kernel and the dtypes it must build in; every autotuned kernel's
 # constexpr variants that training reaches.
@@ -26,7 +28,7 @@ EXPECTED_DTYPES = {
     "_ln_fwd_kernel": {"bf16", "fp16", "fp32"}, "_ln_bwd_kernel": {"bf16", "fp16", "fp32"},
     "_ln_bwd_reduce_kernel": {"bf16", "fp16", "fp32"},
     "_matmul_kernel": {"bf16", "fp16", "fp32"}, "_gelu_bwd_kernel": {"bf16", "fp16", "fp32"},
-    "_column_sum_kernel": {"bf16", "fp16", "fp32"},
+    "_column_sum_kernel": {"bf16", "fp16", "fp32"}, "_ce_fwd_grad_kernel": {"bf16", "fp16", "fp32"},
     "_adamw_kernel": {"bf16", "fp32"},
 }
 ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
