@@ -36,7 +36,8 @@ The fast set covers every kernel in every dtype and constexpr variant, and
 every configuration a pruner keeps for every 16-bit variant (head dim,
 causality, dropout, epilogue, ...) in bf16 or fp16, which build alike; the rest
 of the cross product (fp16 beside bf16, pruned configs, head dims 16 and 32,
-decoding) only with --full. Run it where TRITON_INTERPRET is unset.
+decoding, LayerNorm 8192 wide) only with --full. Run it where TRITON_INTERPRET
+is unset.
 """
 import argparse
 import concurrent.futures
@@ -154,7 +155,7 @@ def recording_launches(sink: list, case_ref: list):
 # ============================================================================
 # The public calls, at GPT-2 shapes
 # ============================================================================
-B, T, C, VOCAB, VOCAB_PADDED = 8, 1024, 768, 50257, 50304
+B, T, C, VOCAB, VOCAB_PADDED = 8, 1024, 768, 50257, 50304  # GPT-2 small
 
 
 def _meta(shape, dtype, requires_grad=False):
@@ -206,9 +207,10 @@ def _cases(full):
                 kernels.flash_attention(q, kv, kv, causal=True)
             cases.append((f"flash_attention decode {str(dtype)[6:]}", decode))
 
-    # LayerNorm and the fused residual add + LayerNorm at GPT-2's width (and a
-    # wide one); under autocast the branch is bf16 and the residual stream fp32.
-    widths = [C, 8192]
+    # LayerNorm and the fused residual add + LayerNorm at the widths of GPT-2
+    # small and XL (with --full, wider ones too); under autocast the branch is
+    # bf16 and the residual stream fp32.
+    widths = [C, 1600] + ([8192] if full else [])
     for dtype in dtypes:
         for width in widths:
             rows = B * T if width == C else 1024
@@ -229,6 +231,12 @@ def _cases(full):
                     # The last block's h feeds nothing but the final LayerNorm.
                     h, y = kernels.add_layer_norm(x, r, w, b, out_dtype=dtype)
                     _backward(y)
+                    # Residual dropout, and the first block (no residual yet).
+                    seed = _meta((1,), torch.int64)
+                    _backward(*kernels.add_layer_norm(x, r, w, b, out_dtype=dtype, dropout_p=0.1,
+                                                      seed=seed))
+                    _backward(*kernels.add_layer_norm(x, None, w, b, out_dtype=dtype,
+                                                      dropout_p=0.1, seed=seed))
                 name = f"{str(dtype)[6:]} C={width} bias={bias}"
                 cases.append((f"layer_norm {name}", ln))
                 cases.append((f"add_layer_norm {name}", add_ln))
@@ -653,7 +661,9 @@ def main(argv=None):
     if args.list:
         for r in results:
             print(f"{r['describe']}   <- {', '.join(r['cases'][:3])}")
-        return 0
+        for case in failed:
+            print(f"FAILED CALL {case['case']}: {case['error']}")
+        return 1 if failed else 0
     bad = [(r, p) for r in results for p in problems(r)]
     print(f"triton {triton.__version__}, torch {torch.__version__}, numpy {numpy.__version__}; "
           f"target sm_90; {len(results)} builds in {time.time() - started:.0f} s "
