@@ -25,9 +25,20 @@ cache needs). The key blocks a query block visits are split as in Triton's
 fused-attention tutorial: the blocks every row sees whole run without masks
 (_STAGE_OFF_BAND), and only the rest -- the causal diagonal band (_STAGE_ON_BAND)
 or, without causality, the ragged last block (_STAGE_NON_CAUSAL) -- is masked.
+
+Dropout (as `F.scaled_dot_product_attention(dropout_p=p)`) applies to the
+probabilities after the softmax, with a keep-mask M and scale 1 / (1 - p):
+
+    O = (P * M) V / (1 - p),   dV = (P * M)^T dO / (1 - p),
+    dS = P * (dP * M / (1 - p) - delta),   delta_i = rowsum(dO * O)_i (unchanged)
+
+M is never stored: each kernel regenerates the entries it needs from Philox,
+keyed by a seed read from a one-element device tensor and counting by the
+element's (batch * head, query, key) index, so memory stays O(T) and the mask
+does not depend on any kernel's tiles. With p = 0 the dropout code is compiled
+out (a constexpr), so that path is the plain kernel, bit for bit.
 """
 import dataclasses
-import math
 from typing import NamedTuple
 
 import torch
@@ -35,8 +46,17 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._common import (FLOAT_DTYPES, SMEM_BUDGET_BYTES, check_real, check_same_device,
-                             check_same_dtype, check_tensor, launch_autotuned, on_device, pick)
+from kernels._common import (
+    FLOAT_DTYPES,
+    SMEM_BUDGET_BYTES,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    launch_autotuned,
+    on_device,
+    pick,
+)
 
 # 1 / ln(2): scores are scaled by sm_scale * LOG2E so the softmax can use exp2.
 _LOG2E = 1.4426950408889634
@@ -90,20 +110,36 @@ def _visible(q_pos, k_pos, Tk, STAGE: tl.constexpr):
         return (k_pos < Tk)[None, :]
 
 
+@triton.jit
+def _dropout_keep(seed, bh, q_idx, k_idx, dropout_p):
+    """Which attention probabilities dropout keeps: for head bh (batch * H +
+    head) and the scores of queries q_idx against keys k_idx (broadcast
+    against each other), one Philox-4x32-10 draw keyed by seed with counter
+    (key, query, head, 0), kept when its first word as a uniform in [0, 1) is
+    at least dropout_p. A function of the element alone, so the backward
+    regenerates the forward's mask whatever the tiles of either."""
+    zero = tl.zeros_like(q_idx + k_idx)
+    r, _, _, _ = tl.philox(seed, k_idx + zero, q_idx + zero, bh + zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
 # ----------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step,
-                    lo, hi, qk_scale, q_pos, offs_n, Tk,
-                    STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # The pointers arrive already pointing at key `lo`; they leave pointing at
-    # key `hi`, so the next stage continues where this one stopped.
+def _attn_fwd_inner(acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_step,
+                    lo, hi, qk_scale, q_pos, offs_n, Tk, seed, bh, q_idx, dropout_p,
+                    STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                    DROPOUT: tl.constexpr):
+    # k_blk, v_blk: scalar pointers to key `lo`, returned pointing at key `hi`
+    # so the next stage continues where this one stopped. Only these scalars
+    # are carried through the loop, not a tile of 64-bit pointers (which, at
+    # 64 per thread, made ptxas of Triton 3.6 spill).
     MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_ptrs, k_pos < Tk, MASKED)
-        v = _load_rows(v_ptrs, k_pos < Tk, MASKED)
+        k = _load_rows(k_blk + k_offs, k_pos < Tk, MASKED)
+        v = _load_rows(v_blk + v_offs, k_pos < Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_visible(q_pos, k_pos, Tk, STAGE), s, float("-inf"))
@@ -118,11 +154,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step,
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            # The softmax sums every probability; only O sees the dropped ones
+            # zeroed (the 1 / (1 - p) comes once, at the end).
+            p = tl.where(_dropout_keep(seed, bh, q_idx[:, None], k_pos[None, :], dropout_p), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_ij
-        k_ptrs += k_step
-        v_ptrs += v_step
-    return acc, l_i, m_i, k_ptrs, v_ptrs
+        k_blk += k_step
+        v_blk += v_step
+    return acc, l_i, m_i, k_blk, v_blk
 
 
 @triton.jit(do_not_specialize=_VARYING_INTS)
@@ -131,9 +171,9 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, SEED, dropout_p,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One flat grid axis (no 65535 limit on B*H). Within a head, the query
     # blocks run last-first so that under causal masking the longest programs
     # start first and the short ones fill the tail.
@@ -150,10 +190,10 @@ def _attn_fwd(Q, K, V, O, LSE,
     # Block origins go into the base pointers in int64; the offsets inside a
     # tile stay small int32.
     q_base = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qm
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh \
-        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh \
-        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_blk = K + off_b * stride_kb + off_h * stride_kh
+    v_blk = V + off_b * stride_vb + off_h * stride_vh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
 
@@ -167,19 +207,24 @@ def _attn_fwd(Q, K, V, O, LSE,
 
     # Absolute position of each query (keys are numbered from 0).
     q_pos = start_m + offs_m + (Tk - Tq if CAUSAL else 0)
+    seed = tl.load(SEED) if DROPOUT else 0
     full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, 0, full, qk_scale,
-        q_pos, offs_n, Tk, _STAGE_OFF_BAND, BLOCK_N, PRECISION)
-    acc, l_i, m_i, k_ptrs, v_ptrs = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, k_step, v_step, full, end, qk_scale,
-        q_pos, offs_n, Tk, _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION)
+    acc, l_i, m_i, k_blk, v_blk = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_step, 0, full, qk_scale,
+        q_pos, offs_n, Tk, seed, off_hz, start_m + offs_m, dropout_p,
+        _STAGE_OFF_BAND, BLOCK_N, PRECISION, DROPOUT)
+    acc, l_i, m_i, k_blk, v_blk = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_step, full, end, qk_scale,
+        q_pos, offs_n, Tk, seed, off_hz, start_m + offs_m, dropout_p,
+        _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION, DROPOUT)
 
     # Rows that saw no key at all (only padding rows can) get O = 0 and
     # LSE = +inf, which makes their recomputed P exactly 0 in the backward.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
 
     o_base = O + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_om
@@ -218,16 +263,18 @@ def _attn_bwd_preprocess(O, DO, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
-                         lo, hi, qk_scale, k_pos, offs_m, Tq, shift,
-                         STAGE: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, do_step,
+                         lse_ptrs, delta_ptrs, lo, hi, qk_scale, k_pos, offs_m, Tq, shift,
+                         seed, bh, dropout_p,
+                         STAGE: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                         DROPOUT: tl.constexpr):
     # Scores are built transposed (keys x queries) so dK and dV accumulate
     # with plain dots and no transposed accumulator. Query rows are always
     # bounds-masked: both stages may end in the ragged last query block.
     for start_m in range(lo, hi, BLOCK_M):
         row_ok = (start_m + offs_m) < Tq
-        q = _load_rows(q_ptrs, row_ok, True)
-        do = _load_rows(do_ptrs, row_ok, True)
+        q = _load_rows(q_blk + q_offs, row_ok, True)
+        do = _load_rows(do_blk + do_offs, row_ok, True)
         # +inf for padding rows makes their P exactly zero without a mask.
         lse = tl.load(lse_ptrs + start_m + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptrs + start_m + offs_m, mask=row_ok, other=0.0)
@@ -236,13 +283,23 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptr
         if STAGE == _STAGE_ON_BAND:
             keep = k_pos[:, None] <= (shift + start_m + offs_m)[None, :]
             p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            # dV sums the kept probabilities (scaled once, at the end); dP
+            # flows back only through kept ones, scaled by 1 / (1 - p).
+            keep_t = _dropout_keep(seed, bh, (start_m + offs_m)[None, :], k_pos[:, None],
+                                   dropout_p)
+            dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv,
+                        input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dp_t = tl.where(keep_t, dp_t * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-        q_ptrs += q_step
-        do_ptrs += do_step
-    return dk, dv, q_ptrs, do_ptrs
+        q_blk += q_step
+        do_blk += do_step
+    return dk, dv, q_blk, do_blk
 
 
 @triton.jit(do_not_specialize=_VARYING_INTS)
@@ -253,9 +310,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, sm_scale, SEED, dropout_p,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(Tk, BLOCK_N)
     off_hz = pid // num_n
@@ -287,27 +344,32 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         m_lo = 0
         m_full = 0
     m_lo64 = tl.cast(m_lo, tl.int64)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + m_lo64 * stride_qm \
-        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + m_lo64 * stride_dom \
-        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    q_blk = Q + off_b * stride_qb + off_h * stride_qh + m_lo64 * stride_qm
+    do_blk = DO + off_b * stride_dob + off_h * stride_doh + m_lo64 * stride_dom
+    q_offs = offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_offs = offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     q_step = tl.cast(stride_qm, tl.int64) * BLOCK_M
     do_step = tl.cast(stride_dom, tl.int64) * BLOCK_M
     lse_ptrs = LSE + off_hz.to(tl.int64) * Tq
     delta_ptrs = DELTA + off_hz.to(tl.int64) * Tq
 
+    seed = tl.load(SEED) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # The diagonal band (causal only; empty otherwise), then the query blocks
     # that see the whole key block.
-    dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
-        m_lo, m_full, qk_scale, k_pos, offs_m, Tq, shift, _STAGE_ON_BAND, BLOCK_M, PRECISION)
-    dk, dv, q_ptrs, do_ptrs = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, q_step, do_step, lse_ptrs, delta_ptrs,
-        m_full, Tq, qk_scale, k_pos, offs_m, Tq, shift, _STAGE_OFF_BAND, BLOCK_M, PRECISION)
+    dk, dv, q_blk, do_blk = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, do_step, lse_ptrs, delta_ptrs,
+        m_lo, m_full, qk_scale, k_pos, offs_m, Tq, shift, seed, off_hz, dropout_p,
+        _STAGE_ON_BAND, BLOCK_M, PRECISION, DROPOUT)
+    dk, dv, q_blk, do_blk = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, do_step, lse_ptrs, delta_ptrs,
+        m_full, Tq, qk_scale, k_pos, offs_m, Tq, shift, seed, off_hz, dropout_p,
+        _STAGE_OFF_BAND, BLOCK_M, PRECISION, DROPOUT)
 
     dk = dk * sm_scale
+    if DROPOUT:
+        dv = dv * (1.0 / (1.0 - dropout_p))
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + start_n.to(tl.int64) * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -317,24 +379,28 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step,
-                       lo, hi, qk_scale, q_pos, offs_n, Tk,
-                       STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_step, v_step,
+                       lo, hi, qk_scale, q_pos, offs_n, Tk, seed, bh, q_idx, dropout_p,
+                       STAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                       DROPOUT: tl.constexpr):
     MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_ptrs, k_pos < Tk, MASKED)
-        v = _load_rows(v_ptrs, k_pos < Tk, MASKED)
+        k = _load_rows(k_blk + k_offs, k_pos < Tk, MASKED)
+        v = _load_rows(v_blk + v_offs, k_pos < Tk, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_visible(q_pos, k_pos, Tk, STAGE), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, q_idx[:, None], k_pos[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_ptrs += k_step
-        v_ptrs += v_step
-    return dq, k_ptrs, v_ptrs
+        k_blk += k_step
+        v_blk += v_step
+    return dq, k_blk, v_blk
 
 
 @triton.jit(do_not_specialize=_VARYING_INTS)
@@ -344,9 +410,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, sm_scale,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 H, Tq, Tk, TQ_KEY, TK_KEY, qk_scale, sm_scale, SEED, dropout_p,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(Tq, BLOCK_M)
     off_hz = pid // num_m
@@ -367,22 +433,25 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
 
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh \
-        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh \
-        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_blk = K + off_b * stride_kb + off_h * stride_kh
+    v_blk = V + off_b * stride_vb + off_h * stride_vh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     k_step = tl.cast(stride_kn, tl.int64) * BLOCK_N
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
 
     q_pos = start_m + offs_m + (Tk - Tq if CAUSAL else 0)
     full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    seed = tl.load(SEED) if DROPOUT else 0
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, 0, full, qk_scale,
-        q_pos, offs_n, Tk, _STAGE_OFF_BAND, BLOCK_N, PRECISION)
-    dq, k_ptrs, v_ptrs = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, k_step, v_step, full, end, qk_scale,
-        q_pos, offs_n, Tk, _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION)
+    dq, k_blk, v_blk = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_step, v_step, 0, full, qk_scale,
+        q_pos, offs_n, Tk, seed, off_hz, start_m + offs_m, dropout_p,
+        _STAGE_OFF_BAND, BLOCK_N, PRECISION, DROPOUT)
+    dq, k_blk, v_blk = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_step, v_step, full, end, qk_scale,
+        q_pos, offs_n, Tk, seed, off_hz, start_m + offs_m, dropout_p,
+        _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL, BLOCK_N, PRECISION, DROPOUT)
 
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + start_m64 * stride_dqm
@@ -399,6 +468,21 @@ class _Tile(NamedTuple):
     block_n: int
     num_stages: int
     num_warps: int
+    # The largest head dim it is offered for: above it, its accumulators no
+    # longer fit in registers and the main loop spills.
+    max_head_dim: int = max(_SUPPORTED_HEAD_DIMS)
+    # The same with dropout, whose Philox draws need registers of their own
+    # (None: as without; 0: never offered with dropout).
+    dropout_max_head_dim: int | None = None
+
+    def launch_shape(self):
+        return self.block_m, self.block_n, self.num_stages, self.num_warps
+
+    def offered(self, head_dim, dropout):
+        limit = self.max_head_dim
+        if dropout and self.dropout_max_head_dim is not None:
+            limit = self.dropout_max_head_dim
+        return head_dim <= limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,23 +499,34 @@ class _Tiles:
 _INTERPRETER_TILES = _Tiles(fwd=_Tile(32, 16, 1, 4), dkdv=_Tile(16, 32, 1, 4), dq=_Tile(32, 16, 1, 4))
 
 # Hopper: 128-row query tiles feed wgmma; 64-wide key tiles keep the softmax
-# registers in budget at D=128; small BLOCK_M covers decoding.
-_FWD_TILES = tuple(_Tile(*t) for t in [
-    (128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4),
-    (64, 64, 4, 4), (64, 32, 3, 4), (16, 64, 3, 4), (16, 128, 3, 4)])
-# dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps.
-_DKDV_TILES = tuple(_Tile(*t) for t in [
-    (32, 128, 3, 4), (32, 128, 4, 8), (64, 128, 3, 8), (64, 64, 3, 4),
-    (32, 64, 4, 4), (16, 64, 3, 4)])
+# registers in budget; small BLOCK_M covers decoding. Every 16-bit tile here
+# compiles for sm_90 without a spill in its main loop up to its max_head_dim
+# (dropout_max_head_dim with dropout), with Triton 3.6 and 3.9: `python -m
+# bench.compile_check` checks it. At D=128 a 4-warp program cannot hold a
+# 128x128 fp32 accumulator (128 registers per thread) beside its scores, so
+# the wide 4-warp tiles stop at D=64; dropout's Philox draws cost the widest
+# tiles their place.
+_FWD_TILES = (
+    _Tile(128, 64, 3, 4, max_head_dim=64, dropout_max_head_dim=0), _Tile(128, 64, 4, 8),
+    _Tile(128, 128, 3, 8, dropout_max_head_dim=0), _Tile(128, 32, 4, 4, dropout_max_head_dim=64),
+    _Tile(64, 64, 4, 4, dropout_max_head_dim=64), _Tile(64, 32, 3, 4), _Tile(16, 64, 3, 4),
+    _Tile(16, 128, 3, 4))
+# dK/dV: a program owns BLOCK_N keys and walks BLOCK_M-query steps; it holds
+# two BLOCK_N x D fp32 accumulators (dK, dV), hence 8 warps for the wide ones.
+_DKDV_TILES = (
+    _Tile(32, 128, 4, 8), _Tile(64, 128, 3, 8, max_head_dim=64, dropout_max_head_dim=0),
+    _Tile(64, 64, 3, 8, dropout_max_head_dim=64), _Tile(32, 64, 3, 8),
+    _Tile(64, 64, 3, 4, max_head_dim=64, dropout_max_head_dim=0),
+    _Tile(32, 64, 4, 4, max_head_dim=64), _Tile(16, 64, 3, 4))
 # dQ: a program owns BLOCK_M queries and walks BLOCK_N-key steps.
-_DQ_TILES = tuple(_Tile(*t) for t in [
-    (128, 32, 3, 4), (128, 32, 4, 8), (128, 64, 3, 8), (64, 64, 3, 4),
-    (64, 32, 4, 4), (16, 64, 3, 4)])
+_DQ_TILES = (
+    _Tile(128, 32, 3, 4, max_head_dim=64), _Tile(128, 32, 4, 8), _Tile(128, 64, 3, 8),
+    _Tile(64, 64, 3, 4, dropout_max_head_dim=64), _Tile(64, 32, 4, 4), _Tile(16, 64, 3, 4))
 # float32 uses IEEE dots, which run on CUDA cores with both operands in
-# registers: every 16-bit tile above spills there (ptxas for sm_90 gives 1-20
-# KB of stack per thread) and takes up to 80 s to compile. These small tiles
-# need no spill at D=64, and at least one of each list none at D=128 (the
-# ahead-of-time compile check measures them).
+# registers: the 16-bit tiles spill there by kilobytes and take up to 80 s to
+# compile. These small tiles need no spill at D=64; at D=128 some spill (the
+# compile check reports float32 spills without judging them: float32 is the
+# exact reference path, not the fast one).
 _FWD_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 64, 3, 4), (16, 32, 3, 8), (32, 32, 3, 8),
                                            (64, 32, 3, 8)])
 _DKDV_TILES_FP32 = tuple(_Tile(*t) for t in [(16, 32, 3, 8), (16, 32, 3, 4), (32, 32, 3, 8),
@@ -467,38 +562,40 @@ def _smem_bytes(kind, block_m, block_n, num_stages, head_dim, element_size):
     return rows * head_dim * element_size
 
 
-def _tile_of(config):
-    return _Tile(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages,
-                config.num_warps)
+def _launch_shape(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages,
+            config.num_warps)
 
 
 def _configs(kind):
-    # One autotuner serves every dtype; the pruner below picks each dtype's tiles.
+    # One autotuner serves every dtype and head dim; the pruner below picks
+    # the tiles meant for each.
     tiles16, tiles32 = _TILES[kind]
-    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n},
-                          num_stages=t.num_stages, num_warps=t.num_warps)
-            for t in dict.fromkeys(tiles16 + tiles32)]
+    shapes = dict.fromkeys(t.launch_shape() for t in tiles16 + tiles32)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm, bn, s, w in shapes]
 
 
 def _smem_pruner(kind):
-    """Keeps the tiles meant for the operands' dtype, minus those whose
-    pipelined tiles cannot fit in shared memory (they would only fail to
-    launch, after costing the compile time)."""
+    """Keeps the tiles meant for the operands' dtype, head dim and dropout,
+    minus those whose pipelined tiles cannot fit in shared memory (they would
+    only fail to launch, after costing the compile time)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         head_dim, elsize = args["HEAD_DIM"], args["Q"].element_size()
-        wanted = set(_TILES[kind][1] if elsize == 4 else _TILES[kind][0])
-        configs = [c for c in configs if _tile_of(c) in wanted] or configs
+        wanted = {t.launch_shape() for t in _TILES[kind][1 if elsize == 4 else 0]
+                  if t.offered(head_dim, args["DROPOUT"])}
+        configs = [c for c in configs if _launch_shape(c) in wanted] or configs
 
         def need(c):
-            t = _tile_of(c)
-            return _smem_bytes(kind, t.block_m, t.block_n, t.num_stages, head_dim, elsize)
+            bm, bn, stages, _ = _launch_shape(c)
+            return _smem_bytes(kind, bm, bn, stages, head_dim, elsize)
         fits = [c for c in configs if need(c) <= SMEM_BUDGET_BYTES]
         return fits or [min(configs, key=need)]
     return prune
 
 
-_AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL"]
+_AUTOTUNE_KEY = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "DROPOUT"]
 _attn_fwd_tuned = triton.autotune(
     _configs("fwd"), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _smem_pruner("fwd")})(_attn_fwd)
@@ -520,6 +617,7 @@ class _Call:
     """What one attention call computes, beyond its tensors."""
     causal: bool
     sm_scale: float
+    dropout_p: float = 0.0
     # Tests only: these tiles instead of the autotuner (or the interpreter's tiles).
     tiles: _Tiles | None = None
 
@@ -553,7 +651,7 @@ def _launch(tuned, grid_fn, args, meta, kind, call):
     tuned.fn[grid_fn(meta)](*args, **meta, num_stages=tile.num_stages, num_warps=tile.num_warps)
 
 
-def _forward(q, k, v, call):
+def _forward(q, k, v, seed, call):
     """(o, lse): o (B, H, Tq, D) laid out (B, Tq, H, D); lse (B, H, Tq) fp32, base 2."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -568,13 +666,14 @@ def _forward(q, k, v, call):
         return (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)
 
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            H, Tq, Tk, _bucket(Tq), _bucket(Tk), call.sm_scale * _LOG2E)
-    meta = dict(HEAD_DIM=D, CAUSAL=call.causal, PRECISION=_precision(q.dtype))
+            H, Tq, Tk, _bucket(Tq), _bucket(Tk), call.sm_scale * _LOG2E, seed, call.dropout_p)
+    meta = {"HEAD_DIM": D, "CAUSAL": call.causal, "DROPOUT": call.dropout_p > 0,
+            "PRECISION": _precision(q.dtype)}
     _launch(_attn_fwd_tuned, grid, args, meta, "fwd", call)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, call, dq, dk, dv):
+def _backward(do, q, k, v, o, lse, seed, call, dq, dk, dv):
     """Writes the gradients into dq (or skips it when None) and into dk and dv
     (both, or neither when both are None); any strides with the last one 1."""
     B, H, Tq, D = q.shape
@@ -594,8 +693,10 @@ def _backward(do, q, k, v, o, lse, call, dq, dk, dv):
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
         HEAD_DIM=D, BLOCK_M=block, num_warps=_PREPROCESS_WARPS)
 
-    common = (H, Tq, Tk, _bucket(Tq), _bucket(Tk), call.sm_scale * _LOG2E, call.sm_scale)
-    meta = dict(HEAD_DIM=D, CAUSAL=call.causal, PRECISION=_precision(q.dtype))
+    common = (H, Tq, Tk, _bucket(Tq), _bucket(Tk), call.sm_scale * _LOG2E, call.sm_scale,
+              seed, call.dropout_p)
+    meta = {"HEAD_DIM": D, "CAUSAL": call.causal, "DROPOUT": call.dropout_p > 0,
+            "PRECISION": _precision(q.dtype)}
     if dk is not None:
         args = (q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
                 *do.stride(), *dk.stride(), *dv.stride(), *common)
@@ -613,17 +714,17 @@ def _backward(do, q, k, v, o, lse, call, dq, dk, dv):
 # ----------------------------------------------------------------------------
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call):
+    def forward(ctx, q, k, v, seed, call):
         with on_device(q):
-            o, lse = _forward(q, k, v, call)
-        ctx.save_for_backward(q, k, v, o, lse)
+            o, lse = _forward(q, k, v, seed, call)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
         ctx.call = call
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, seed = ctx.saved_tensors
         need_dq = ctx.needs_input_grad[0]
         need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         dq = torch.empty_like(q) if need_dq else None
@@ -631,12 +732,12 @@ class _FlashAttention(torch.autograd.Function):
         dv = torch.empty_like(v) if need_dkv else None
         if need_dq or need_dkv:
             with on_device(q):
-                _backward(do, q, k, v, o, lse, ctx.call, dq, dk, dv)
+                _backward(do, q, k, v, o, lse, seed, ctx.call, dq, dk, dv)
         if not ctx.needs_input_grad[1]:
             dk = None
         if not ctx.needs_input_grad[2]:
             dv = None
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def _unpack_qkv(qkv):
@@ -651,31 +752,31 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
     gradients into the packed layout (a stack and a copy per call)."""
 
     @staticmethod
-    def forward(ctx, qkv, call):
+    def forward(ctx, qkv, seed, call):
         with on_device(qkv):
-            o, lse = _forward(*_unpack_qkv(qkv), call)
-        ctx.save_for_backward(qkv, o, lse)
+            o, lse = _forward(*_unpack_qkv(qkv), seed, call)
+        ctx.save_for_backward(qkv, o, lse, seed)
         ctx.call = call
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
+        qkv, o, lse, seed = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
         with on_device(qkv):
-            _backward(do, *_unpack_qkv(qkv), o, lse, ctx.call, *_unpack_qkv(dqkv))
-        return dqkv, None
+            _backward(do, *_unpack_qkv(qkv), o, lse, seed, ctx.call, *_unpack_qkv(dqkv))
+        return dqkv, None, None
 
 
-def _attention(q, k, v, call):
+def _attention(q, k, v, call, seed=None):
     """The autograd entry without input checks (tests reach fixed tiles here)."""
-    return _FlashAttention.apply(q, k, v, call)
+    return _FlashAttention.apply(q, k, v, seed, call)
 
 
-def _attention_qkvpacked(qkv, call):
+def _attention_qkvpacked(qkv, call, seed=None):
     """The packed autograd entry without input checks."""
-    return _FlashAttentionQKVPacked.apply(qkv, call)
+    return _FlashAttentionQKVPacked.apply(qkv, seed, call)
 
 
 # ----------------------------------------------------------------------------
@@ -684,7 +785,7 @@ def _attention_qkvpacked(qkv, call):
 def _check_inputs(name, q, k, v, causal, sm_scale, dropout_p):
     check_tensor(name, "q", q, dtypes=FLOAT_DTYPES, dim=4, layout="(B, H, Tq, D)",
                  last_stride_one=True)
-    B, H, Tq, D = q.shape
+    B, H, _, D = q.shape
     check_tensor(name, "k", k, dim=4, shape=(B, H, None, D), layout="(B, H, Tk, D)",
                  last_stride_one=True)
     check_tensor(name, "v", v, shape=k.shape, layout="(B, H, Tk, D)", last_stride_one=True)
@@ -703,8 +804,7 @@ def _check_options(name, arg, q_shape, Tk, causal, sm_scale, dropout_p):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if sm_scale is not None:
         check_real(name, "sm_scale", sm_scale)
-    if dropout_p != 0.0:
-        raise ValueError(f"{name}: dropout is not supported (dropout_p={dropout_p}); pass 0.0")
+    check_real(name, "dropout_p", dropout_p, at_least=0.0, below=1.0)
     if Tk == 0 and Tq > 0 and B * H > 0:
         raise ValueError(f"{name}: k has no keys (Tk=0) for Tq={Tq} queries")
     if causal and Tq > Tk:
@@ -712,7 +812,23 @@ def _check_options(name, arg, q_shape, Tk, causal, sm_scale, dropout_p):
                          f"end of the keys); got q with Tq={Tq} and k with Tk={Tk}")
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
+def _dropout_seed(name, device, dropout_p, seed):
+    """The seed tensor the kernels read, or None without dropout."""
+    if seed is not None:
+        check_tensor(name, "seed", seed, dtypes=(torch.int64,), shape=(1,))
+        if seed.device != device:
+            raise ValueError(f"{name}: seed is on {seed.device} but the inputs are on {device}; "
+                             "it must be on their device")
+    if dropout_p == 0:
+        return None
+    if seed is None:
+        # From the device's default generator: reproducible under
+        # torch.manual_seed, and inside a CUDA graph it advances on each replay.
+        seed = torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
+    return seed
+
+
+def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=None):
     """Fused attention: softmax(q @ k^T * sm_scale + mask) @ v, never forming T x T.
 
     Args:
@@ -724,7 +840,16 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
             aligned to the END of the keys) sees keys 0 .. Tk - Tq + i. Needs
             Tq <= Tk. For Tq == Tk this is the usual lower-triangular mask.
         sm_scale: score scale; default D ** -0.5.
-        dropout_p: must be 0.0 (dropout is not supported).
+        dropout_p: probability in [0, 1) of zeroing each attention probability
+            after the softmax; the kept ones are scaled by 1 / (1 - dropout_p).
+        seed: with dropout, the mask's key: an int64 tensor of shape (1,) on
+            q's device, read by the kernels on the device (never copied to the
+            host). The same seed and inputs give the same mask, forward and
+            backward. None (default) draws one per call with
+            `torch.randint(..., device=q.device)` from that device's default
+            generator, so `torch.manual_seed` makes runs reproducible and a
+            captured CUDA graph draws a new mask on every replay. Ignored when
+            dropout_p is 0.
 
     Returns:
         (B, H, Tq, D) in q's dtype, laid out (B, Tq, H, D) in memory. The
@@ -737,14 +862,21 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0):
         slower; the fast path is float16/bfloat16. Deterministic: no atomics.
         The backward is once-differentiable: differentiating the gradients
         again (after `create_graph=True`) raises.
+
+        With dropout_p > 0 the forward and gradients equal SDPA's formula with
+        the mask M the seed draws: `((softmax(s) * M) / (1 - dropout_p)) @ v`;
+        the mask is regenerated in the backward, never stored. dropout_p = 0
+        runs the plain kernels and gives the same bits as without the argument.
     """
-    _check_inputs("flash_attention", q, k, v, causal, sm_scale, dropout_p)
+    name = "flash_attention"
+    _check_inputs(name, q, k, v, causal, sm_scale, dropout_p)
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
-    return _attention(q, k, v, _Call(causal, float(sm_scale)))
+    seed = _dropout_seed(name, q.device, dropout_p, seed)
+    return _attention(q, k, v, _Call(causal, float(sm_scale), float(dropout_p)), seed)
 
 
-def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0):
+def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0, seed=None):
     """`flash_attention` on the q, k, v packed in one tensor, with one packed gradient.
 
     Args:
@@ -752,7 +884,8 @@ def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0):
             viewed as (B, T, 3, H, D); q, k, v are its slices [:, :, 0], [:, :, 1],
             [:, :, 2]. Any strides with the last one 1. Device, dtype and D as
             for `flash_attention`.
-        causal, sm_scale, dropout_p: as for `flash_attention`.
+        causal, sm_scale, dropout_p, seed: as for `flash_attention` (the same
+            seed draws the same mask through either entry).
 
     Returns:
         (B, H, T, D) in qkv's dtype, laid out (B, T, H, D) in memory, equal to
@@ -769,4 +902,5 @@ def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0):
     _check_options(name, "qkv", (B, H, T, D), T, causal, sm_scale, dropout_p)
     if sm_scale is None:
         sm_scale = D ** -0.5
-    return _attention_qkvpacked(qkv, _Call(causal, float(sm_scale)))
+    seed = _dropout_seed(name, qkv.device, dropout_p, seed)
+    return _attention_qkvpacked(qkv, _Call(causal, float(sm_scale), float(dropout_p)), seed)

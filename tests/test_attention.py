@@ -12,16 +12,25 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
+import triton
+import triton.language as tl
+
 from kernels import attention as attn_mod
 from kernels._common import SMEM_BUDGET_BYTES
-from kernels.attention import flash_attention, flash_attention_qkvpacked
-from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
-                           poisoned_allocations)
+from kernels.attention import _dropout_keep, flash_attention, flash_attention_qkvpacked
+from tests.helpers import (
+    DEVICE,
+    RTOL,
+    assert_bf16_comparable,
+    assert_close,
+    poisoned_allocations,
+)
 
 # fp32 against SDPA and against float64; fp16 against float64.
 TOL = {torch.float32: 1e-4, torch.float16: RTOL[torch.float16]}
@@ -215,7 +224,8 @@ def test_lse_saved_for_backward():
     q, k, v = make_inputs(1, 2, 37, 37, 16, torch.float32, seed=5)
     scale = 16 ** -0.5
     with poisoned_allocations():
-        o, lse = attn_mod._forward(q.detach(), k.detach(), v.detach(), attn_mod._Call(True, scale))
+        _, lse = attn_mod._forward(q.detach(), k.detach(), v.detach(), None,
+                                   attn_mod._Call(True, scale))
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(~causal_mask(37, 37, q.device), float("-inf"))
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 37)
@@ -331,8 +341,15 @@ def test_bad_inputs(make, exc, match):
 
 def test_bad_arguments():
     q = _t(1, 1, 4, 16)
-    with pytest.raises(ValueError, match="flash_attention: dropout is not supported"):
-        flash_attention(q, q, q, dropout_p=0.1)
+    for p in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="flash_attention: dropout_p must be a finite real"):
+            flash_attention(q, q, q, dropout_p=p)
+    with pytest.raises(TypeError, match="flash_attention: seed has dtype int32"):
+        flash_attention(q, q, q, dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"flash_attention: seed has shape \(2,\)"):
+        flash_attention(q, q, q, dropout_p=0.1, seed=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="flash_attention: seed is on meta"):
+        flash_attention(q, q, q, dropout_p=0.1, seed=torch.zeros(1, dtype=torch.int64, device="meta"))
     with pytest.raises(TypeError, match="flash_attention: causal"):
         flash_attention(q, q, q, causal="yes")
     with pytest.raises(ValueError, match="flash_attention: sm_scale"):
@@ -469,6 +486,130 @@ def test_qkvpacked_bad_inputs(make, exc, match):
 
 
 # ----------------------------------------------------------------------------
+# dropout
+# ----------------------------------------------------------------------------
+@triton.jit
+def _dropout_mask_kernel(SEED, MASK, Tq, Tk, dropout_p,
+                         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """MASK[bh, i, j] = whether the attention kernels keep P[bh, i, j]: the
+    same Philox stream, materialised (tests only)."""
+    bh = tl.program_id(0)
+    rows = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q))[:, None]
+    seed = tl.load(SEED)
+    for start in range(0, Tk, BLOCK_K):
+        cols = (start + tl.arange(0, BLOCK_K))[None, :]
+        keep = _dropout_keep(seed, bh, rows, cols, dropout_p)
+        tl.store(MASK + (bh * Tq + rows).to(tl.int64) * Tk + cols, keep.to(tl.int8),
+                 mask=(rows < Tq) & (cols < Tk))
+
+
+def dropout_mask(seed, B, H, Tq, Tk, p):
+    """The (B, H, Tq, Tk) keep-mask that `seed` draws."""
+    mask = torch.empty(B * H, Tq, Tk, dtype=torch.int8, device=DEVICE)
+    _dropout_mask_kernel[(B * H, triton.cdiv(Tq, 32))](seed, mask, Tq, Tk, p,
+                                                       BLOCK_Q=32, BLOCK_K=64)
+    return mask.view(B, H, Tq, Tk).bool()
+
+
+def reference_dropout(q, k, v, causal, mask, p, dtype=torch.float64):
+    """SDPA's dropout with an explicit keep-mask: (softmax(s) * mask / (1 - p)) @ v."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return (torch.softmax(s, dim=-1) * mask / (1 - p)) @ v
+
+
+def make_seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def test_dropout_zero_is_the_plain_path():
+    q, k, v = make_inputs(2, 3, 37, 37, 16, torch.float32, seed=30)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(31)).to(DEVICE)
+    plain = run_ours(q, k, v, do, True)
+    with poisoned_allocations():
+        o = flash_attention(q, k, v, dropout_p=0.0, seed=make_seed(7))
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, (o, *grads)):
+        assert torch.equal(a, b), f"{name} differs at dropout_p=0"
+
+
+def test_dropout_seed_reproduces_and_changes_the_mask():
+    q, k, v = make_inputs(1, 2, 40, 40, 16, torch.float32, seed=32)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
+
+    def run(seed):
+        o = flash_attention(q, k, v, dropout_p=0.25, seed=seed)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+    first, again, other = run(make_seed(11)), run(make_seed(11)), run(make_seed(12))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    # Without a seed, each call draws one from the default generator.
+    torch.manual_seed(5)
+    drawn = flash_attention(q, k, v, dropout_p=0.25)
+    torch.manual_seed(5)
+    assert torch.equal(flash_attention(q, k, v, dropout_p=0.25), drawn)
+    assert not torch.equal(flash_attention(q, k, v, dropout_p=0.25), drawn)
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal,p", [
+    (2, 2, 37, 37, 16, True, 0.2),
+    (1, 3, 50, 50, 32, False, 0.5),
+    (1, 2, 9, 70, 16, True, 0.1),  # decoding: queries at the end of the keys
+])
+def test_dropout_gradients_exact_for_the_mask_drawn(B, H, Tq, Tk, D, causal, p):
+    q, k, v = make_inputs(B, H, Tq, Tk, D, torch.float32, seed=Tq + D)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(34)).to(DEVICE)
+    seed = make_seed(1000 + Tq)
+    with poisoned_allocations():
+        o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=seed)
+    with poisoned_allocations():
+        ours = (o, *torch.autograd.grad(o, (q, k, v), do))
+    mask = dropout_mask(seed, B, H, Tq, Tk, p)
+    assert 0 < mask.float().mean() < 1
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_o = reference_dropout(*refs, causal, mask, p)
+    exact = (ref_o, *torch.autograd.grad(ref_o, refs, do.double()))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+        assert_matches(a, e, TOL[torch.float32], f"{name} vs the explicit mask")
+
+
+def test_dropout_qkvpacked_draws_the_same_mask():
+    qkv = make_qkv(1, 33, 2, 16, torch.float32, seed=35).requires_grad_()
+    do = torch.randn(1, 2, 33, 16, generator=torch.Generator().manual_seed(36)).to(DEVICE)
+    o = flash_attention_qkvpacked(qkv, dropout_p=0.3, seed=make_seed(9))
+    (dqkv,) = torch.autograd.grad(o, qkv, do)
+    unpacked = [t.detach().requires_grad_() for t in unpack(qkv)]
+    o_ref = flash_attention(*unpacked, dropout_p=0.3, seed=make_seed(9))
+    grads = torch.autograd.grad(o_ref, unpacked, do)
+    assert torch.equal(o, o_ref)
+    for a, b in zip((t.transpose(1, 2) for t in dqkv.unbind(2)), grads):
+        assert torch.equal(a, b)
+
+
+def test_dropout_is_unbiased():
+    """With v = 1 every output row is sum_j M_ij P_ij / (1 - p): mean 1."""
+    B, H, T, D, p = 2, 4, 128, 16, 0.3
+    q, k, _ = make_inputs(B, H, T, T, D, torch.float32, seed=37)
+    v = torch.ones(B, H, T, D, device=DEVICE)
+    o = flash_attention(q, k, v, causal=False, dropout_p=p, seed=make_seed(21))[..., 0].flatten()
+    stderr = o.std().item() / o.numel() ** 0.5
+    assert abs(o.mean().item() - 1) <= 4 * stderr, (o.mean().item(), stderr)
+
+
+def test_dropout_keeps_one_minus_p():
+    B, H, T, p = 2, 4, 128, 0.3
+    mask = dropout_mask(make_seed(22), B, H, T, T, p)
+    n = mask.numel()
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - p)) <= 4 * (p * (1 - p) / n) ** 0.5, kept
+    # Heads and batches draw their own masks.
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
+
+
+# ----------------------------------------------------------------------------
 # GPU only
 # ----------------------------------------------------------------------------
 def _bf16_check(B, H, Tq, Tk, D, causal, seed):
@@ -495,6 +636,30 @@ def test_bf16_gpu(B, H, Tq, Tk, D, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal", [(4, 12, 1024, 1024, 64, True),
+                                                (2, 3, 257, 257, 128, False)])
+def test_dropout_bf16_gpu(B, H, Tq, Tk, D, causal):
+    """bf16 with dropout against the explicit-mask formula: our error within 2x
+    of PyTorch's own bf16 error, forward and backward."""
+    p = 0.1
+    q, k, v = make_inputs(B, H, Tq, Tk, D, torch.bfloat16, seed=Tq)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    seed = make_seed(77)
+    o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=seed)
+    ours = (o, *torch.autograd.grad(o, (q, k, v), do))
+    mask = dropout_mask(seed, B, H, Tq, Tk, p)
+    results = {}
+    for dtype in (torch.bfloat16, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = reference_dropout(*leaves, causal, mask, p, dtype)
+        results[dtype] = (out, *torch.autograd.grad(out, leaves, do.to(dtype)))
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, results[torch.bfloat16],
+                             results[torch.float64]):
+        assert a.dtype == torch.bfloat16
+        assert_bf16_comparable(a, t, e, f"{name} with dropout")
+
+
+@pytest.mark.gpu
 def test_repeat_is_bit_identical_gpu():
     """Races in the kernels would show as run-to-run differences."""
     q, k, v = make_inputs(16, 12, 1024, 1024, 64, torch.bfloat16, seed=0)
@@ -507,8 +672,9 @@ def test_repeat_is_bit_identical_gpu():
 
 
 def _fitting(tiles, kind, D, elsize):
-    return [t for t in tiles
-            if attn_mod._smem_bytes(kind, t[0], t[1], t[2], D, elsize) <= SMEM_BUDGET_BYTES]
+    """The tiles the pruner keeps for this head dim and element size."""
+    return [t for t in tiles if t.offered(D, dropout=False) and attn_mod._smem_bytes(
+        kind, t.block_m, t.block_n, t.num_stages, D, elsize) <= SMEM_BUDGET_BYTES]
 
 
 @pytest.mark.gpu
