@@ -114,8 +114,9 @@ class TritonOps:
     while everything that feeds a matmul is bf16: the LayerNorm kernels read the
     bf16 branch, the fp32 stream and the fp32 weights as they are and write their
     output straight in bf16; the loss reads the fp32 (tied) weight as it is.
-    Dropout masks come from a seed drawn per call from the device's default
-    generator: reproducible under torch.manual_seed, advanced by CUDA-graph replays.
+    Dropout masks come from a seed each kernel draws per call from the device's
+    default generator (kernels/_common.py): reproducible under torch.manual_seed,
+    fresh on every CUDA-graph replay, restored with the RNG state on resume.
     """
 
     name = "triton"
@@ -125,28 +126,16 @@ class TritonOps:
 
         self._k = kernels
 
-    @staticmethod
-    def _seed(x, dropout_p):
-        if dropout_p <= 0:
-            return None
-        return torch.randint(2 ** 62, (1,), device=x.device, dtype=torch.int64)
-
     def dropout_add_layer_norm(self, x, residual, weight, bias, eps, dropout_p=0.0):
         h, y = self._k.add_layer_norm(x, residual, weight, bias, eps, out_dtype=_autocast_dtype(x),
-                                      dropout_p=dropout_p, seed=self._seed(x, dropout_p))
+                                      dropout_p=dropout_p)
         return y, h
 
     def attention(self, q, k, v, causal=True, dropout_p=0.0):
-        if dropout_p > 0:
-            raise ValueError("the triton backend has no attention dropout yet; "
-                             "set dropout=0 or use backend='torch'")
-        return self._k.flash_attention(q, k, v, causal=causal)
+        return self._k.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
     def attention_qkvpacked(self, qkv, dropout_p=0.0):
-        if dropout_p > 0:
-            raise ValueError("the triton backend has no attention dropout yet; "
-                             "set dropout=0 or use backend='torch'")
-        return self._k.flash_attention_qkvpacked(qkv, causal=True)
+        return self._k.flash_attention_qkvpacked(qkv, causal=True, dropout_p=dropout_p)
 
     def linear_gelu(self, x, weight, bias):
         dtype = _autocast_dtype(x) or x.dtype

@@ -101,9 +101,6 @@ class Trainer:
             self.optimizer_kind = resolve_optimizer(cfg.optimizer, self.device_type, self.backend)
         except RuntimeError as e:
             raise UserInputError(str(e)) from None
-        if self.backend == "triton" and cfg.dropout > 0:
-            raise UserInputError(f"dropout (--dropout) {cfg.dropout}: the triton backend has no dropout "
-                                 "yet; use --dropout 0 or --backend torch")
 
         self.run_dir, self.folder = claim_run_dir(cfg, resume_path, info, self.token, log=self._log)
         self.data = load_data(cfg, info, self.device_type)

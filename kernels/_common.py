@@ -16,6 +16,8 @@ names the argument and what was expected, e.g.
 - ``check_dtype(op, arg, dtype, dtypes)``: a dtype argument (e.g. ``out_dtype``).
 - ``check_real(op, arg, value, *, at_least=, below=)`` and
   ``check_int(op, arg, value, *, at_least=, at_most=)``: Python scalars.
+- ``dropout_seed(op, device, dropout_p, seed)``: the one seed rule of every
+  kernel with dropout (below).
 
 Running kernels:
 
@@ -28,6 +30,13 @@ Running kernels:
   cannot benchmark, its plain kernel with one small config.
 - ``on_device(t)``: makes t's CUDA device the current one for a launch.
 - ``interpreter_problem()``: why this Triton's interpreter cannot run here, or None.
+
+Dropout seeds: a kernel with dropout draws its mask from Philox keyed by a seed
+that lives in a (1,) int64 tensor on the inputs' device and is read inside the
+kernel, never on the host. A caller may pass one (the same seed, the same mask);
+without one, ``dropout_seed`` draws it from the device's default generator, so
+``torch.manual_seed`` makes runs reproducible and each replay of a captured CUDA
+graph draws fresh masks.
 
 Constants: ``FLOAT_DTYPES`` (what the kernels compute in) and
 ``SMEM_BUDGET_BYTES`` (the shared memory a tile configuration may plan for).
@@ -221,3 +230,18 @@ def check_int(op: str, arg: str, value, *, at_least: int | None = None,
     if (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
         raise ValueError(f"{op}: {arg} is {value}; expected an int "
                          f"{_bounds_text(at_least, at_most=at_most)}")
+
+
+def dropout_seed(op: str, device: torch.device, dropout_p: float, seed):
+    """The seed tensor a dropout kernel reads, or None without dropout: `seed` as
+    given (checked: int64, shape (1,), on `device`), else one drawn per call."""
+    if seed is not None:
+        check_tensor(op, "seed", seed, dtypes=(torch.int64,), shape=(1,))
+        if seed.device != device:
+            raise ValueError(f"{op}: seed is on {seed.device} but the inputs are on {device}; "
+                             "it must be on their device")
+    if dropout_p == 0:
+        return None
+    if seed is None:
+        seed = torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
+    return seed

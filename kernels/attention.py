@@ -53,6 +53,7 @@ from kernels._common import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    dropout_seed,
     launch_autotuned,
     on_device,
     pick,
@@ -812,22 +813,6 @@ def _check_options(name, arg, q_shape, Tk, causal, sm_scale, dropout_p):
                          f"end of the keys); got q with Tq={Tq} and k with Tk={Tk}")
 
 
-def _dropout_seed(name, device, dropout_p, seed):
-    """The seed tensor the kernels read, or None without dropout."""
-    if seed is not None:
-        check_tensor(name, "seed", seed, dtypes=(torch.int64,), shape=(1,))
-        if seed.device != device:
-            raise ValueError(f"{name}: seed is on {seed.device} but the inputs are on {device}; "
-                             "it must be on their device")
-    if dropout_p == 0:
-        return None
-    if seed is None:
-        # From the device's default generator: reproducible under
-        # torch.manual_seed, and inside a CUDA graph it advances on each replay.
-        seed = torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
-    return seed
-
-
 def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=None):
     """Fused attention: softmax(q @ k^T * sm_scale + mask) @ v, never forming T x T.
 
@@ -872,7 +857,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=Non
     _check_inputs(name, q, k, v, causal, sm_scale, dropout_p)
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
-    seed = _dropout_seed(name, q.device, dropout_p, seed)
+    seed = dropout_seed(name, q.device, dropout_p, seed)
     return _attention(q, k, v, _Call(causal, float(sm_scale), float(dropout_p)), seed)
 
 
@@ -902,5 +887,5 @@ def flash_attention_qkvpacked(qkv, causal=True, sm_scale=None, dropout_p=0.0, se
     _check_options(name, "qkv", (B, H, T, D), T, causal, sm_scale, dropout_p)
     if sm_scale is None:
         sm_scale = D ** -0.5
-    seed = _dropout_seed(name, qkv.device, dropout_p, seed)
+    seed = dropout_seed(name, qkv.device, dropout_p, seed)
     return _attention_qkvpacked(qkv, _Call(causal, float(sm_scale), float(dropout_p)), seed)

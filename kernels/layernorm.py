@@ -46,7 +46,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels._common import (FLOAT_DTYPES, check_dtype, check_real, check_same_device,
-                             check_tensor, on_device, pick)
+                             check_tensor, dropout_seed, on_device, pick)
 
 # A row lives in one program's registers; this many bytes of it at most
 # (16384 fp32 or 32768 fp16/bf16 features).
@@ -517,12 +517,12 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     dropout_p in [0, 1): each element of x is zeroed with probability p and the
     rest scaled by 1 / (1 - p), as `F.dropout(x, p)`; the mask is drawn from
     Philox keyed by `seed` and the element's index, never stored, and drawn
-    again in the backward. seed: an int64 tensor of shape (1,) on x's device
-    (e.g. `torch.randint(2**62, (1,), device=x.device)` per call, which
-    torch.manual_seed makes reproducible and a CUDA graph replays with fresh
-    values); it is read on the device, never synchronised, and must not change
-    before the backward. p = 0 (the default) runs the kernels compiled without
-    dropout: bit-identical to no dropout, seed ignored.
+    again in the backward. seed: an int64 tensor of shape (1,) on x's device,
+    read on the device, never synchronised, and not to be changed before the
+    backward; None (default) draws one per call from the device's default
+    generator (kernels/_common.py: reproducible under torch.manual_seed, fresh on
+    every CUDA-graph replay). p = 0 (the default) runs the kernels compiled
+    without dropout: bit-identical to no dropout, seed ignored.
 
     Returns (h, y), contiguous with x's shape: h in residual's dtype (x's
     without a residual; with neither a residual nor dropout h is x itself), y
@@ -538,9 +538,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     op = "add_layer_norm"
     _check_inputs(op, x, residual, weight, bias, eps, out_dtype, seed)
     check_real(op, "dropout_p", dropout_p, at_least=0.0, below=1.0)
-    if dropout_p > 0 and seed is None:
-        raise ValueError(f"{op}: dropout_p={dropout_p} needs a seed: an int64 tensor of shape (1,) "
-                         "on x's device, e.g. torch.randint(2**62, (1,), device=x.device)")
+    seed = dropout_seed(op, x.device, dropout_p, seed)
     h_dtype = residual.dtype if residual is not None else x.dtype
     return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps), out_dtype or h_dtype,
                                  float(dropout_p), seed)

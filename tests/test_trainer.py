@@ -574,12 +574,6 @@ def test_logging_can_lag_one_step_behind_the_queued_step(corpus, tmp_path):
     assert not trainer._pending and sum(ln.startswith("step ") for ln in lines) == 3
 
 
-def test_dropout_with_the_triton_backend_is_a_clear_input_error(corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the triton backend resolve on CPU
-    with pytest.raises(UserInputError, match=r"dropout \(--dropout\) 0.1: the triton backend"):
-        Trainer(tiny_cfg(corpus, tmp_path / "run", backend="triton", dropout=0.1), log=quiet)
-
-
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(corpus, tmp_path):
     run = tmp_path / "a"
     train(tiny_cfg(corpus, run, checkpoint_interval=2, keep_checkpoints=0), log=quiet)
