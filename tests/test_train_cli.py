@@ -59,7 +59,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     # every option's help carries its default, and auto ones say what auto means
     assert text.count("(default:") == len(dataclasses.fields(TrainConfig))
     assert "--batch-size BATCH_SIZE micro-batch size B (sequences per forward) (default: auto; auto: " \
-           "CPU/MPS: 8, CUDA: 64)" in text
+           "CPU/MPS: 16, CUDA: 64)" in text
     assert "(default: 0.1)" in text and "(default: 1337)" in text
     # what --resume accepts besides the checkpoint's own configuration
     assert "only --backend, --compile, --max-steps" in text
