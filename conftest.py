@@ -6,6 +6,9 @@
   conftest, which pytest imports before any test or benchmark module.
 - The `gpu` marker: on a machine with CUDA the gpu-marked tests run first (a run cut
   short still has their verdicts); without CUDA they are skipped with one reason.
+  The marker alone decides; by convention a test in tests/ that needs a GPU is
+  also named `test_gpu_*` (a parametrized test keeps its name and marks the cases
+  that need one; the benchmark suites' GPU groups are named for what they time).
 - Benchmarks: plain `pytest` runs each benchmark once as a smoke test; only
   `pytest --benchmark-only` spends time timing.
 - The short summary lists failures and errors one by one, and skips one line per

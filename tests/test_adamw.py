@@ -270,7 +270,7 @@ def test_load_rejects_amsgrad_and_mismatched_groups():
 
 
 @pytest.mark.gpu
-def test_bf16_params_on_gpu():
+def test_gpu_bf16_params():
     """bf16 params, fp32 moments, no master copy: no worse than twice torch's own
     bf16 AdamW error against a float64 run."""
     grads = _grads(11, 10)
@@ -286,7 +286,7 @@ def test_bf16_params_on_gpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_matches_eager():
+def test_gpu_cuda_graph_capture_matches_eager():
     grads = _grads(13, 8)
     static = _leaves(14, "cuda")
     eager = _leaves(14, "cuda")

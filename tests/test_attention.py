@@ -631,14 +631,14 @@ def _bf16_check(B, H, Tq, Tk, D, causal, seed):
     (2, 2, 1, 1, 16, True),
     (2, 4, 77, 500, 64, True),  # decoding
 ])
-def test_bf16_gpu(B, H, Tq, Tk, D, causal):
+def test_gpu_bf16(B, H, Tq, Tk, D, causal):
     _bf16_check(B, H, Tq, Tk, D, causal, seed=Tq + D)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,Tq,Tk,D,causal", [(4, 12, 1024, 1024, 64, True),
                                                 (2, 3, 257, 257, 128, False)])
-def test_dropout_bf16_gpu(B, H, Tq, Tk, D, causal):
+def test_gpu_dropout_bf16(B, H, Tq, Tk, D, causal):
     """bf16 with dropout against the explicit-mask formula: our error within 2x
     of PyTorch's own bf16 error, forward and backward."""
     p = 0.1
@@ -660,7 +660,7 @@ def test_dropout_bf16_gpu(B, H, Tq, Tk, D, causal):
 
 
 @pytest.mark.gpu
-def test_repeat_is_bit_identical_gpu():
+def test_gpu_repeat_is_bit_identical():
     """Races in the kernels would show as run-to-run differences."""
     q, k, v = make_inputs(16, 12, 1024, 1024, 64, torch.bfloat16, seed=0)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
@@ -680,7 +680,7 @@ def _fitting(tiles, kind, D, elsize):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_every_autotune_config_gpu(D, dtype):
+def test_gpu_every_autotune_config(D, dtype):
     """Autotune may pick any config for some shape: each must be right."""
     elsize = torch.empty((), dtype=dtype).element_size()
     fp32 = dtype == torch.float32  # float32 has its own (smaller) tiles
@@ -706,13 +706,13 @@ def test_every_autotune_config_gpu(D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_fp32_is_ieee_exact_gpu(causal):
+def test_gpu_fp32_is_ieee_exact(causal):
     q, k, v = make_inputs(2, 12, 512, 512, 64, torch.float32, seed=21)
     check_against_references(q, k, v, causal, TOL[torch.float32])
 
 
 @pytest.mark.gpu
-def test_offsets_beyond_int32_gpu():
+def test_gpu_offsets_beyond_int32():
     """Batch stride just under 2**30 fits int32, but batch 2 starts past 2**31
     elements: program-id offsets must be computed in int64."""
     B, H, T, D = 3, 2, 64, 64

@@ -492,7 +492,7 @@ def test_training_case_torch_variants_check_their_first_loss(variant):
 
 
 @pytest.mark.gpu
-def test_report_runs_a_small_comparison_on_the_gpu():
+def test_gpu_report_runs_a_small_comparison():
     from bench.timing import measure_ceilings
     ceilings = measure_ceilings("cuda", copy_bytes=1 << 28, n=4096)
     assert ceilings.copy_bytes_per_s > 1e11 and ceilings.matmul_flops_per_s > 1e13

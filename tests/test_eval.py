@@ -324,7 +324,7 @@ def test_cli_downloads_into_the_cache_folder(bytes_setup, tmp_path, monkeypatch,
 
 
 @pytest.mark.gpu
-def test_cuda_triton_bf16_close_to_fp32(bytes_setup, tmp_path):
+def test_gpu_triton_bf16_close_to_fp32(bytes_setup, tmp_path):
     """The GPU path: triton kernels under bf16 autocast score as fp32 PyTorch does,
     within bf16's precision."""
     from engine.load import autocast_context

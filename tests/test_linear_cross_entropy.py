@@ -234,7 +234,7 @@ def test_check_targets_off_still_correct_for_valid_targets():
 
 
 @pytest.mark.gpu
-def test_gpt2_size_memory_and_values():
+def test_gpu_gpt2_size_memory_and_values():
     """N=16384 rows of GPT-2's padded vocab in bf16: >= 4x less peak memory than
     materialised logits + F.cross_entropy, with comparable accuracy."""
     n, c, v, num_classes = 16384, 768, 50304, 50257

@@ -255,7 +255,7 @@ def test_sample_py_on_a_trained_run(trained_run):
 
 
 @pytest.mark.gpu
-def test_cuda_sampling_with_triton_bf16(sources):
+def test_gpu_sampling_with_triton_bf16(sources):
     out, err = run_sample([str(sources["run"]), "--prompt", "Hi", "--num-samples", "2", "--max-new-tokens", "12",
                            "--device", "cuda", "--backend", "triton", "--dtype", "bf16"])
     lines = err.text.strip().splitlines()

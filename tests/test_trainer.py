@@ -421,7 +421,7 @@ def _gpu_cfg(corpus, run_dir, graphs, **kw):
 
 
 @pytest.mark.gpu
-def test_graph_replay_matches_eager_steps(corpus, tmp_path):
+def test_gpu_graph_replay_matches_eager_steps(corpus, tmp_path):
     eager = train(_gpu_cfg(corpus, tmp_path / "eager", "off"), log=quiet)
     lines = []
     graphed = train(_gpu_cfg(corpus, tmp_path / "graph", "on"), log=lines.append)
@@ -438,7 +438,7 @@ def test_graph_replay_matches_eager_steps(corpus, tmp_path):
 
 
 @pytest.mark.gpu
-def test_graph_replay_has_no_host_sync(corpus, tmp_path):
+def test_gpu_graph_replay_has_no_host_sync(corpus, tmp_path):
     from engine.optim import set_lr
     trainer = Trainer(_gpu_cfg(corpus, tmp_path / "run", "on"), log=quiet)
     for step in range(4):  # warm-up steps, then the capture
@@ -459,7 +459,7 @@ def test_graph_replay_has_no_host_sync(corpus, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", ["torch", "triton"])
-def test_graph_replays_skip_non_finite_steps_on_the_device(corpus, tmp_path, optimizer):
+def test_gpu_graph_replays_skip_non_finite_steps_on_the_device(corpus, tmp_path, optimizer):
     """Steps 5-7 non-finite while the captured graph replays: the optimizer skips them
     on the device (found_inf), the weights and step counts stay those of step 4, and the
     third stops the run before any checkpoint of a later state. The poison is a device
