@@ -16,7 +16,6 @@ from engine.errors import UserInputError
 from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 BYTES = get_tokenizer("bytes")
 
 
@@ -133,14 +132,13 @@ def test_text_folder_source(tmp_path, gpt2):
     np.testing.assert_array_equal(loader._arrays[0], expected)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent on this machine")
-def test_tinyshakespeare_token_count(gpt2):
-    tokens = D.tokenize_file(SHAKESPEARE, gpt2)
+def test_tinyshakespeare_token_count(gpt2, tinyshakespeare):
+    tokens = D.tokenize_file(tinyshakespeare, gpt2)
     assert len(tokens) == 338_025
     # chunked (parallel) tokenization must give exactly the whole-text tokens
-    np.testing.assert_array_equal(D.tokenize_file(SHAKESPEARE, gpt2, chunk_bytes=50_000), tokens)
+    np.testing.assert_array_equal(D.tokenize_file(tinyshakespeare, gpt2, chunk_bytes=50_000), tokens)
     assert gpt2.decode(tokens[:3]) == "First Citizen:"
-    loader = D.build_loader(SHAKESPEARE, 4, 64, tokenizer=gpt2)
+    loader = D.build_loader(tinyshakespeare, 4, 64, tokenizer=gpt2)
     assert loader.num_tokens == 338_025 - 33_802
 
 

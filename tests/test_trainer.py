@@ -3,7 +3,6 @@
 import csv
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from engine.run_errors import RunFinished
 from engine.trainer import Trainer, TrainingDiverged, train
 from tests.helpers import DEVICE, ON_GPU, rel_err
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 LOG_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \| norm \d+\.\d{4} \| "
                       r"dt \d+\.\d{2}ms \| tok/sec \d+\.\d{2}$")
 
@@ -205,13 +203,14 @@ def test_an_all_ignored_batch_is_a_zero_loss_step_on_every_backend(backend):
 
 # --------------------------------------------------------------------- the loop
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent")
-def test_loss_falls_on_tinyshakespeare(tmp_path):
+def test_loss_falls_on_real_text(corpus, tmp_path):
+    """English prose that every machine has (the corpus fixture); the default run on
+    tiny-shakespeare is tests/test_defaults.py."""
     lines = []
     # the tiny preset as it is (4 layers, 128 wide), byte-level vocabulary
-    cfg = tiny_cfg(SHAKESPEARE, tmp_path / "run", n_layer=None, n_embd=None, n_head=None,
-                   batch_size=8, seq_len=64,
-                   max_steps=40, warmup_steps=5, max_lr=3e-3, eval_interval=20, eval_batches=2,
+    cfg = tiny_cfg(corpus, tmp_path / "run", n_layer=None, n_embd=None, n_head=None,
+                   batch_size=16, seq_len=64,
+                   max_steps=40, warmup_steps=10, max_lr=2e-3, eval_interval=20, eval_batches=2,
                    sample_interval=39, checkpoint_interval=40)
     trainer = train(cfg, log=lines.append)
     losses = [h["loss"] for h in trainer.history]
