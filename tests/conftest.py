@@ -27,6 +27,16 @@ def tinyshakespeare() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def gpt2():
+    """GPT-2's BPE tokenizer; skipped with the fix where its files cannot be loaded."""
+    from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
+    try:
+        return get_tokenizer("gpt2")
+    except TokenizerUnavailableError as e:
+        pytest.skip(f"GPT-2 BPE files unavailable here (set TIKTOKEN_CACHE_DIR): {e}")
+
+
 @pytest.fixture(autouse=True)
 def _isolate_process_wide_torch_state(request):
     """A test must not leak process-wide switches into the next one: the trainer

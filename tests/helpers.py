@@ -99,3 +99,44 @@ def child_env(*extra_paths, **extra) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_paths), str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
+
+
+def _inside_triton_interpreter() -> bool:
+    # The interpreter copies every tensor argument back after a launch on its own
+    # account; those copies do not exist on the GPU.
+    import sys
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("triton", "runtime", "interpreter.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _make_aten_recorder():
+    from torch.utils._pytree import tree_leaves
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AtenRecorder(TorchDispatchMode):
+        """Every aten op run outside a Triton launch, as (name, numel of the largest
+        tensor it reads or writes): what a kernel leaves for PyTorch to do."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not _inside_triton_interpreter():
+                tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+                self.ops.append((func.overloadpacket.__name__, max((t.numel() for t in tensors), default=0)))
+            return out
+
+        @property
+        def names(self) -> list[str]:
+            return [name for name, _ in self.ops]
+
+    return AtenRecorder
+
+
+AtenRecorder = _make_aten_recorder()

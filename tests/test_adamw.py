@@ -1,17 +1,14 @@
 """kernels.adamw.FusedAdamW against torch.optim.AdamW."""
 import io
-import os
 import re
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.adamw import FusedAdamW
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import DEVICE, ON_GPU, assert_bf16_comparable, assert_close, poisoned_allocations
+from tests.helpers import AtenRecorder, DEVICE, ON_GPU, assert_bf16_comparable, assert_close, poisoned_allocations
 
 SHAPES = [(1,), (3,), (17, 33), (257,)]
 LRS = [1e-2, 5e-3, 2e-2, 1e-3, 1e-2, 3e-3, 1e-2, 8e-3, 2e-3, 1e-2]
@@ -541,22 +538,6 @@ def test_a_parameter_changed_after_the_state_was_built_is_refused(change):
 
 # --- zero_grad: one launch, addresses kept -----------------------------------------
 
-class _AtenRecorder(TorchDispatchMode):
-    """The aten ops run outside Triton launches (the interpreter's own copies excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frame = sys._getframe(1)
-        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
-            frame = frame.f_back
-        if frame is None:
-            self.ops.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
-
-
 _WRITES = {"zero_", "fill_", "copy_", "_foreach_zero_", "mul_", "zeros", "zeros_like"}
 
 
@@ -576,9 +557,9 @@ def test_zero_grad_is_one_launch_and_keeps_addresses():
         for p, g in zip(params, grads[step]):
             (p * g.to(DEVICE)).sum().backward()  # autograd accumulates into the view
         opt.step()
-        with _AtenRecorder() as rec:
+        with AtenRecorder() as rec:
             opt.zero_grad(set_to_none=False)
-        assert [op for op in rec.ops if op in _WRITES] == ["zero_"], rec.ops
+        assert [op for op in rec.names if op in _WRITES] == ["zero_"], rec.names
         assert [p.grad.data_ptr() for p in params] == addresses
         assert all(torch.all(p.grad == 0) for p in params)
 

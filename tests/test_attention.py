@@ -6,16 +6,12 @@ and the tile sizes are the interpreter's (32x16 / 16x32): T = 17, 64, 128 and
 run on the GPU (`@pytest.mark.gpu`).
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 import triton
@@ -26,6 +22,7 @@ from kernels._common import SMEM_BUDGET_BYTES
 from kernels.attention import _dropout_keep, flash_attention, flash_attention_qkvpacked
 from tests.helpers import (
     DEVICE,
+    AtenRecorder,
     RTOL,
     assert_bf16_comparable,
     assert_close,
@@ -411,33 +408,8 @@ _COPYING_OPS = {"copy_", "_copy_from", "clone", "contiguous", "cat", "stack", "_
                 "as_strided_scatter", "index_put", "index_put_"}
 
 
-def _inside_triton_interpreter():
-    # The interpreter copies every tensor argument back after a launch on its
-    # own account; those copies do not exist on the GPU.
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_filename.endswith(os.path.join("triton", "runtime", "interpreter.py")):
-            return True
-        frame = frame.f_back
-    return False
-
-
-class AtenRecorder(TorchDispatchMode):
-    """Every aten op run outside a kernel launch, with the largest tensor it touches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not _inside_triton_interpreter():
-            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            self.ops.append((func.overloadpacket.__name__, max((t.numel() for t in tensors), default=0)))
-        return out
-
-    def copies(self, at_least):
-        return [(name, n) for name, n in self.ops if name in _COPYING_OPS and n >= at_least]
+def _copies(recorder, at_least):
+    return [(name, n) for name, n in recorder.ops if name in _COPYING_OPS and n >= at_least]
 
 
 def _model_like_backward(attend, B, T, H, D):
@@ -464,8 +436,8 @@ def test_qkvpacked_backward_gathers_nothing():
     unpacked, dx_ref, dw_ref = _model_like_backward(lambda qkv: flash_attention(*unpack(qkv)),
                                                     B, T, H, D)
     activation = B * T * H * D
-    assert unpacked.copies(activation), "the recorder saw no copy where autograd must stack"
-    assert not packed.copies(activation), f"activation-sized copies: {packed.copies(activation)}"
+    assert _copies(unpacked, activation), "the recorder saw no copy where autograd must stack"
+    assert not _copies(packed, activation), f"activation-sized copies: {_copies(packed, activation)}"
     assert_close(dx, dx_ref, TOL[torch.float32], "dx")
     assert_close(dw, dw_ref, TOL[torch.float32], "dw")
 

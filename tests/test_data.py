@@ -13,18 +13,10 @@ from hypothesis import strategies as st
 
 from engine import data as D
 from engine.errors import UserInputError
-from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
+from engine.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES = get_tokenizer("bytes")
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    try:
-        return get_tokenizer("gpt2")
-    except TokenizerUnavailableError as e:
-        pytest.skip(f"GPT-2 BPE files unavailable here (set TIKTOKEN_CACHE_DIR): {e}")
 
 
 def positions(n, start=0):

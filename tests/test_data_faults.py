@@ -15,18 +15,9 @@ import pytest
 from engine import data as D
 from engine.data.shards import MANIFEST_NAME
 from engine.errors import UserInputError
-from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
 from tests.helpers import child_env
 
 LINE_MB = 20
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    try:
-        return get_tokenizer("gpt2")
-    except TokenizerUnavailableError as e:
-        pytest.skip(f"GPT-2 BPE files unavailable here (set TIKTOKEN_CACHE_DIR): {e}")
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,5 @@ def test_default_cpu_run_trains_smoothly_with_bytes(tinyshakespeare, tmp_path, s
     _assert_smooth(_default_run(tinyshakespeare, tmp_path, "bytes", seed), fall=2.0)
 
 
-def test_default_cpu_run_trains_smoothly_with_gpt2_tokens(tinyshakespeare, tmp_path):
-    pytest.importorskip("tiktoken")
-    from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
-    try:
-        get_tokenizer("gpt2")
-    except TokenizerUnavailableError:
-        pytest.skip("the GPT-2 BPE files are not available (set TIKTOKEN_CACHE_DIR)")
+def test_default_cpu_run_trains_smoothly_with_gpt2_tokens(tinyshakespeare, gpt2, tmp_path):
     _assert_smooth(_default_run(tinyshakespeare, tmp_path, "gpt2", 1337), fall=3.0)

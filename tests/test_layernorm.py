@@ -11,11 +11,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.layernorm import _dropout_mask, add_layer_norm, layer_norm
-from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,
+from tests.helpers import (AtenRecorder, DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
 
 EXACT_DTYPES = [torch.float32, torch.float16]
@@ -370,24 +369,6 @@ def test_gpu_bf16_branch_on_an_fp32_stream(lead, C):
     _check_mixed(*_mixed_case(lead, C, bf16, fp32, fp32, bf16, seed=C), bf16)
 
 
-class _AtenRecorder(TorchDispatchMode):
-    """The aten ops run outside Triton launches (the interpreter copies kernel
-    arguments with aten ops of its own, which a GPU launch does not)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frame = sys._getframe(1)
-        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
-            frame = frame.f_back
-        if frame is None:
-            self.ops.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
-
-
-# Ops that allocate or re-view memory without touching activations.
 _NO_PASS_OPS = {"empty", "empty_like", "empty_strided", "view", "_reshape_alias", "detach"}
 
 
@@ -399,13 +380,13 @@ def test_no_cast_or_copy_outside_the_kernels():
                                      torch.float16, seed=1)
     leaves = [_leaf(t) for t in (x, r, w, b)]
     leaves2 = [_leaf(t) for t in (r, w, b)]
-    with _AtenRecorder() as rec:
+    with AtenRecorder() as rec:
         h, y = add_layer_norm(*leaves, out_dtype=torch.float16)
         torch.autograd.backward([h, y], [dh, dy])
         y2 = layer_norm(*leaves2, out_dtype=torch.float16)
         y2.backward(dy)
     assert rec.ops, "the recorder saw nothing"
-    assert set(rec.ops) <= _NO_PASS_OPS, f"passes outside the kernels: {set(rec.ops) - _NO_PASS_OPS}"
+    assert set(rec.names) <= _NO_PASS_OPS, f"passes outside the kernels: {set(rec.names) - _NO_PASS_OPS}"
     assert [t.grad.dtype for t in leaves] == [torch.float16, torch.float32, torch.float32, torch.float32]
 
 

@@ -4,11 +4,10 @@ interpreter sizes, go through the module's private entry (`chunk_rows`)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from kernels.linear_cross_entropy import _linear_cross_entropy, linear_cross_entropy
-from tests.helpers import (DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
+from tests.helpers import (AtenRecorder, DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
                            assert_close, poisoned_allocations, rel_err)
 
 IGNORE = -100
@@ -327,34 +326,12 @@ def test_16_bit_x_with_a_weight_in_its_own_dtype(w_dtype, chunk_rows):
         assert not torch.equal(dw, dw.half().float()), "an fp32 weight's gradient was rounded to fp16"
 
 
-class _AtenRecorder(TorchDispatchMode):
-    """The aten ops run outside Triton launches (the interpreter copies kernel
-    arguments with aten ops of its own, which a GPU launch does not)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import os
-        import sys
-        frame = sys._getframe(1)
-        while frame is not None and f"triton{os.sep}runtime" not in frame.f_code.co_filename:
-            frame = frame.f_back
-        out = func(*args, **(kwargs or {}))
-        if frame is None:
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            numel = max((o.numel() for o in outs if isinstance(o, torch.Tensor)), default=0)
-            self.ops.append((str(func.overloadpacket.__name__), numel))
-        return out
-
-
 def test_dweight_accumulates_inside_the_gemm():
     """Over several chunks dW grows by one GEMM each (addmm, beta = 1): no separate
     add over a vocab-sized buffer, no cast of it, no copy."""
     x, w, t = _inputs(20, 16, 96, 90, torch.float32, seed=12)
     x_, w_ = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    with _AtenRecorder() as rec:
+    with AtenRecorder() as rec:
         loss = _lce(x_, w_, t, num_classes=90, chunk_rows=6, check_targets=False)
     names = [name for name, _ in rec.ops]
     # 4 chunks: a logits GEMM and a dx GEMM each; dW's first GEMM, then 3 accumulating.

@@ -72,13 +72,8 @@ def test_init_from_a_gpt2_vocabulary_model_without_its_bpe_fails_at_once(corpus,
     assert not (tmp_path / "run" / "metrics.csv").exists()  # nothing trained
 
 
-def test_resuming_a_gpt2_run_without_its_bpe_fails_at_once(corpus, tmp_path, monkeypatch):
-    from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
+def test_resuming_a_gpt2_run_without_its_bpe_fails_at_once(corpus, gpt2, tmp_path, monkeypatch):
     from engine.trainer import Trainer, train
-    try:
-        get_tokenizer("gpt2")
-    except TokenizerUnavailableError:
-        pytest.skip("the GPT-2 BPE files are not available (set TIKTOKEN_CACHE_DIR)")
     run = tmp_path / "run"
     kw = dict(tokenizer="gpt2", n_embd=32, warmup_steps=0, checkpoint_interval=1)
     train(tiny_cfg(corpus, run, max_steps=1, **kw), log=quiet)
