@@ -2,7 +2,9 @@
 memory-efficient; one this build or GPU lacks is skipped with the reason), each
 backend timed in paired rounds with ours. GPT-2's B=16 H=12 T=1024 D=64 for fwd,
 bwd and fwd+bwd, and FlashAttention's sweep (16k tokens, width 2048) over T for
-D=64 and 128. TFLOP/s as FlashAttention counts."""
+D=64 and 128; and fwd+bwd at GPT-2's shape with dropout 0.1 (ours and SDPA both
+dropping attention probabilities, each checked for being unbiased). TFLOP/s as
+FlashAttention counts."""
 import pytest
 
 from bench.cases import (ATTN_MAIN, ATTN_SWEEP_D, ATTN_SWEEP_T, ATTN_VARIANTS, attention_case,
@@ -26,4 +28,11 @@ def test_attention_gpt2(benchmark, bench_registry, ceilings, kind, variant):
 @pytest.mark.parametrize("variant", ATTN_VARIANTS)
 def test_attention_sweep(benchmark, bench_registry, ceilings, kind, D, T, variant):
     case = attention_case(kind, **attention_sweep_shape(T, D))
+    run_benchmark(benchmark, case, variant, bench_registry, ceilings)
+
+
+@pytest.mark.benchmark(group="attention-dropout")
+@pytest.mark.parametrize("variant", ATTN_VARIANTS)
+def test_attention_dropout(benchmark, bench_registry, ceilings, variant):
+    case = attention_case("fwdbwd", **ATTN_MAIN, dropout_p=0.1)
     run_benchmark(benchmark, case, variant, bench_registry, ceilings)

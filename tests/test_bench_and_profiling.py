@@ -500,3 +500,18 @@ def test_gpu_report_runs_a_small_comparison():
     assert [r.variant for r in rows] == ["ours", "torch", "liger"]
     assert all(r.check.startswith("pass") and r.seconds > 0 for r in rows[:2]), [r.check for r in rows]
     assert rows[0].metrics["GB_per_s"] > 0 and rows[1].subject_speedup > 0
+
+
+def test_attention_dropout_case_checks_for_bias():
+    """With dropout no two variants share a mask: the case judges each by being
+    unbiased against the no-dropout reference, and a missing 1 / (1 - p) fails."""
+    pytest.importorskip("triton")
+    from bench.cases import attention_case
+    from bench.harness import CheckFailed
+    case = attention_case("fwdbwd", B=1, H=2, T=64, D=16, dtype=torch.float32, device=DEVICE.type,
+                          dropout_p=0.1)
+    assert case.group == "attention-fwdbwd-dropout" and "p=0.1" in case.params
+    ours = case.make("ours")
+    assert case.check("ours", ours) == "pass"
+    with pytest.raises(CheckFailed, match="is biased"):
+        case.check("ours", lambda i: tuple(t * 0.9 for t in ours(i)))
