@@ -240,7 +240,7 @@ def parse_args(argv=None):
                    help=f"seconds after which remaining comparisons are skipped (default {DEFAULT_BUDGET_S})")
     p.add_argument("--only", action="append", default=[],
                    help="run only sections whose name contains this (repeatable): layernorm, "
-                        "linear_gelu, cross_entropy, adamw, attention, attention-sweep, training")
+                        "linear_gelu, cross_entropy, adamw, attention, attention-dropout, attention-sweep, training")
     return p.parse_args(argv)
 
 

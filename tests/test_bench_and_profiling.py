@@ -303,7 +303,7 @@ def test_gpu_plan_lists_every_comparison_lazily():
     full, quick = cases.gpu_plan(False), cases.gpu_plan(True)
     sections = {s for s, _ in full}
     assert sections == {"layernorm", "linear_gelu", "cross_entropy", "adamw", "attention",
-                        "attention-sweep", "training"}
+                        "attention-dropout", "attention-sweep", "training"}
     assert len(quick) < len(full) and all(callable(b) for _, b in full)
     assert sum(s == "attention-sweep" for s, _ in full) == 2 * 2 * len(cases.ATTN_SWEEP_T)
 
