@@ -282,21 +282,20 @@ class Anatomy:
             return sum(o.bytes for o in ops)
         return sum(o.token_bytes if token_part else o.bytes - o.token_bytes for o in ops)
 
-    def counts(self, phase: str | None = None) -> Counter:
-        """Launches per category."""
+    def _launches_by(self, key: str, phase: str | None) -> Counter:
         c: Counter = Counter()
         for o in self.select(phase):
             if o.launches:
-                c[o.category] += o.launches
+                c[getattr(o, key)] += o.launches
         return c
+
+    def counts(self, phase: str | None = None) -> Counter:
+        """Launches per category."""
+        return self._launches_by("category", phase)
 
     def names(self, phase: str | None = None) -> Counter:
         """Launches per op or kernel name."""
-        c: Counter = Counter()
-        for o in self.select(phase):
-            if o.launches:
-                c[o.name] += o.launches
-        return c
+        return self._launches_by("name", phase)
 
 
 def per_layer(shallow: Anatomy, deep: Anatomy, value) -> tuple[float, float]:

@@ -200,6 +200,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
+def load_newest(ckpts) -> tuple[pathlib.Path | None, dict | None, list[tuple[pathlib.Path, UserInputError]]]:
+    """The newest of `ckpts` (oldest first, as list_checkpoints gives them) that loads:
+    (path, state, [(newer path, why it did not load)...]); (None, None, all of them)
+    when none does."""
+    skipped = []
+    for candidate in reversed(ckpts):
+        try:
+            return candidate, load_checkpoint(candidate), skipped
+        except UserInputError as e:
+            skipped.append((candidate, e))
+    return None, None, skipped
+
+
 def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
     """(checkpoint path, state) to resume from `path`: a checkpoint file, or a run
     folder's newest valid checkpoint. A damaged or foreign latest checkpoint in a
@@ -211,20 +224,15 @@ def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
         ckpts = list_checkpoints(given)
         if not ckpts:
             raise UserInputError(f"resume: {given} holds no checkpoint (ckpt_NNNNNN.pt)")
-        skipped = []
-        for candidate in reversed(ckpts):
-            try:
-                state = load_checkpoint(candidate)
-            except CheckpointError as e:
-                skipped.append(e)
-                continue
-            for e in skipped:
-                log(f"resume: skipping {e}")
-            if skipped:
-                log(f"resume: using the newest valid checkpoint, {candidate}")
-            return candidate, state
-        raise UserInputError(f"resume: no valid checkpoint in {given}: {skipped[0]}"
-                             + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+        candidate, state, skipped = load_newest(ckpts)
+        if candidate is None:
+            raise UserInputError(f"resume: no valid checkpoint in {given}: {skipped[0][1]}"
+                                 + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+        for _, e in skipped:
+            log(f"resume: skipping {e}")
+        if skipped:
+            log(f"resume: using the newest valid checkpoint, {candidate}")
+        return candidate, state
     file = resolve_checkpoint(given)
     try:
         return file, load_checkpoint(file)

@@ -28,30 +28,21 @@ def _kind(f: dataclasses.Field) -> str:
             "bool": "bool", "str": "str", "tuple": "pair"}[ann]
 
 
-def _as_int(value, auto: bool):
+def _as_number(value, auto: bool, kind: type):
+    """An int (kind=int, from an int or its text) or a float (kind=float, from any
+    real number or its text); "auto" is None where allowed. Booleans are refused."""
     if auto and value == "auto":
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return kind(value)
     if isinstance(value, str):
         try:
-            return int(value)
+            return kind(value)
         except ValueError:
             pass
-    raise ValueError(f"expected an integer{' or auto' if auto else ''}, got {value!r}")
-
-
-def _as_float(value, auto: bool):
-    if auto and value == "auto":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError(f"expected a number{' or auto' if auto else ''}, got {value!r}")
+    what = "an integer" if kind is int else "a number"
+    raise ValueError(f"expected {what}{' or auto' if auto else ''}, got {value!r}")
 
 
 def _as_bool(value):
@@ -68,7 +59,7 @@ def _as_str(value):
 
 def _as_pair(value):
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return tuple(_as_float(v, auto=False) for v in value)
+        return tuple(_as_number(v, False, float) for v in value)
     raise ValueError(f"expected two numbers, got {value!r}")
 
 
@@ -76,8 +67,8 @@ def convert(name: str, value):
     """A flag's text or a TOML value for field `name`, as the field's type."""
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     kind = _kind(f)
-    converters = {"int?": lambda v: _as_int(v, True), "float?": lambda v: _as_float(v, True),
-                  "int": lambda v: _as_int(v, False), "float": lambda v: _as_float(v, False),
+    converters = {"int?": lambda v: _as_number(v, True, int), "float?": lambda v: _as_number(v, True, float),
+                  "int": lambda v: _as_number(v, False, int), "float": lambda v: _as_number(v, False, float),
                   "bool": _as_bool, "str": _as_str, "pair": _as_pair}
     value = converters[kind](value)
     if name in CHOICES and value not in CHOICES[name]:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from engine import distributed as dist_lib
 from engine.data import default_cache_dir
+from engine.data.corpus import download as _urlopen
 from engine.errors import UserInputError
 from engine.fileio import atomic_write
 from engine.load import add_model_flags
@@ -120,12 +121,6 @@ def load_hellaswag(path, limit: int | None = None) -> list[HellaSwagItem]:
     if not items:
         raise UserInputError(f"{path}: holds no HellaSwag items")
     return items
-
-
-def _urlopen(url: str, timeout: float) -> bytes:
-    import urllib.request
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read()
 
 
 def fetch_hellaswag(cache_dir=None, fetch=None, url: str = HELLASWAG_VAL_URL,

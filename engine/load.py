@@ -14,7 +14,6 @@ Hugging Face GPT-2 folder.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pathlib
@@ -75,29 +74,21 @@ def source_kind(source) -> str:
                          "folder (no config.json)")
 
 
-def _load_file(path: pathlib.Path) -> dict:
-    """A training checkpoint, its checksum and contents checked (engine.checkpoint:
-    one line naming the file and what is wrong with it)."""
-    return ckpt_lib.load_checkpoint(path)
-
-
 def read_checkpoint(source) -> tuple[dict, pathlib.Path, list[str]]:
     """(checkpoint dict, its file, notes) for a checkpoint file or a run folder.
     A run folder gives its newest checkpoint that loads; each newer one that does
     not is named in `notes`."""
     path = pathlib.Path(source)
     if path.is_file():
-        return _load_file(path), path, []
+        return ckpt_lib.load_checkpoint(path), path, []
     candidates = ckpt_lib.list_checkpoints(path)
     if not candidates:
         raise UserInputError(f"{path}: holds no checkpoint (ckpt_NNNNNN.pt)")
-    notes = []
-    for candidate in reversed(candidates):
-        try:
-            return _load_file(candidate), candidate, notes
-        except UserInputError as e:
-            notes.append(f"skipped {candidate.name}: {e}")
-    raise UserInputError(f"{path}: none of its {len(candidates)} checkpoints loads; newest: {notes[0]}")
+    found, ckpt, skipped = ckpt_lib.load_newest(candidates)
+    notes = [f"skipped {p.name}: {e}" for p, e in skipped]
+    if found is None:
+        raise UserInputError(f"{path}: none of its {len(candidates)} checkpoints loads; newest: {notes[0]}")
+    return ckpt, found, notes
 
 
 def checkpoint_tokenizer_name(ckpt: dict) -> str:
@@ -224,9 +215,8 @@ def autocast_context(dtype: str, device: torch.device):
         dtype = "bf16" if device.type == "cuda" else "fp32"
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype}: choose one of auto, {', '.join(DTYPES)}")
-    if dtype == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
+    from engine.step import autocast_factory
+    return autocast_factory(dtype, device.type)
 
 
 def describe(model) -> str:

@@ -23,13 +23,16 @@ import torch
 from torch.profiler import record_function
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_factory(dtype: str, device_type: str, cache_enabled: bool = True):
-    """A zero-argument callable giving a fresh autocast context: bf16 autocast for
-    dtype "bf16", no autocast otherwise. A captured CUDA graph needs
-    cache_enabled=False: autocast's cache of cast weights would hold tensors of the
-    capture that replays never refresh."""
-    if dtype == "bf16":
-        return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16,
+    """A zero-argument callable giving a fresh autocast context: autocast to bf16 or
+    fp16 for dtype "bf16" or "fp16", no autocast otherwise. A captured CUDA graph
+    needs cache_enabled=False: autocast's cache of cast weights would hold tensors
+    of the capture that replays never refresh."""
+    if dtype in AUTOCAST_DTYPES:
+        return lambda: torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype],
                                       cache_enabled=cache_enabled)
     return contextlib.nullcontext
 

@@ -16,7 +16,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "gpt2-engine"
 
 
-def _urlopen_fetch(url: str, timeout: float) -> bytes:
+def download(url: str, timeout: float) -> bytes:
+    """The bytes at `url` (urllib's errors are OSErrors)."""
     import urllib.request
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
@@ -44,7 +45,7 @@ def resolve_default_corpus(cache_dir=None, *, cwd=None, fetch=None, url: str = T
     shakespeare = cache / "tinyshakespeare.txt"
     if shakespeare.is_file() and shakespeare.stat().st_size:
         return shakespeare, f"tiny-shakespeare ({shakespeare}, cached)"
-    fetch = fetch or _urlopen_fetch
+    fetch = fetch or download
     try:
         data = fetch(url, timeout)
         if not data:
