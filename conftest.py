@@ -103,7 +103,7 @@ def pytest_report_header(config):
     mode = "compiled for the GPU" if HAS_CUDA else "Triton's CPU interpreter"
     lines = [f"kernels: {mode} (triton {triton.__version__}, numpy {numpy.__version__})"]
     if not HAS_CUDA:
-        from kernels._common import interpreter_problem
+        from gpt2_kernels._common import interpreter_problem
         problem = interpreter_problem()
         if problem:
             lines.append(f"kernels: every kernel test will fail: {problem}")

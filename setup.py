@@ -1,4 +1,4 @@
-"""Installs the GPT-2 training engine: the `engine` and `kernels` packages.
+"""Installs the GPT-2 training engine: the `engine` and `gpt2_kernels` packages.
 
 CPU-only machines should install the CPU build of PyTorch first
 (`pip install torch==2.13.0`); a bare `torch` requirement otherwise pulls a
@@ -10,7 +10,7 @@ setup(
     name="gpt2-triton-engine",
     version="0.1.0",
     description="GPT-2 training engine whose layers run hand-written Triton kernels",
-    packages=["engine", "kernels"],
+    packages=["engine", "gpt2_kernels"],
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.4",

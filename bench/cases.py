@@ -7,7 +7,7 @@ torch.compile.
 
 Used by the pytest-benchmark suites (one file per op) and by `bench/report.py`,
 so a shape or a check lives in one place. Kernels are reached only through the
-names `kernels/__init__.py` exports, the model only through `engine`'s public API,
+names `gpt2_kernels/__init__.py` exports, the model only through `engine`'s public API,
 and both inside `make`: a variant that cannot be built here is `Unavailable`, with
 the reason.
 
@@ -59,12 +59,12 @@ def _leaf32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernels(*names):
-    """Public functions of the `kernels` package, or Unavailable saying why not."""
+    """Public functions of the `gpt2_kernels` package, or Unavailable saying why not."""
     try:
-        import kernels
-        return [getattr(kernels, n) for n in names]
+        import gpt2_kernels
+        return [getattr(gpt2_kernels, n) for n in names]
     except (ImportError, AttributeError) as e:
-        raise Unavailable(f"kernels is not usable here ({type(e).__name__}: {e})") from None
+        raise Unavailable(f"gpt2_kernels is not usable here ({type(e).__name__}: {e})") from None
 
 
 def _liger(*names):

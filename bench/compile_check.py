@@ -84,7 +84,7 @@ def simulated_hopper():
     queries the launchers make answer as an idle H100 would."""
     import torch
 
-    from kernels import _common
+    from gpt2_kernels import _common
     real_check = _common.check_device
 
     def check_device(op, arg, device):
@@ -93,7 +93,7 @@ def simulated_hopper():
 
     # The rule is imported by name into the kernel modules: replace every binding.
     modules = [m for name, m in list(sys.modules.items())
-               if m is not None and (name == "kernels" or name.startswith("kernels."))]
+               if m is not None and (name == "gpt2_kernels" or name.startswith("gpt2_kernels."))]
     bindings = [(m, attr) for m in modules for attr, value in list(vars(m).items())
                 if value is real_check]
     saved = (torch.cuda.get_device_properties, torch.cuda.is_current_stream_capturing,
@@ -172,8 +172,8 @@ def _cases(full):
     """(label, call) pairs: each call runs public functions forward and backward."""
     import torch
 
-    import kernels
-    from kernels.attention import flash_attention_qkvpacked
+    import gpt2_kernels
+    from gpt2_kernels.attention import flash_attention_qkvpacked
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     dtypes = (bf16, fp16, fp32)
@@ -192,7 +192,7 @@ def _cases(full):
                 def unpacked(dtype=dtype, H=H, D=D, causal=causal):
                     qkv = _meta((B, T, 3, H, D), dtype, True)
                     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-                    _backward(kernels.flash_attention(q, k, v, causal=causal))
+                    _backward(gpt2_kernels.flash_attention(q, k, v, causal=causal))
                 def dropout(dtype=dtype, H=H, D=D, causal=causal):
                     qkv = _meta((B, T, 3, H, D), dtype, True)
                     _backward(flash_attention_qkvpacked(qkv, causal=causal, dropout_p=0.1))
@@ -204,7 +204,7 @@ def _cases(full):
             def decode(dtype=dtype):  # one query against a KV cache
                 q = _meta((B, 12, 1, 64), dtype)
                 kv = _meta((B, 12, T, 64), dtype)
-                kernels.flash_attention(q, kv, kv, causal=True)
+                gpt2_kernels.flash_attention(q, kv, kv, causal=True)
             cases.append((f"flash_attention decode {str(dtype)[6:]}", decode))
 
     # LayerNorm and the fused residual add + LayerNorm at the widths of GPT-2
@@ -219,23 +219,23 @@ def _cases(full):
                     x = _meta((rows, width), dtype, True)
                     w = _meta((width,), dtype, True)
                     b = _meta((width,), dtype, True) if bias else None
-                    _backward(kernels.layer_norm(x, w, b))
+                    _backward(gpt2_kernels.layer_norm(x, w, b))
 
                 def add_ln(dtype=dtype, width=width, rows=rows, bias=bias):
                     x = _meta((rows, width), dtype, True)
                     r = _meta((rows, width), fp32 if dtype != fp32 else dtype, True)
                     w = _meta((width,), fp32, True)
                     b = _meta((width,), fp32, True) if bias else None
-                    h, y = kernels.add_layer_norm(x, r, w, b, out_dtype=dtype)
+                    h, y = gpt2_kernels.add_layer_norm(x, r, w, b, out_dtype=dtype)
                     _backward(h, y)
                     # The last block's h feeds nothing but the final LayerNorm.
-                    h, y = kernels.add_layer_norm(x, r, w, b, out_dtype=dtype)
+                    h, y = gpt2_kernels.add_layer_norm(x, r, w, b, out_dtype=dtype)
                     _backward(y)
                     # Residual dropout, and the first block (no residual yet).
                     seed = _meta((1,), torch.int64)
-                    _backward(*kernels.add_layer_norm(x, r, w, b, out_dtype=dtype, dropout_p=0.1,
+                    _backward(*gpt2_kernels.add_layer_norm(x, r, w, b, out_dtype=dtype, dropout_p=0.1,
                                                       seed=seed))
-                    _backward(*kernels.add_layer_norm(x, None, w, b, out_dtype=dtype,
+                    _backward(*gpt2_kernels.add_layer_norm(x, None, w, b, out_dtype=dtype,
                                                       dropout_p=0.1, seed=seed))
                 name = f"{str(dtype)[6:]} C={width} bias={bias}"
                 cases.append((f"layer_norm {name}", ln))
@@ -248,7 +248,7 @@ def _cases(full):
             w = _meta((4 * C, C), dtype, grad)
             b = _meta((4 * C,), dtype, grad)
             with torch.set_grad_enabled(grad):
-                y = kernels.linear_gelu(x, w, b)
+                y = gpt2_kernels.linear_gelu(x, w, b)
             if grad:
                 _backward(y)
         cases.append((f"linear_gelu {str(dtype)[6:]}", linear_gelu))
@@ -264,7 +264,7 @@ def _cases(full):
                 w = _meta((VOCAB_PADDED, C), dtype, grad)
                 targets = _meta((B * T,), torch.int64)
                 with torch.set_grad_enabled(grad):
-                    loss = kernels.linear_cross_entropy(x, w, targets, num_classes=VOCAB,
+                    loss = gpt2_kernels.linear_cross_entropy(x, w, targets, num_classes=VOCAB,
                                                         check_targets=False)
                 if grad:
                     _backward(loss)
@@ -276,7 +276,7 @@ def _cases(full):
             params = [torch.nn.Parameter(_meta(s, dtype)) for s in ((VOCAB_PADDED, C), (C,), (C, 3 * C))]
             for p in params:
                 p.grad = torch.empty_like(p)
-            kernels.FusedAdamW(params, lr=6e-4, weight_decay=0.1).step()
+            gpt2_kernels.FusedAdamW(params, lr=6e-4, weight_decay=0.1).step()
         cases.append((f"FusedAdamW {str(dtype)[6:]}", adamw))
     return cases
 

@@ -190,7 +190,7 @@ def autotune_choices() -> dict[str, list[dict]]:
 
     choices = {}
     for mod_name, module in sorted(sys.modules.items()):
-        if module is None or not (mod_name == "kernels" or mod_name.startswith("kernels.")):
+        if module is None or not (mod_name == "gpt2_kernels" or mod_name.startswith("gpt2_kernels.")):
             continue
         for attr, tuner in sorted(vars(module).items()):
             cache = getattr(tuner, "cache", None) if isinstance(tuner, Autotuner) else None

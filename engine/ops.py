@@ -1,9 +1,9 @@
-"""The op layer: the engine's only door to `kernels/`.
+"""The op layer: the engine's only door to `gpt2_kernels/`.
 
 Two op sets with the same methods:
 - `TorchOps`: PyTorch's own ops (SDPA, F.layer_norm, F.gelu, F.cross_entropy);
   runs everywhere (CPU, MPS, CUDA) and is the oracle the kernels are tested against.
-- `TritonOps`: the hand-written kernels in `kernels/`, imported lazily so that a
+- `TritonOps`: the hand-written kernels in `gpt2_kernels/`, imported lazily so that a
   machine without Triton (macOS, Windows) never touches them.
 
 `auto` means triton for CUDA tensors when Triton is installed, torch for any other
@@ -115,16 +115,16 @@ class TritonOps:
     bf16 branch, the fp32 stream and the fp32 weights as they are and write their
     output straight in bf16; the loss reads the fp32 (tied) weight as it is.
     Dropout masks come from a seed each kernel draws per call from the device's
-    default generator (kernels/_common.py): reproducible under torch.manual_seed,
+    default generator (gpt2_kernels/_common.py): reproducible under torch.manual_seed,
     fresh on every CUDA-graph replay, restored with the RNG state on resume.
     """
 
     name = "triton"
 
     def __init__(self):
-        import kernels  # deferred: Triton is optional outside Linux
+        import gpt2_kernels  # deferred: Triton is optional outside Linux
 
-        self._k = kernels
+        self._k = gpt2_kernels
 
     def dropout_add_layer_norm(self, x, residual, weight, bias, eps, dropout_p=0.0):
         h, y = self._k.add_layer_norm(x, residual, weight, bias, eps, out_dtype=_autocast_dtype(x),
@@ -194,6 +194,6 @@ def get_ops(backend: str):
 
 def fused_adamw(param_groups, *, lr: float, betas, eps: float, weight_decay: float):
     """The Triton FusedAdamW (one launch per group, fp32 moments, lr and step on the
-    device); see kernels/adamw.py."""
-    from kernels import FusedAdamW  # deferred: Triton is optional outside Linux
+    device); see gpt2_kernels/adamw.py."""
+    from gpt2_kernels import FusedAdamW  # deferred: Triton is optional outside Linux
     return FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

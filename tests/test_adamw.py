@@ -1,4 +1,4 @@
-"""kernels.adamw.FusedAdamW against torch.optim.AdamW."""
+"""gpt2_kernels.adamw.FusedAdamW against torch.optim.AdamW."""
 import io
 import re
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.adamw import FusedAdamW
+from gpt2_kernels.adamw import FusedAdamW
 
 from tests.helpers import AtenRecorder, DEVICE, ON_GPU, assert_bf16_comparable, assert_close, poisoned_allocations
 
@@ -344,7 +344,7 @@ def test_loads_a_state_dict_with_a_tensor_lr():
 # --- Vectorized path: the launch table's alignment logic and misaligned params ---
 
 def _rows(opt, group=0):
-    from kernels.adamw import _TABLE_W
+    from gpt2_kernels.adamw import _TABLE_W
     buffers = opt._group_buffers[group]
     return buffers.table.cpu().view(-1, _TABLE_W).tolist(), buffers.base_slot
 
@@ -369,7 +369,7 @@ def test_table_rows_alignment_logic():
     """Host-side rules on synthetic addresses: base = first aligned non-empty param;
     a row is aligned only if its param and grad are 16-byte aligned; offsets are
     exact element counts and may be negative or huge (separate allocations)."""
-    from kernels.adamw import _table_rows
+    from gpt2_kernels.adamw import _table_rows
     for dtype, esize in ((torch.float32, 4), (torch.bfloat16, 2)):
         params = [torch.zeros(n, dtype=dtype) for n in (5, 0, 300, 40, 7, 9)]
         offsets = [0, 16, 16, 320, 368, 384]

@@ -1,4 +1,4 @@
-"""Fused causal flash attention (kernels/attention.py) against SDPA and float64.
+"""Fused causal flash attention (gpt2_kernels/attention.py) against SDPA and float64.
 
 On CPU the kernels run in Triton's interpreter, so the shapes here are small
 and the tile sizes are the interpreter's (32x16 / 16x32): T = 17, 64, 128 and
@@ -17,9 +17,9 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 import triton
 import triton.language as tl
 
-from kernels import attention as attn_mod
-from kernels._common import SMEM_BUDGET_BYTES
-from kernels.attention import _dropout_keep, flash_attention, flash_attention_qkvpacked
+from gpt2_kernels import attention as attn_mod
+from gpt2_kernels._common import SMEM_BUDGET_BYTES
+from gpt2_kernels.attention import _dropout_keep, flash_attention, flash_attention_qkvpacked
 from tests.helpers import (
     DEVICE,
     AtenRecorder,

@@ -171,10 +171,10 @@ def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, m
     import triton
     from triton.runtime.autotuner import Autotuner
 
-    import kernels  # noqa: F401 - loads every kernel module
+    import gpt2_kernels  # noqa: F401 - loads every kernel module
     from bench import report
     tuners = [(name, attr, obj) for name, mod in sorted(sys.modules.items())
-              if name.startswith("kernels.") and mod is not None
+              if name.startswith("gpt2_kernels.") and mod is not None
               for attr, obj in sorted(vars(mod).items()) if isinstance(obj, Autotuner)]
     assert tuners, "no triton.autotune object in the kernel modules"
     name, attr, tuner = tuners[0]

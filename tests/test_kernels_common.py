@@ -1,4 +1,4 @@
-"""kernels/_common.py: the shared input checks every public kernel entry calls, the one
+"""gpt2_kernels/_common.py: the shared input checks every public kernel entry calls, the one
 device rule, the interpreter-versus-GPU policy read at call time, and the clear error
 for a Triton interpreter that cannot run with the installed numpy."""
 import numpy
@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _common
-from kernels.layernorm import layer_norm
+from gpt2_kernels import _common
+from gpt2_kernels.layernorm import layer_norm
 
 
 @pytest.mark.parametrize("triton_version,numpy_version,broken", [

@@ -1,4 +1,4 @@
-"""kernels/layernorm.py: layer_norm and add_layer_norm against PyTorch and float64.
+"""gpt2_kernels/layernorm.py: layer_norm and add_layer_norm against PyTorch and float64.
 
 On CPU the kernels run in Triton's interpreter (slow), so row counts stay small;
 the real GPT-2 shapes and bf16 run in the GPU-marked tests.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.layernorm import _dropout_mask, add_layer_norm, layer_norm
+from gpt2_kernels.layernorm import _dropout_mask, add_layer_norm, layer_norm
 from tests.helpers import (AtenRecorder, DEVICE, RTOL, assert_bf16_comparable, assert_close,
                            poisoned_allocations)
 

@@ -1,4 +1,4 @@
-"""kernels/linear_cross_entropy.py: linear_cross_entropy against F.cross_entropy on
+"""gpt2_kernels/linear_cross_entropy.py: linear_cross_entropy against F.cross_entropy on
 materialised logits (and float64). Small chunks, to cross chunk boundaries at
 interpreter sizes, go through the module's private entry (`chunk_rows`)."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.linear_cross_entropy import _linear_cross_entropy, linear_cross_entropy
+from gpt2_kernels.linear_cross_entropy import _linear_cross_entropy, linear_cross_entropy
 from tests.helpers import (AtenRecorder, DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
                            assert_close, poisoned_allocations, rel_err)
 

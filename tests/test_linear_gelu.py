@@ -1,4 +1,4 @@
-"""Tests for kernels/linear_gelu.py: linear_gelu == F.gelu(F.linear(x, W, b), approximate="tanh").
+"""Tests for gpt2_kernels/linear_gelu.py: linear_gelu == F.gelu(F.linear(x, W, b), approximate="tanh").
 
 On CPU the kernels run in Triton's interpreter, so shapes stay small; the
 GPT-2-sized checks are marked `gpu`. The recompute and cuBLAS variants are not
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
-from kernels.linear_gelu import _linear_gelu, _Plan, linear_gelu
+from gpt2_kernels.linear_gelu import _linear_gelu, _Plan, linear_gelu
 from tests.helpers import (DEVICE, ON_GPU, RTOL, TEST_DTYPES, assert_bf16_comparable,
                            assert_close, poisoned_allocations)
 
@@ -40,8 +40,8 @@ def _run(fn, x, w, b, dy, **kwargs):
     return (y.detach(),) + tuple(None if t is None else t.grad for t in leaves)
 
 
-# The module itself (`kernels.linear_gelu` names the function once kernels is imported).
-module = importlib.import_module("kernels.linear_gelu")
+# The module itself (`gpt2_kernels.linear_gelu` names the function once kernels is imported).
+module = importlib.import_module("gpt2_kernels.linear_gelu")
 
 
 def _ours(x, w, b, dy, plan=None):

@@ -161,7 +161,7 @@ def test_a_non_finite_step_never_reaches_the_weights(kind):
     model = GPT(GPTConfig(block_size=16, vocab_size=67, n_layer=1, n_head=2, n_embd=16, backend="torch"))
     if kind == "triton":
         pytest.importorskip("triton")
-        from kernels import FusedAdamW
+        from gpt2_kernels import FusedAdamW
         opt = FusedAdamW(model.parameters(), lr=1e-2)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=kind == "torch-fused")
@@ -464,7 +464,7 @@ def test_gpu_graph_replays_skip_non_finite_steps_on_the_device(corpus, tmp_path,
     third stops the run before any checkpoint of a later state. The poison is a device
     scalar the graph reads, set before each replay from the step's data loading."""
     if optimizer == "triton":
-        from kernels import FusedAdamW
+        from gpt2_kernels import FusedAdamW
         if not getattr(FusedAdamW, "supports_found_inf", False):
             pytest.skip("FusedAdamW does not honour found_inf yet: its step syncs the host, which a capture refuses")
     trainer = Trainer(_gpu_cfg(corpus, tmp_path / "run", "on", optimizer=optimizer, max_steps=12,

@@ -60,7 +60,7 @@ def test_logits_match_torch_backend():
 
 
 def test_five_training_steps_match():
-    from kernels import FusedAdamW
+    from gpt2_kernels import FusedAdamW
     ref, fast = pair()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     opt_fast = FusedAdamW(fast.parameters(), lr=1e-2, weight_decay=0.1)

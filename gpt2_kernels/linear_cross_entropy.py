@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._common import (FLOAT_DTYPES, check_int, check_same_device, check_tensor,
+from gpt2_kernels._common import (FLOAT_DTYPES, check_int, check_same_device, check_tensor,
                              on_device, pick)
 
 _TARGET_DTYPES = (torch.int64, torch.int32)

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_same_device, on_device, pick
+from gpt2_kernels._common import check_same_device, on_device, pick
 
 # Columns of the per-parameter table (int64). p_off/g_off: param and grad
 # positions in ELEMENTS relative to the kernel's p_like_ptr argument, valid (and

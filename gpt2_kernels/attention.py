@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._common import (
+from gpt2_kernels._common import (
     FLOAT_DTYPES,
     SMEM_BUDGET_BYTES,
     check_real,

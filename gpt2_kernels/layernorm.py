@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._common import (FLOAT_DTYPES, check_dtype, check_real, check_same_device,
+from gpt2_kernels._common import (FLOAT_DTYPES, check_dtype, check_real, check_same_device,
                              check_tensor, dropout_seed, on_device, pick)
 
 # A row lives in one program's registers; this many bytes of it at most
@@ -520,7 +520,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     again in the backward. seed: an int64 tensor of shape (1,) on x's device,
     read on the device, never synchronised, and not to be changed before the
     backward; None (default) draws one per call from the device's default
-    generator (kernels/_common.py: reproducible under torch.manual_seed, fresh on
+    generator (gpt2_kernels/_common.py: reproducible under torch.manual_seed, fresh on
     every CUDA-graph replay). p = 0 (the default) runs the kernels compiled
     without dropout: bit-identical to no dropout, seed ignored.
 

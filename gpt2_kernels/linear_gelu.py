@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._common import (FLOAT_DTYPES, SMEM_BUDGET_BYTES, check_same_device,
+from gpt2_kernels._common import (FLOAT_DTYPES, SMEM_BUDGET_BYTES, check_same_device,
                              check_same_dtype, check_tensor, interpreting, launch_autotuned,
                              on_device, pick)
 
