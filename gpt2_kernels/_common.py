@@ -29,6 +29,8 @@ Running kernels:
   ``triton.autotune`` wrapper over GPU configs; under the interpreter, which
   cannot benchmark, its plain kernel with one small config.
 - ``on_device(t)``: makes t's CUDA device the current one for a launch.
+- ``with_descriptor_scratch(device, fn, *args)``: runs launches of kernels that
+  build TMA descriptors on the device, which need scratch memory from an allocator.
 - ``interpreter_problem()``: why this Triton's interpreter cannot run here, or None.
 
 Dropout seeds: a kernel with dropout draws its mask from Philox keyed by a seed
@@ -92,6 +94,25 @@ def launch_autotuned(tuned, grid, args, meta: dict, *, interpreter_config) -> No
 def on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device, which need not be t's: make it so."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def with_descriptor_scratch(device: torch.device, fn, *args, **kwargs):
+    """fn(*args, **kwargs), for launches of kernels that build TMA descriptors
+    on the device (`tl.make_tensor_descriptor`): those write the descriptors to
+    global scratch memory, which Triton asks the allocator of
+    `triton.set_allocator` for at each launch. Here PyTorch's caching allocator
+    on `device` serves it (stream-ordered, and from the graph's pool while a
+    CUDA graph is captured), set in a copy of the current context so that the
+    caller's own allocator setting is left as it was."""
+    import contextvars
+
+    import triton
+
+    def run():
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        return fn(*args, **kwargs)
+    return contextvars.copy_context().run(run)
 
 
 def _version(text: str) -> tuple[int, int]:

@@ -4,6 +4,11 @@ On CPU the kernels run in Triton's interpreter, so the shapes here are small
 and the tile sizes are the interpreter's (32x16 / 16x32): T = 17, 64, 128 and
 257 still cross several block and diagonal boundaries. Real shapes and bf16
 run on the GPU (`@pytest.mark.gpu`).
+
+The correctness tests run each kernel path (PATHS): the TMA forward with the
+atomic backward (the default; the interpreter runs descriptors as masked
+loads), and the pointer kernels with the deterministic backward (tma=False);
+the TMA forward with the deterministic backward has tests of its own.
 """
 import math
 
@@ -22,6 +27,7 @@ from gpt2_kernels._common import SMEM_BUDGET_BYTES
 from gpt2_kernels.attention import _dropout_keep, flash_attention, flash_attention_qkvpacked
 from tests.helpers import (
     DEVICE,
+    ON_GPU,
     AtenRecorder,
     RTOL,
     assert_bf16_comparable,
@@ -31,6 +37,12 @@ from tests.helpers import (
 
 # fp32 against SDPA and against float64; fp16 against float64.
 TOL = {torch.float32: 1e-4, torch.float16: RTOL[torch.float16]}
+
+# The kernel paths, as the public functions' arguments choose them.
+PATHS = {"tma-atomic": {}, "pointer-deterministic": {"tma": False}}
+# Tests that compare bits between runs take the backward without atomics (on a
+# GPU the atomic one's dq varies in its last bits).
+DETERMINISTIC = {"deterministic": True}
 
 
 # ----------------------------------------------------------------------------
@@ -77,14 +89,15 @@ def make_inputs(B, H, Tq, Tk, D, dtype, seed, layout="bhtd"):
     return out
 
 
-def run_ours(q, k, v, do, causal, scale=None, tiles=None):
+def run_ours(q, k, v, do, causal, scale=None, tiles=None, path="tma-atomic"):
     """Forward and backward of our kernel, every allocation poisoned."""
+    choice = PATHS[path] if isinstance(path, str) else path
     with poisoned_allocations():
         if tiles is None:
-            o = flash_attention(q, k, v, causal=causal, sm_scale=scale)
+            o = flash_attention(q, k, v, causal=causal, sm_scale=scale, **choice)
         else:
             sm = q.shape[-1] ** -0.5 if scale is None else scale
-            o = attn_mod._attention(q, k, v, attn_mod._Call(causal, sm, tiles=tiles))
+            o = attn_mod._attention(q, k, v, attn_mod._Call(causal, sm, tiles=tiles, **choice))
     with poisoned_allocations():
         dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o, dq, dk, dv
@@ -108,10 +121,11 @@ def assert_matches(actual, expected, tol, name):
         assert_close(actual, expected, tol, name)
 
 
-def check_against_references(q, k, v, causal, tol, scale=None, seed=0, tiles=None):
+def check_against_references(q, k, v, causal, tol, scale=None, seed=0, tiles=None,
+                             path="tma-atomic"):
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     do = torch.randn(q.shape, generator=g).to(DEVICE, q.dtype)
-    ours = run_ours(q, k, v, do, causal, scale, tiles)
+    ours = run_ours(q, k, v, do, causal, scale, tiles, path)
     exact = run_ref(reference_fp64, q, k, v, do, causal, scale, torch.float64)
     names = ("out", "dq", "dk", "dv")
     for name, a, e in zip(names, ours, exact):
@@ -141,27 +155,31 @@ SHAPES = [  # B, H, T, D, causal
 ]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,H,T,D,causal", SHAPES)
-def test_matches_sdpa_and_fp64_fp32(B, H, T, D, causal):
+def test_matches_sdpa_and_fp64_fp32(B, H, T, D, causal, path):
     q, k, v = make_inputs(B, H, T, T, D, torch.float32, seed=T * 1000 + D)
-    check_against_references(q, k, v, causal, TOL[torch.float32])
+    check_against_references(q, k, v, causal, TOL[torch.float32], path=path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,H,T,D,causal", [(1, 3, 17, 16, True), (2, 1, 64, 64, False),
                                             (1, 1, 128, 32, True)])
-def test_fp16(B, H, T, D, causal):
+def test_fp16(B, H, T, D, causal, path):
     q, k, v = make_inputs(B, H, T, T, D, torch.float16, seed=7 + T)
-    check_against_references(q, k, v, causal, TOL[torch.float16])
+    check_against_references(q, k, v, causal, TOL[torch.float16], path=path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_transposed_bthd_input_without_copy(causal):
+def test_transposed_bthd_input_without_copy(causal, path):
     q, k, v = make_inputs(2, 3, 33, 33, 32, torch.float32, seed=3, layout="bthd")
     assert not q.is_contiguous() and q.stride(-1) == 1
-    check_against_references(q, k, v, causal, TOL[torch.float32])
+    check_against_references(q, k, v, causal, TOL[torch.float32], path=path)
 
 
-def test_mixed_layouts():
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_layouts(path):
     """q, k and v each with their own strides: q a slice of a fused (B, T, 3, H, D)
     qkv buffer, k a (B, T, H, D) transpose, v contiguous (B, H, T, D)."""
     B, H, T, D = 2, 3, 37, 16
@@ -171,14 +189,15 @@ def test_mixed_layouts():
     k = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
     v = torch.randn(B, H, T, D, generator=g).to(DEVICE).requires_grad_()
     assert len({q.stride(), k.stride(), v.stride()}) == 3
-    check_against_references(q, k, v, True, TOL[torch.float32])
+    check_against_references(q, k, v, True, TOL[torch.float32], path=path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("Tq,Tk,D,causal", [(1, 17, 32, True), (5, 70, 16, True),
                                             (40, 57, 64, True), (17, 64, 16, False)])
-def test_decoding_tq_less_than_tk(Tq, Tk, D, causal):
+def test_decoding_tq_less_than_tk(Tq, Tk, D, causal, path):
     q, k, v = make_inputs(1, 3, Tq, Tk, D, torch.float32, seed=Tq + Tk)
-    o, *grads = check_against_references(q, k, v, causal, TOL[torch.float32])
+    o, *grads = check_against_references(q, k, v, causal, TOL[torch.float32], path=path)
     assert all(torch.isfinite(t).all() for t in (o, *grads))
 
 
@@ -189,9 +208,11 @@ def test_custom_scale():
 
 # Explicit tiles exercise stage boundaries that the single interpreter config
 # cannot: BLOCK_M == BLOCK_N, BLOCK_M < BLOCK_N in the forward, and the
-# opposite ratios in the backward.
+# opposite ratios in the backward. The TMA forward takes the forward's tile,
+# the atomic backward the dK/dV kernel's.
 def tiles(fwd, dkdv, dq):
-    return attn_mod._Tiles(attn_mod._Tile(*fwd), attn_mod._Tile(*dkdv), attn_mod._Tile(*dq))
+    fwd, dkdv, dq = attn_mod._Tile(*fwd), attn_mod._Tile(*dkdv), attn_mod._Tile(*dq)
+    return attn_mod._Tiles(fwd=fwd, dkdv=dkdv, dq=dq, fwd_tma=fwd, bwd_atomic=dkdv)
 
 
 TILES = [
@@ -201,11 +222,12 @@ TILES = [
 ]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fixed", TILES, ids=["16x16", "16x32", "64x16"])
 @pytest.mark.parametrize("Tq,Tk,causal", [(70, 70, True), (70, 119, True), (50, 50, False)])
-def test_tile_shapes(fixed, Tq, Tk, causal):
+def test_tile_shapes(fixed, Tq, Tk, causal, path):
     q, k, v = make_inputs(1, 1, Tq, Tk, 16, torch.float32, seed=Tq * 7 + Tk)
-    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=fixed)
+    check_against_references(q, k, v, causal, TOL[torch.float32], tiles=fixed, path=path)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
@@ -227,6 +249,8 @@ def test_lse_saved_for_backward():
     s = s.masked_fill(~causal_mask(37, 37, q.device), float("-inf"))
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 37)
     assert_close(lse, torch.logsumexp(s, dim=-1) / math.log(2), 1e-5, "lse")
+    # Rows 16 bytes apart: the atomic backward reads them by TMA.
+    assert lse.stride(1) * 4 % 16 == 0 and attn_mod._tma_unready_reason(lse) is None
 
 
 def test_output_layout_is_bthd():
@@ -236,11 +260,12 @@ def test_output_layout_is_bthd():
     assert o.transpose(1, 2).is_contiguous()
 
 
-def test_stride_zero_grad_output():
+@pytest.mark.parametrize("path", PATHS)
+def test_stride_zero_grad_output(path):
     """`out.sum().backward()` hands the kernel a gradient with all strides 0."""
     q, k, v = make_inputs(1, 2, 20, 20, 16, torch.float32, seed=2)
     with poisoned_allocations():
-        flash_attention(q, k, v).sum().backward()
+        flash_attention(q, k, v, **PATHS[path]).sum().backward()
     ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     sdpa(*ref, True).sum().backward()
     for name, a, r in zip("qkv", (q, k, v), ref):
@@ -249,6 +274,8 @@ def test_stride_zero_grad_output():
 
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_only_some_inputs_need_grad(which):
+    """The atomic backward serves calls that want dq, dk and dv; these take
+    only the kernels of the deterministic one that they need."""
     q, k, v = make_inputs(1, 1, 33, 33, 16, torch.float32, seed=4)
     inputs = [t.detach().requires_grad_(i == which) for i, t in enumerate((q, k, v))]
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
@@ -268,17 +295,18 @@ def test_only_some_inputs_need_grad(which):
 def test_backward_is_deterministic():
     q, k, v = make_inputs(2, 1, 70, 70, 32, torch.float32, seed=8)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    first = run_ours(q, k, v, do, True)
-    second = run_ours(q, k, v, do, True)
+    first = run_ours(q, k, v, do, True, path=DETERMINISTIC)
+    second = run_ours(q, k, v, do, True, path=DETERMINISTIC)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("Tq,Tk,causal", [(1, 1, True), (1, 1, False), (1, 30, True), (7, 40, True)])
-def test_no_nan(Tq, Tk, causal):
+def test_no_nan(Tq, Tk, causal, path):
     q, k, v = make_inputs(1, 2, Tq, Tk, 16, torch.float32, seed=Tq)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    for t in run_ours(q, k, v, do, causal):
+    for t in run_ours(q, k, v, do, causal, path=path):
         assert torch.isfinite(t).all()
 
 
@@ -371,17 +399,18 @@ def unpack(qkv):
     return [t.transpose(1, 2) for t in qkv.unbind(2)]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,T,H,D,causal,dtype,pad", [
     (2, 37, 3, 16, True, torch.float32, 0),
     (1, 64, 2, 32, False, torch.float32, 8),
     (1, 33, 2, 64, True, torch.float16, 16),
 ])
-def test_qkvpacked_matches_sdpa(B, T, H, D, causal, dtype, pad):
+def test_qkvpacked_matches_sdpa(B, T, H, D, causal, dtype, pad, path):
     qkv = make_qkv(B, T, H, D, dtype, seed=T + D, pad=pad).requires_grad_()
     assert (qkv.stride(-1) == 1) and (pad == 0) == qkv.is_contiguous()
     do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     with poisoned_allocations():
-        o = flash_attention_qkvpacked(qkv, causal=causal)
+        o = flash_attention_qkvpacked(qkv, causal=causal, **PATHS[path])
     assert o.shape == (B, H, T, D) and o.transpose(1, 2).is_contiguous()
     with poisoned_allocations():
         (dqkv,) = torch.autograd.grad(o, qkv, do)
@@ -395,10 +424,15 @@ def test_qkvpacked_matches_sdpa(B, T, H, D, causal, dtype, pad):
         oracle = run_ref(sdpa, *unpack(qkv), do, causal)
         for name, a, e in zip(names, ours, oracle):
             assert_matches(a, e, TOL[dtype], f"{name} vs SDPA")
-        # The same kernels as the unpacked entry: identical bits.
-        unpacked = run_ours(*(t.detach().requires_grad_() for t in unpack(qkv)), do, causal)
+        # The same kernels as the unpacked entry: identical bits (but for the
+        # atomic backward's dq, whose sums may come in another order on a GPU).
+        unpacked = run_ours(*(t.detach().requires_grad_() for t in unpack(qkv)), do, causal,
+                            path=path)
         for name, a, b in zip(names, ours, unpacked):
-            assert torch.equal(a, b), f"{name}: packed and unpacked entries differ"
+            if name == "dq" and ON_GPU and path == "tma-atomic":
+                assert_close(a, b, 1e-6, name)
+            else:
+                assert torch.equal(a, b), f"{name}: packed and unpacked entries differ"
 
 
 # Ops that would copy, gather or accumulate a whole gradient.
@@ -499,9 +533,9 @@ def make_seed(value):
 def test_dropout_zero_is_the_plain_path():
     q, k, v = make_inputs(2, 3, 37, 37, 16, torch.float32, seed=30)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(31)).to(DEVICE)
-    plain = run_ours(q, k, v, do, True)
+    plain = run_ours(q, k, v, do, True, path=DETERMINISTIC)
     with poisoned_allocations():
-        o = flash_attention(q, k, v, dropout_p=0.0, seed=make_seed(7))
+        o = flash_attention(q, k, v, dropout_p=0.0, seed=make_seed(7), **DETERMINISTIC)
         grads = torch.autograd.grad(o, (q, k, v), do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), plain, (o, *grads)):
         assert torch.equal(a, b), f"{name} differs at dropout_p=0"
@@ -512,7 +546,7 @@ def test_dropout_seed_reproduces_and_changes_the_mask():
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(33)).to(DEVICE)
 
     def run(seed):
-        o = flash_attention(q, k, v, dropout_p=0.25, seed=seed)
+        o = flash_attention(q, k, v, dropout_p=0.25, seed=seed, **DETERMINISTIC)
         return (o, *torch.autograd.grad(o, (q, k, v), do))
     first, again, other = run(make_seed(11)), run(make_seed(11)), run(make_seed(12))
     for a, b in zip(first, again):
@@ -526,17 +560,18 @@ def test_dropout_seed_reproduces_and_changes_the_mask():
     assert not torch.equal(flash_attention(q, k, v, dropout_p=0.25), drawn)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,H,Tq,Tk,D,causal,p", [
     (2, 2, 37, 37, 16, True, 0.2),
     (1, 3, 50, 50, 32, False, 0.5),
     (1, 2, 9, 70, 16, True, 0.1),  # decoding: queries at the end of the keys
 ])
-def test_dropout_gradients_exact_for_the_mask_drawn(B, H, Tq, Tk, D, causal, p):
+def test_dropout_gradients_exact_for_the_mask_drawn(B, H, Tq, Tk, D, causal, p, path):
     q, k, v = make_inputs(B, H, Tq, Tk, D, torch.float32, seed=Tq + D)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(34)).to(DEVICE)
     seed = make_seed(1000 + Tq)
     with poisoned_allocations():
-        o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=seed)
+        o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=seed, **PATHS[path])
     with poisoned_allocations():
         ours = (o, *torch.autograd.grad(o, (q, k, v), do))
     mask = dropout_mask(seed, B, H, Tq, Tk, p)
@@ -551,10 +586,10 @@ def test_dropout_gradients_exact_for_the_mask_drawn(B, H, Tq, Tk, D, causal, p):
 def test_dropout_qkvpacked_draws_the_same_mask():
     qkv = make_qkv(1, 33, 2, 16, torch.float32, seed=35).requires_grad_()
     do = torch.randn(1, 2, 33, 16, generator=torch.Generator().manual_seed(36)).to(DEVICE)
-    o = flash_attention_qkvpacked(qkv, dropout_p=0.3, seed=make_seed(9))
+    o = flash_attention_qkvpacked(qkv, dropout_p=0.3, seed=make_seed(9), **DETERMINISTIC)
     (dqkv,) = torch.autograd.grad(o, qkv, do)
     unpacked = [t.detach().requires_grad_() for t in unpack(qkv)]
-    o_ref = flash_attention(*unpacked, dropout_p=0.3, seed=make_seed(9))
+    o_ref = flash_attention(*unpacked, dropout_p=0.3, seed=make_seed(9), **DETERMINISTIC)
     grads = torch.autograd.grad(o_ref, unpacked, do)
     assert torch.equal(o, o_ref)
     for a, b in zip((t.transpose(1, 2) for t in dqkv.unbind(2)), grads):
@@ -582,12 +617,125 @@ def test_dropout_keeps_one_minus_p():
 
 
 # ----------------------------------------------------------------------------
+# kernel paths
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def launched(monkeypatch):
+    """The names of the autotuned attention kernels launched, in order."""
+    names = []
+    real = attn_mod.launch_autotuned
+
+    def spy(tuned, grid, args, meta, **kwargs):
+        names.append(tuned.base_fn.__name__)
+        return real(tuned, grid, args, meta, **kwargs)
+    monkeypatch.setattr(attn_mod, "launch_autotuned", spy)
+    return names
+
+
+def _misaligned(B, H, T, D, seed):
+    """A (B, H, T, D) fp32 leaf whose data starts 4 bytes past a 16-byte boundary."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(B * H * T * D + 4, generator=g).to(DEVICE)
+    start = next(i for i in range(4) if (buf.data_ptr() + 4 * i) % 16 == 4)
+    return buf[start:start + B * H * T * D].view(B, H, T, D).requires_grad_()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's choice (a GPU's depends on its TMA)")
+@pytest.mark.parametrize("choice,kernels", [
+    ({}, ["_attn_fwd_tma", "_attn_bwd_atomic"]),
+    ({"deterministic": True}, ["_attn_fwd_tma", "_attn_bwd_dkdv", "_attn_bwd_dq"]),
+    ({"tma": False}, ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]),
+    ({"tma": True, "deterministic": True}, ["_attn_fwd_tma", "_attn_bwd_dkdv", "_attn_bwd_dq"]),
+], ids=["default", "deterministic", "tma=False", "tma=True,deterministic"])
+def test_arguments_choose_the_kernels(launched, choice, kernels):
+    q, k, v = make_inputs(1, 2, 20, 20, 16, torch.float32, seed=40)
+    flash_attention(q, k, v, **choice).sum().backward()
+    assert launched == kernels
+
+
+@pytest.mark.parametrize("Tq,Tk,causal,p", [(37, 37, True, 0.0), (9, 70, True, 0.2),
+                                            (50, 50, False, 0.3)])
+def test_tma_forward_with_the_deterministic_backward(Tq, Tk, causal, p):
+    """The third combination: the TMA forward's output and LSE feed the
+    two-kernel backward, which gives what the atomic one does."""
+    q, k, v = make_inputs(1, 2, Tq, Tk, 32, torch.float32, seed=Tq + Tk)
+    if p == 0:
+        check_against_references(q, k, v, causal, TOL[torch.float32], path=DETERMINISTIC)
+        return
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(41)).to(DEVICE)
+    results = []
+    for choice in ({}, DETERMINISTIC, {"tma": False}):
+        with poisoned_allocations():
+            o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=make_seed(5), **choice)
+            results.append((o, *torch.autograd.grad(o, (q, k, v), do)))
+    for other in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], other):
+            assert_close(a, b, 1e-5, f"{name}: one dropout mask, two paths")
+
+
+def test_unaligned_inputs_take_the_pointer_kernels(launched):
+    """TMA needs 16-byte aligned data: by default such inputs run the pointer
+    kernels (right all the same); tma=True refuses them in one line."""
+    B, H, T, D = 1, 2, 24, 16
+    q = _misaligned(B, H, T, D, seed=42)
+    _, k, v = make_inputs(B, H, T, T, D, torch.float32, seed=43)
+    check_against_references(q, k, v, True, TOL[torch.float32])
+    if not ON_GPU:
+        assert launched == ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+    with pytest.raises(ValueError, match="flash_attention: tma=True, but TMA cannot read q: its "
+                                         "data does not start on a 16-byte boundary"):
+        flash_attention(q, k, v, tma=True)
+    # Rows of 3 * 16 + 1 floats: 196 bytes apart.
+    with pytest.raises(ValueError, match="flash_attention_qkvpacked: tma=True, but TMA cannot "
+                                         "read qkv: stride 49 is not a positive multiple"):
+        flash_attention_qkvpacked(make_qkv(1, 4, 1, 16, torch.float32, seed=0, pad=1), tma=True)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"deterministic": "yes"}, TypeError, "deterministic must be a bool, got str"),
+    ({"deterministic": None}, TypeError, "deterministic must be a bool, got NoneType"),
+    ({"tma": 1}, TypeError, "tma must be None or a bool, got int"),
+])
+def test_bad_kernel_choice(kwargs, exc, match):
+    q = _t(1, 1, 4, 16)
+    for entry, args in ((flash_attention, (q, q, q)), (flash_attention_qkvpacked, (_t(1, 4, 3, 1, 16),))):
+        with pytest.raises(exc, match=f"{entry.__name__}: {match}"):
+            entry(*args, **kwargs)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the interpreter's bf16 handling")
+@pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "qkvpacked"])
+def test_bf16_under_the_interpreter_is_computed_in_fp32(packed):
+    """The interpreter multiplies bf16 as raw bits (errors ~1e8): bf16 calls
+    there compute in fp32 and round once, so they are as accurate as PyTorch's
+    own bf16, forward and backward, with the documented layouts."""
+    B, T, H, D = 2, 37, 3, 32
+    qkv = make_qkv(B, T, H, D, torch.bfloat16, seed=44).requires_grad_()
+    do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(45)).to(DEVICE, torch.bfloat16)
+    if packed:
+        o = flash_attention_qkvpacked(qkv)
+        (dqkv,) = torch.autograd.grad(o, qkv, do)
+        assert dqkv.dtype == torch.bfloat16 and dqkv.is_contiguous()
+        ours = (o, *(t.transpose(1, 2) for t in dqkv.unbind(2)))
+    else:
+        q, k, v = (t.detach().requires_grad_() for t in unpack(qkv))
+        o = flash_attention(q, k, v)
+        ours = (o, *torch.autograd.grad(o, (q, k, v), do))
+    assert o.dtype == torch.bfloat16 and o.transpose(1, 2).is_contiguous()
+    theirs = run_ref(sdpa, *unpack(qkv), do, True)
+    exact = run_ref(reference_fp64, *unpack(qkv), do, True, None, torch.float64)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+        assert a.dtype == torch.bfloat16
+        assert_bf16_comparable(a, t, e, name)
+
+
+# ----------------------------------------------------------------------------
 # GPU only
 # ----------------------------------------------------------------------------
-def _bf16_check(B, H, Tq, Tk, D, causal, seed):
+def _bf16_check(B, H, Tq, Tk, D, causal, seed, path="tma-atomic"):
     q, k, v = make_inputs(B, H, Tq, Tk, D, torch.bfloat16, seed=seed)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, torch.bfloat16)
-    ours = run_ours(q, k, v, do, causal)
+    ours = run_ours(q, k, v, do, causal, path=path)
     theirs = run_ref(sdpa, q, k, v, do, causal)
     exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
     for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
@@ -596,6 +744,7 @@ def _bf16_check(B, H, Tq, Tk, D, causal, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", [*PATHS, "deterministic"])
 @pytest.mark.parametrize("B,H,Tq,Tk,D,causal", [
     (16, 12, 1024, 1024, 64, True),  # GPT-2 small
     (2, 3, 257, 257, 128, True),
@@ -603,21 +752,23 @@ def _bf16_check(B, H, Tq, Tk, D, causal, seed):
     (2, 2, 1, 1, 16, True),
     (2, 4, 77, 500, 64, True),  # decoding
 ])
-def test_gpu_bf16(B, H, Tq, Tk, D, causal):
-    _bf16_check(B, H, Tq, Tk, D, causal, seed=Tq + D)
+def test_gpu_bf16(B, H, Tq, Tk, D, causal, path):
+    _bf16_check(B, H, Tq, Tk, D, causal, seed=Tq + D,
+                path=DETERMINISTIC if path == "deterministic" else path)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,H,Tq,Tk,D,causal", [(4, 12, 1024, 1024, 64, True),
                                                 (2, 3, 257, 257, 128, False)])
-def test_gpu_dropout_bf16(B, H, Tq, Tk, D, causal):
+def test_gpu_dropout_bf16(B, H, Tq, Tk, D, causal, path):
     """bf16 with dropout against the explicit-mask formula: our error within 2x
     of PyTorch's own bf16 error, forward and backward."""
     p = 0.1
     q, k, v = make_inputs(B, H, Tq, Tk, D, torch.bfloat16, seed=Tq)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
     seed = make_seed(77)
-    o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=seed)
+    o = flash_attention(q, k, v, causal=causal, dropout_p=p, seed=seed, **PATHS[path])
     ours = (o, *torch.autograd.grad(o, (q, k, v), do))
     mask = dropout_mask(seed, B, H, Tq, Tk, p)
     results = {}
@@ -632,15 +783,46 @@ def test_gpu_dropout_bf16(B, H, Tq, Tk, D, causal):
 
 
 @pytest.mark.gpu
-def test_gpu_repeat_is_bit_identical():
+@pytest.mark.parametrize("path", [DETERMINISTIC, {"tma": False}], ids=["tma", "pointer"])
+def test_gpu_repeat_is_bit_identical(path):
     """Races in the kernels would show as run-to-run differences."""
+    q, k, v = make_inputs(16, 12, 1024, 1024, 64, torch.bfloat16, seed=0)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    first = run_ours(q, k, v, do, True, path=path)
+    for _ in range(20):
+        again = run_ours(q, k, v, do, True, path=path)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_backward_varies_only_in_dq_rounding():
+    """The atomic backward: out, dk and dv the same bits every run (no race);
+    dq, summed by atomics in whatever order they land, within a bf16 step of
+    the first run's."""
     q, k, v = make_inputs(16, 12, 1024, 1024, 64, torch.bfloat16, seed=0)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
     first = run_ours(q, k, v, do, True)
     for _ in range(20):
         again = run_ours(q, k, v, do, True)
-        for a, b in zip(first, again):
-            assert torch.equal(a, b)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), first, again):
+            if name == "dq":
+                step = 2.0 ** -7 * b.float().abs()
+                assert ((a.float() - b.float()).abs() <= step + 1e-30).all(), name
+            else:
+                assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_default_kernels_follow_the_device(launched):
+    """Hopper and newer: the TMA forward and the atomic backward; older GPUs:
+    the pointer kernels."""
+    q, k, v = make_inputs(2, 4, 256, 256, 64, torch.bfloat16, seed=3)
+    flash_attention(q, k, v).sum().backward()
+    if torch.cuda.get_device_capability(DEVICE)[0] >= 9:
+        assert launched == ["_attn_fwd_tma", "_attn_bwd_atomic"]
+    else:
+        assert launched == ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
 
 
 def _fitting(tiles, kind, D, elsize):
@@ -650,25 +832,26 @@ def _fitting(tiles, kind, D, elsize):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_every_autotune_config(D, dtype):
+def test_gpu_every_autotune_config(D, dtype, path):
     """Autotune may pick any config for some shape: each must be right."""
     elsize = torch.empty((), dtype=dtype).element_size()
     fp32 = dtype == torch.float32  # float32 has its own (smaller) tiles
-    fwd = _fitting(attn_mod._FWD_TILES_FP32 if fp32 else attn_mod._FWD_TILES, "fwd", D, elsize)
-    dkdv = _fitting(attn_mod._DKDV_TILES_FP32 if fp32 else attn_mod._DKDV_TILES, "dkdv", D, elsize)
-    dq = _fitting(attn_mod._DQ_TILES_FP32 if fp32 else attn_mod._DQ_TILES, "dq", D, elsize)
+    kinds = ("fwd_tma", "bwd_atomic") if path == "tma-atomic" else ("fwd", "dkdv", "dq")
+    lists = {kind: _fitting(attn_mod._TILES[kind][1 if fp32 else 0], kind, D, elsize)
+             for kind in kinds}
     # Pair the lists cyclically so each config runs at least once.
-    n = max(len(fwd), len(dkdv), len(dq))
+    n = max(len(tiles) for tiles in lists.values())
     for Tq, Tk, causal in [(300, 300, True), (45, 300, True), (300, 300, False)]:
         q, k, v = make_inputs(2, 3, Tq, Tk, D, dtype, seed=Tq + Tk + D)
         do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
         theirs = run_ref(sdpa, q, k, v, do, causal)
         exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
         for i in range(n):
-            fixed = attn_mod._Tiles(fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)])
-            ours = run_ours(q, k, v, do, causal, tiles=fixed)
+            fixed = attn_mod._Tiles(**{kind: tiles[i % len(tiles)] for kind, tiles in lists.items()})
+            ours = run_ours(q, k, v, do, causal, tiles=fixed, path=path)
             for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
                 if fp32:
                     assert_close(a, e, TOL[torch.float32], f"{name} tiles={fixed} Tq={Tq} Tk={Tk}")

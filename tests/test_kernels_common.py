@@ -205,3 +205,24 @@ def test_launch_autotuned_on_the_gpu_goes_through_the_autotuner(monkeypatch):
     _common.launch_autotuned(FakeTuner(), grid, (1, 2), {"CAUSAL": True},
                              interpreter_config=triton.Config({"BLOCK": 16}))
     assert calls == [(grid, (1, 2), {"CAUSAL": True})]
+
+
+def test_descriptor_scratch_comes_from_torch_and_leaves_the_callers_allocator():
+    """Kernels that build TMA descriptors on the device need scratch memory
+    from Triton's allocator: with_descriptor_scratch serves it from PyTorch on
+    the given device, for the call only; the caller's own setting (here a
+    sentinel, in a context of this test's own) is what it was afterwards."""
+    import contextvars
+
+    from triton.runtime import _allocation  # the allocator Triton's launcher reads
+
+    def caller():
+        def sentinel(size, alignment, stream):
+            raise AssertionError("the caller's allocator was used")
+        triton.set_allocator(sentinel)
+        seen = _common.with_descriptor_scratch(torch.device("cpu"), _allocation._allocator.get)
+        buffer = seen(256, 128, None)
+        assert isinstance(buffer, torch.Tensor) and buffer.numel() == 256
+        assert buffer.dtype == torch.int8 and buffer.device.type == "cpu"
+        assert _allocation._allocator.get() is sentinel
+    contextvars.copy_context().run(caller)
