@@ -23,10 +23,17 @@ kernels themselves is replaced.
 Each build reports its shared memory, registers, stack, the bytes of register
 spills (local-memory stores and loads in the SASS) and how many of them sit
 inside a loop -- a kernel's main loop -- and which `tl.dot`s became Hopper's
-warp-group MMA (wgmma). The check fails (exit status 1) when a build fails,
-needs more shared memory than an H100 has, spills inside a loop, or leaves a
-16-bit dot on 64 rows or more off wgmma. float32 kernels run IEEE dots on CUDA
-cores by design: for them spills are reported, not judged.
+warp-group MMA (wgmma); and per main loop (a loop that multiplies matrices):
+its matmuls (loop_dots, from the TTGIR), its TMA bulk copies
+(`cp.async.bulk.tensor`, loop_tma) and the fewest wgmma groups still in
+flight at any of its exponentials (overlap, from the PTX's commits and
+waits). The check fails (exit status 1) when a build fails, needs more shared
+memory than an H100 has, spills inside a loop, or leaves a 16-bit dot on 64
+rows or more off wgmma; and, in 16 bits, when the TMA attention kernels'
+main loops load without TMA, when the TMA forward waits for all its wgmma
+before the softmax (overlap 0), or when the atomic backward does other than 5
+matmuls per block pair (LOOP_EXPECTATIONS). float32 kernels run IEEE dots on
+CUDA cores by design: for them spills are reported, not judged.
 
     python -m bench.compile_check                 # the fast set (CI)
     python -m bench.compile_check --full          # every launch x every config
@@ -180,26 +187,29 @@ def _cases(full):
     cases = []
 
     # Attention: D=64 (GPT-2) and D=128, causal and not; q, k, v as the model
-    # makes them, strided views of the qkv projection's output.
+    # makes them, strided views of the qkv projection's output. Each kernel
+    # path: the default (TMA forward, atomic backward), deterministic=True
+    # (its two-kernel backward) and tma=False (the pointer kernels).
     heads = [(12, 64), (6, 128)] + ([(24, 32), (48, 16)] if full else [])
+    paths = {"": {}, " deterministic": {"deterministic": True}, " tma=False": {"tma": False}}
     for dtype in dtypes:
         for H, D in heads:
             for causal in (True, False):
-                def packed(dtype=dtype, H=H, D=D, causal=causal):
-                    qkv = _meta((B, T, 3, H, D), dtype, True)
-                    _backward(flash_attention_qkvpacked(qkv, causal=causal))
+                for path, choice in paths.items():
+                    def packed(dtype=dtype, H=H, D=D, causal=causal, choice=choice, p=0.0):
+                        qkv = _meta((B, T, 3, H, D), dtype, True)
+                        _backward(flash_attention_qkvpacked(qkv, causal=causal, dropout_p=p,
+                                                            **choice))
 
-                def unpacked(dtype=dtype, H=H, D=D, causal=causal):
-                    qkv = _meta((B, T, 3, H, D), dtype, True)
-                    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-                    _backward(gpt2_kernels.flash_attention(q, k, v, causal=causal))
-                def dropout(dtype=dtype, H=H, D=D, causal=causal):
-                    qkv = _meta((B, T, 3, H, D), dtype, True)
-                    _backward(flash_attention_qkvpacked(qkv, causal=causal, dropout_p=0.1))
-                name = f"{str(dtype)[6:]} H={H} D={D} causal={causal}"
-                cases.append((f"flash_attention_qkvpacked {name}", packed))
-                cases.append((f"flash_attention {name}", unpacked))
-                cases.append((f"flash_attention_qkvpacked dropout_p=0.1 {name}", dropout))
+                    def unpacked(dtype=dtype, H=H, D=D, causal=causal, choice=choice):
+                        qkv = _meta((B, T, 3, H, D), dtype, True)
+                        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+                        _backward(gpt2_kernels.flash_attention(q, k, v, causal=causal, **choice))
+                    name = f"{str(dtype)[6:]} H={H} D={D} causal={causal}{path}"
+                    cases.append((f"flash_attention_qkvpacked {name}", packed))
+                    cases.append((f"flash_attention {name}", unpacked))
+                    cases.append((f"flash_attention_qkvpacked dropout_p=0.1 {name}",
+                                  lambda packed=packed: packed(p=0.1)))
         if full:
             def decode(dtype=dtype):  # one query against a KV cache
                 q = _meta((B, 12, 1, 64), dtype)
@@ -521,6 +531,70 @@ def dots(ttgir: str):
     return found
 
 
+_PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_PTX_WGMMA_WAIT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)")
+
+
+def ptx_main_loops(ptx: str):
+    """The loops of the PTX that multiply matrices (a backward branch's range
+    that holds wgmma or mma), each as {"tma": its TMA bulk copies
+    (cp.async.bulk.tensor), "overlap": the fewest wgmma groups in flight at any
+    of its exp2 (None without both)}."""
+    lines = ptx.splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = _PTX_LABEL.match(line)
+        if m:
+            labels[m[1]] = i
+    loops = []
+    for i, line in enumerate(lines):
+        m = _PTX_BRANCH.search(line)
+        if not m or m[1] not in labels or labels[m[1]] >= i:
+            continue
+        body = lines[labels[m[1]]:i + 1]
+        text = "\n".join(body)
+        if "wgmma.mma_async" not in text and "mma.sync" not in text:
+            continue
+        overlap = _pending_at_exp(body) if "wgmma.mma_async" in text else None
+        loops.append({"tma": text.count("cp.async.bulk.tensor"), "overlap": overlap})
+    return loops
+
+
+def _pending_at_exp(body):
+    """The fewest wgmma groups in flight at an exp2 of a loop body (None when it
+    has none), from its commits and waits over two passes, so that groups an
+    iteration leaves pending count in the next."""
+    pending, fewest = 0, None
+    for second in (False, True):
+        for line in body:
+            if "wgmma.commit_group" in line:
+                pending += 1
+            m = _PTX_WGMMA_WAIT.search(line)
+            if m:
+                pending = min(pending, int(m[1]))
+            if second and "ex2.approx" in line:
+                fewest = pending if fewest is None else min(fewest, pending)
+    return fewest
+
+
+def loop_dots(ttgir: str):
+    """How many dots each innermost loop (scf.for) of the TTGIR holds, for the
+    loops that hold any: the matrix multiplies one iteration does."""
+    counts, open_loops, depth = [], [], 0
+    for line in ttgir.splitlines():
+        if re.search(r"\bscf\.for\b", line):
+            open_loops.append([depth, 0])
+        elif open_loops and re.search(r"=\s*(tt\.dot|ttng\.warp_group_dot)\s", line):
+            open_loops[-1][1] += 1
+        depth += line.count("{") - line.count("}")
+        while open_loops and depth <= open_loops[-1][0]:
+            opened, n = open_loops.pop()
+            if n:
+                counts.append(n)
+    return counts
+
+
 def compile_build(b: Build):
     import triton
     from triton.compiler import ASTSource
@@ -542,7 +616,35 @@ def compile_build(b: Build):
     result.update(resource_usage(k.asm["cubin"]))
     result.update(sass_report(k.asm["cubin"]) or {})
     result["dots"] = dots(k.asm["ttgir"])
+    result["loop_dots"] = loop_dots(k.asm["ttgir"])
+    result["main_loops"] = ptx_main_loops(k.asm["ptx"])
     return result
+
+
+# What the main loops of these kernels must show in 16 bits, where their
+# speed on Hopper comes from: tiles loaded by TMA; in the forward, a wgmma
+# group (the previous block's P V) still running while the softmax's
+# exponentials do; in the backward, the 5 matmuls of a block pair in one
+# loop (dQ by atomics), where the deterministic path needs 7 in two kernels.
+LOOP_EXPECTATIONS = {
+    "_attn_fwd_tma": {"tma": True, "overlap": True},
+    "_attn_bwd_atomic": {"tma": True, "dots": 5},
+}
+
+
+def _loop_problems(result):
+    want = LOOP_EXPECTATIONS.get(result["kernel"], {})
+    loops = result.get("main_loops", [])
+    found = []
+    if want and not loops:
+        found.append("has no main loop that multiplies matrices")
+    if want.get("tma") and any(loop["tma"] == 0 for loop in loops):
+        found.append("a main loop loads without TMA (no cp.async.bulk.tensor)")
+    if want.get("overlap") and any((loop["overlap"] or 0) < 1 for loop in loops):
+        found.append("a main loop waits for every wgmma group before its softmax")
+    if "dots" in want and any(n != want["dots"] for n in result.get("loop_dots", [])):
+        found.append(f"{result['loop_dots']} matmuls per main loop, expected {want['dots']}")
+    return found
 
 
 def problems(result):
@@ -558,6 +660,8 @@ def problems(result):
     for d in result["dots"]:
         if sixteen and d["operand"] in SIXTEEN_BIT and d["rows"] >= WGMMA_MIN_ROWS and not d["wgmma"]:
             found.append(f"a {d['rows']}x{d['cols']} {d['operand']} dot does not use wgmma")
+    if sixteen and not result["pruned"]:
+        found += _loop_problems(result)
     return found
 
 
@@ -565,7 +669,7 @@ def problems(result):
 # Command line
 # ============================================================================
 _COLUMNS = ("kernel", "dtype", "variant", "tile", "warps", "stages", "smem", "regs", "stack",
-            "spill", "loop_spill", "wgmma", "s")
+            "spill", "loop_spill", "wgmma", "loop_dots", "loop_tma", "overlap", "s")
 
 
 def _row(r):
@@ -574,13 +678,18 @@ def _row(r):
     variant = ",".join(f"{k}={v}" for k, v in consts.items() if k not in ("PRECISION",)) or "-"
     if not r["ok"]:
         return [r["kernel"], r["dtype"], variant, tile, r["num_warps"], r["num_stages"],
-                "FAILED", "", "", "", "", "", r["seconds"]]
+                "FAILED", "", "", "", "", "", "", "", "", r["seconds"]]
     big = [d for d in r["dots"] if d["rows"] >= WGMMA_MIN_ROWS]
     wg = f"{sum(d['wgmma'] for d in big)}/{len(big)}" if big else "-"
     spill = r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0)
+    loops = r.get("main_loops", [])
+
+    def per_loop(values):
+        return ",".join("-" if v is None else str(v) for v in values) or "-"
     return [r["kernel"], r["dtype"], variant, tile, r["num_warps"], r["num_stages"],
             r["shared"], r.get("reg", ""), r.get("stack", ""), spill, r.get("loop_spill_bytes", ""),
-            wg, r["seconds"]]
+            wg, per_loop(r.get("loop_dots", [])), per_loop(loop["tma"] for loop in loops),
+            per_loop(loop["overlap"] for loop in loops), r["seconds"]]
 
 
 def table(results):

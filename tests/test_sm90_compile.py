@@ -25,13 +25,15 @@ pytestmark = pytest.mark.slow
 EXPECTED_DTYPES = {
     "_attn_fwd": {"bf16", "fp16", "fp32"}, "_attn_bwd_preprocess": {"bf16", "fp16", "fp32"},
     "_attn_bwd_dkdv": {"bf16", "fp16", "fp32"}, "_attn_bwd_dq": {"bf16", "fp16", "fp32"},
+    "_attn_fwd_tma": {"bf16", "fp16", "fp32"}, "_attn_bwd_atomic": {"bf16", "fp16", "fp32"},
+    "_attn_bwd_dq_store": {"bf16", "fp16", "fp32"},
     "_ln_fwd_kernel": {"bf16", "fp16", "fp32"}, "_ln_bwd_kernel": {"bf16", "fp16", "fp32"},
     "_ln_bwd_reduce_kernel": {"bf16", "fp16", "fp32"},
     "_matmul_kernel": {"bf16", "fp16", "fp32"}, "_gelu_bwd_kernel": {"bf16", "fp16", "fp32"},
     "_column_sum_kernel": {"bf16", "fp16", "fp32"}, "_ce_fwd_grad_kernel": {"bf16", "fp16", "fp32"},
     "_adamw_kernel": {"bf16", "fp32"},
 }
-ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd_tma", "_attn_bwd_atomic")
 
 
 def _skip_reason():
@@ -98,6 +100,27 @@ def test_every_kernel_dtype_variant_and_config_was_built(report):
                  and r["variant"] == entry["variant"] and r["dtype"] in sixteen}
         missing = set(entry["configs"]) - built
         assert not missing, f"{entry['kernel']} {entry['variant']}: configs {sorted(missing)} not built"
+
+
+def test_hopper_features_of_the_attention_kernels(report):
+    """Every 16-bit build of the TMA forward and of the atomic backward at
+    GPT-2's head dim (D=64, causal) -- each configuration their pruners offer
+    there -- loads its main loops' tiles by TMA; the forward keeps a wgmma
+    group in flight across the softmax, the backward does 5 matmuls per block
+    pair; the deterministic path's kernels do the 7 between them (4 + 3)."""
+    gpt2 = [r for r in report["results"] if r["ok"] and r["dtype"] in ("bf16", "fp16")
+            and r["constexprs"].get("HEAD_DIM") == 64 and r["constexprs"].get("CAUSAL")]
+    for kernel, dots in (("_attn_fwd_tma", 2), ("_attn_bwd_atomic", 5), ("_attn_bwd_dkdv", 4),
+                         ("_attn_bwd_dq", 3)):
+        builds = [r for r in gpt2 if r["kernel"] == kernel]
+        assert builds, f"no 16-bit build of {kernel} at D=64, causal"
+        for r in builds:
+            assert r["loop_dots"] and set(r["loop_dots"]) == {dots}, (_describe(r), r["loop_dots"])
+            if kernel in ("_attn_fwd_tma", "_attn_bwd_atomic"):
+                assert r["main_loops"] and all(loop["tma"] > 0 for loop in r["main_loops"]), \
+                    _describe(r)
+            if kernel == "_attn_fwd_tma":
+                assert all((loop["overlap"] or 0) >= 1 for loop in r["main_loops"]), _describe(r)
 
 
 def test_no_build_fails_spills_in_a_loop_or_misses_wgmma(report):
