@@ -17,6 +17,11 @@ class GPTConfig:
     dropout: float = 0.0  # on attention probabilities and residual branches; 0 for pretraining
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
     backend: str = "auto"  # auto | torch | triton: which op layer backend the model calls
+    # The triton backend's attention backward without atomics: the same
+    # gradients, bit for bit, every run (what an exact resume needs). False
+    # takes the faster atomic 5-matmul backward on Hopper, whose dq varies in
+    # its last bits from run to run.
+    deterministic: bool = True
     # The embedding / LM-head rows are padded to a multiple of this (64 turns
     # 50257 into 50304, which matmuls like better). Padded rows are never
     # sampled and never counted in the loss.
@@ -35,6 +40,8 @@ class GPTConfig:
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"GPTConfig.deterministic must be a bool, got {self.deterministic!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"GPTConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if not self.layer_norm_eps > 0:

@@ -121,10 +121,13 @@ class TritonOps:
 
     name = "triton"
 
-    def __init__(self):
+    def __init__(self, deterministic: bool = True):
         import gpt2_kernels  # deferred: Triton is optional outside Linux
 
         self._k = gpt2_kernels
+        # Attention's backward without atomics (bit-reproducible), or the
+        # faster atomic one (GPTConfig.deterministic).
+        self.deterministic = deterministic
 
     def dropout_add_layer_norm(self, x, residual, weight, bias, eps, dropout_p=0.0):
         h, y = self._k.add_layer_norm(x, residual, weight, bias, eps, out_dtype=_autocast_dtype(x),
@@ -132,10 +135,12 @@ class TritonOps:
         return y, h
 
     def attention(self, q, k, v, causal=True, dropout_p=0.0):
-        return self._k.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+        return self._k.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p,
+                                       deterministic=self.deterministic)
 
     def attention_qkvpacked(self, qkv, dropout_p=0.0):
-        return self._k.flash_attention_qkvpacked(qkv, causal=True, dropout_p=dropout_p)
+        return self._k.flash_attention_qkvpacked(qkv, causal=True, dropout_p=dropout_p,
+                                                 deterministic=self.deterministic)
 
     def linear_gelu(self, x, weight, bias):
         dtype = _autocast_dtype(x) or x.dtype
@@ -159,9 +164,10 @@ class AutoOps:
 
     name = "auto"
 
-    def __init__(self):
+    def __init__(self, deterministic: bool = True):
         self._torch = TorchOps()
-        self._triton = TritonOps() if importlib.util.find_spec("triton") is not None else None
+        self._triton = (TritonOps(deterministic) if importlib.util.find_spec("triton") is not None
+                        else None)
 
     def for_device(self, device: torch.device):
         """The op set calls on `device` use."""
@@ -183,13 +189,14 @@ class AutoOps:
         return self.for_device(x.device).linear_cross_entropy(x, *args, **kwargs)
 
 
-def get_ops(backend: str):
+def get_ops(backend: str, deterministic: bool = True):
     """The op set for a backend name: torch, triton, or auto (chosen per call by
-    the tensors' device)."""
+    the tensors' device). deterministic: the kernels' attention backward
+    without atomics (PyTorch's ops ignore it)."""
     if backend == "auto":
-        return AutoOps()
+        return AutoOps(deterministic)
     name = resolve_backend(backend, "cuda" if torch.cuda.is_available() else "cpu")
-    return TorchOps() if name == "torch" else TritonOps()
+    return TorchOps() if name == "torch" else TritonOps(deterministic)
 
 
 def fused_adamw(param_groups, *, lr: float, betas, eps: float, weight_decay: float):

@@ -82,15 +82,16 @@ def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str
             mc = GPTConfig.from_dict(dict(state["model_config"]))
         except (TypeError, ValueError, KeyError) as e:
             raise ckpt_lib.CheckpointError(cfg.resume, f"its model_config is invalid: {e}", damaged=False) from None
-        model = GPT(dataclasses.replace(mc, backend=backend))
+        model = GPT(dataclasses.replace(mc, backend=backend, deterministic=cfg.deterministic))
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from, backend=backend, vocab_multiple=cfg.vocab_multiple,
-                                    dropout=cfg.dropout)
+                                    dropout=cfg.dropout, deterministic=cfg.deterministic)
     else:
         overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
         try:
             mc = GPTConfig.from_preset(cfg.model, vocab_size=vocab_size, vocab_multiple=cfg.vocab_multiple,
-                                       dropout=cfg.dropout, backend=backend, **overrides)
+                                       dropout=cfg.dropout, backend=backend,
+                                       deterministic=cfg.deterministic, **overrides)
         except ValueError as e:
             raise UserInputError(f"model: {e}") from None
         model = GPT(mc)

@@ -72,6 +72,10 @@ class TrainConfig:
                       resume_safe=True)
     init_from: str = _f("", "start from a Hugging Face GPT-2 checkpoint folder (empty: random init)")
     compile: bool = _f(False, "torch.compile the model (for comparison)", resume_safe=True)
+    deterministic: bool = _f(True, "triton backend: attention's backward without atomics, so a "
+                             "run and its resume give the same bits; --no-deterministic takes "
+                             "the faster atomic backward (Hopper), whose dq varies in its last "
+                             "bits", resume_safe=True)
     # --- data
     data: str = _f("", "text file, folder, or token shards (empty: the default corpus)")
     tokenizer: str = _f("auto", "tokenizer: auto | gpt2 | bytes", "gpt2 when its files load, else bytes")
@@ -166,7 +170,7 @@ class TrainConfig:
                 raise UserInputError(f"{flag(name)} must be >= 0, got {value}")
         if self.ddp_timeout_s <= 0:
             raise UserInputError(f"{flag('ddp_timeout_s')} must be > 0, got {self.ddp_timeout_s}")
-        for name in ("compile", "profile", "overwrite"):
+        for name in ("compile", "deterministic", "profile", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.max_lr is not None and self.max_lr <= 0:

@@ -82,3 +82,18 @@ def test_resuming_a_gpt2_run_without_its_bpe_fails_at_once(corpus, gpt2, tmp_pat
         Trainer(tiny_cfg(corpus, run, max_steps=2, resume=str(run), **kw), log=quiet)
     message = str(e.value)
     assert message.startswith(f"--resume {run} was trained with the gpt2 tokenizer") and "TIKTOKEN_CACHE_DIR" in message
+
+
+def test_deterministic_reaches_the_model_and_a_resume_may_change_it(corpus, tmp_path):
+    """--deterministic (default on) is the model's attention backward; it is
+    resume-safe: a resumed run takes the value given (the math is the same,
+    only the bits of dq's rounding can differ)."""
+    from engine.trainer import Trainer, train
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(corpus, run, max_steps=1, warmup_steps=0, checkpoint_interval=1), log=quiet)
+    assert trainer.cfg.deterministic and trainer.raw_model.config.deterministic
+    trainer.close()
+    train(tiny_cfg(corpus, run, max_steps=1, warmup_steps=0, checkpoint_interval=1), log=quiet)
+    resumed = Trainer(tiny_cfg(corpus, run, max_steps=2, resume=str(run), deterministic=False), log=quiet)
+    assert resumed.raw_model.config.deterministic is False
+    resumed.close()

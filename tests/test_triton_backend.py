@@ -145,3 +145,30 @@ def test_cached_generation_under_autocast():
         logits = ref(a[:, :-1])[0][:, 4:].float()
     chosen = logits.gather(-1, a[:, 5:, None])[..., 0]
     assert torch.all(logits.max(-1).values - chosen <= 1e-2), (a, b)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_attention_backward_follows_the_config(monkeypatch, deterministic):
+    """GPTConfig.deterministic (the trainer's --deterministic, on by default:
+    the README's exact resume needs it) reaches the attention kernel, and the
+    gradients agree either way."""
+    import gpt2_kernels
+    seen = []
+    real = gpt2_kernels.flash_attention_qkvpacked
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gpt2_kernels, "flash_attention_qkvpacked", spy)
+    cfg = dict(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32)
+    assert GPTConfig(**cfg).deterministic
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(backend="torch", **cfg)).to(DEVICE)
+    fast = GPT(GPTConfig(backend="triton", deterministic=deterministic, **cfg)).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    idx, tgt = batch(T=16, vocab=64)
+    ref(idx, tgt, return_logits=False)[1].backward()
+    fast(idx, tgt, return_logits=False)[1].backward()
+    assert seen == [deterministic]
+    for (name, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert rel_err(b.grad, a.grad) <= 1e-4, name
