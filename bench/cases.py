@@ -34,7 +34,14 @@ ATTN_SWEEP_T = (256, 512, 1024, 2048, 4096, 8192)
 ATTN_SWEEP_D = (64, 128)
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION"}
-ATTN_VARIANTS = ["ours", *SDPA_BACKENDS]
+# Our attention's other kernel paths, timed beside the default ("ours": the TMA
+# forward with the atomic 5-matmul backward on Hopper): the TMA forward with the
+# deterministic two-kernel backward, and the pointer kernels (forward and
+# deterministic backward) of before TMA. The forward of "ours-deterministic" is
+# ours, so forward-only cases leave it out.
+ATTN_OWN_PATHS = {"ours-deterministic": {"deterministic": True}, "ours-pointer": {"tma": False}}
+ATTN_VARIANTS = ["ours", *ATTN_OWN_PATHS, *SDPA_BACKENDS]
+ATTN_SWEEP_VARIANTS = ["ours", *SDPA_BACKENDS]
 LN_VARIANTS = ["ours", "torch", "liger"]
 MLP_SHAPE = dict(M=ROWS, K=768, N=3072)
 CE_SHAPE = dict(N=ROWS, C=768, V=50304, classes=50257)
@@ -207,8 +214,10 @@ def attention_sweep_shape(T: int, D: int) -> dict:
 
 
 def attention_case(kind: str, B: int, H: int, T: int, D: int, causal: bool = True,
-                   dtype=torch.bfloat16, device="cuda", dropout_p: float = 0.0) -> Case:
-    """kind: fwd, bwd (backward of a retained forward) or fwdbwd. With dropout_p,
+                   dtype=torch.bfloat16, device="cuda", dropout_p: float = 0.0,
+                   own_paths: bool = True) -> Case:
+    """kind: fwd, bwd (backward of a retained forward) or fwdbwd. own_paths:
+    our other kernel paths (ATTN_OWN_PATHS) beside ours. With dropout_p,
     ours and SDPA both drop attention probabilities; no two draw the same mask, so
     each variant is checked for being unbiased instead: averaged over every
     element, its outputs differ from the no-dropout reference by no more than
@@ -226,9 +235,13 @@ def attention_case(kind: str, B: int, H: int, T: int, D: int, causal: bool = Tru
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
 
     def make(variant):
-        if variant == "ours":
+        if variant == "ours" or variant in ATTN_OWN_PATHS:
             flash = _kernels("flash_attention")[0]
-            op, ctx = (lambda q, k, v: flash(q, k, v, causal=causal, dropout_p=dropout_p)), contextlib.nullcontext
+            choice = ATTN_OWN_PATHS.get(variant, {})
+
+            def op(q, k, v):
+                return flash(q, k, v, causal=causal, dropout_p=dropout_p, **choice)
+            ctx = contextlib.nullcontext
         else:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             backend = getattr(SDPBackend, SDPA_BACKENDS[variant])
@@ -289,8 +302,10 @@ def attention_case(kind: str, B: int, H: int, T: int, D: int, causal: bool = Tru
                                   f"{scale:.2e} +- {scale_se:.1e})")
 
     params = f"B={B} H={H} T={T} D={D}" + (" causal" if causal else "") + (f" p={dropout_p}" if dropout_p else "")
+    variants = [v for v in (ATTN_VARIANTS if own_paths else ATTN_SWEEP_VARIANTS)
+                if not (kind == "fwd" and v == "ours-deterministic")]
     case = Case(group=f"attention-{kind}" + ("-dropout" if dropout_p else ""), params=f"{params} {_dt(dtype)}",
-                variants=list(ATTN_VARIANTS), baseline="sdpa-flash", make=make, n_inputs=n,
+                variants=variants, baseline="sdpa-flash", make=make, n_inputs=n,
                 reference=reference, verify=unbiased if dropout_p else None,
                 flops=attention_flops(B, H, T, D, causal, kind),
                 bytes=(4 if kind == "fwd" else 8) * B * H * T * D * e, device=device,
@@ -673,7 +688,8 @@ def gpu_plan(quick: bool = False) -> list[tuple[str, object]]:
         for D in ATTN_SWEEP_D:
             for T in sweep_t:
                 plan.append(("attention-sweep",
-                             lambda k=kind, t=T, d=D: attention_case(k, **attention_sweep_shape(t, d))))
+                             lambda k=kind, t=T, d=D: attention_case(k, **attention_sweep_shape(t, d),
+                                                                     own_paths=False)))
     if not quick:
         plan.append(("training", lambda: training_case(32)))
     return plan

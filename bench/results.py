@@ -109,6 +109,16 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
+# Variants named "ours-..." are our own other kernel paths (e.g. attention's
+# deterministic backward), timed against the subject like a peer but never
+# named its best peer: every row of the report lists them.
+OWN_PATH_PREFIX = "ours-"
+
+
+def is_own_path(variant: str) -> bool:
+    return variant.startswith(OWN_PATH_PREFIX)
+
+
 def best_peers(results: list[Result]) -> list[tuple[Result, Result | None, list[Result]]]:
     """Per comparison: (the subject's result, the fastest peer that passed its check or
     None, the peers that did not run). The fastest peer is the one with the lowest
@@ -121,9 +131,10 @@ def best_peers(results: list[Result]) -> list[tuple[Result, Result | None, list[
         subject = next((r for r in rows if r.is_subject), None)
         if subject is None:
             continue
-        peers = [r for r in rows if not r.is_subject and r.ok and r.subject_speedup is not None]
+        peers = [r for r in rows if not r.is_subject and not is_own_path(r.variant) and r.ok
+                 and r.subject_speedup is not None]
         best = min(peers, key=lambda r: r.subject_speedup) if peers else None
-        missing = [r for r in rows if not r.is_subject and not r.ok]
+        missing = [r for r in rows if not r.is_subject and not is_own_path(r.variant) and not r.ok]
         out.append((subject, best, missing))
     return out
 
