@@ -167,6 +167,17 @@ def test_best_peer_is_the_one_closest_to_ours():
     assert not subject.ok and best is None  # ours failed: no ratio to show
 
 
+def test_own_paths_are_timed_but_never_the_best_peer():
+    """"ours-..." rows (our other kernel paths) stay in the tables but are not
+    peers: the best peer of T=512 is still sdpa-flash, though ours-pointer came closer."""
+    rs = _fake_results()
+    own = Result("attention-fwdbwd", "T=512", "ours-pointer", "ours", 0.81e-3, "pass", {},
+                 meta={"T": 512, "D": 64})
+    own.set_speedup(Spread(0.81 / 0.8, 1.0, 1.02))
+    rows = {subject.params: best for subject, best, _ in best_peers(rs + [own])}
+    assert rows["T=512"].variant == "sdpa-flash"
+
+
 def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, monkeypatch):
     import triton
     from triton.runtime.autotuner import Autotuner
@@ -466,7 +477,7 @@ def test_liger_peers_run_or_say_why_not(name):
 
 def test_small_attention_case_reports_unavailable_sdpa_backends():
     case = _small_cases()["attention"]()
-    assert set(case.peers) == set(cases.SDPA_BACKENDS)
+    assert set(case.peers) == set(cases.ATTN_OWN_PATHS) | set(cases.SDPA_BACKENDS)
     verdicts = {}
     for variant in case.peers:
         try:
@@ -474,6 +485,7 @@ def test_small_attention_case_reports_unavailable_sdpa_backends():
         except Unavailable as e:
             verdicts[variant] = f"unavailable: {e}"
     assert verdicts["sdpa-flash"].startswith("pass")
+    assert all(verdicts[v].startswith("pass") for v in cases.ATTN_OWN_PATHS), verdicts
     assert all(v.startswith(("pass", "unavailable: SDPA backend")) for v in verdicts.values()), verdicts
 
 

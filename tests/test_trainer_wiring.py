@@ -90,10 +90,9 @@ def test_deterministic_reaches_the_model_and_a_resume_may_change_it(corpus, tmp_
     only the bits of dq's rounding can differ)."""
     from engine.trainer import Trainer, train
     run = tmp_path / "run"
-    trainer = Trainer(tiny_cfg(corpus, run, max_steps=1, warmup_steps=0, checkpoint_interval=1), log=quiet)
+    trainer = train(tiny_cfg(corpus, run, max_steps=1, warmup_steps=0, checkpoint_interval=1), log=quiet)
     assert trainer.cfg.deterministic and trainer.raw_model.config.deterministic
-    trainer.close()
-    train(tiny_cfg(corpus, run, max_steps=1, warmup_steps=0, checkpoint_interval=1), log=quiet)
-    resumed = Trainer(tiny_cfg(corpus, run, max_steps=2, resume=str(run), deterministic=False), log=quiet)
+    resumed = Trainer(tiny_cfg(corpus, run, max_steps=2, warmup_steps=0, checkpoint_interval=1,
+                               resume=str(run), deterministic=False), log=quiet)
     assert resumed.raw_model.config.deterministic is False
     resumed.close()
