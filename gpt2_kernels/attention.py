@@ -798,19 +798,18 @@ _FWD_TMA_TILES = (
     _Tile(128, 64, 3, 4, max_head_dim=64, dropout_max_head_dim=0),
     _Tile(128, 64, 3, 8, dropout_max_head_dim=64),
     _Tile(128, 128, 3, 8, max_head_dim=64, dropout_max_head_dim=0),
-    _Tile(128, 32, 4, 4, max_head_dim=64, dropout_max_head_dim=0),
     _Tile(64, 64, 3, 4, dropout_max_head_dim=64), _Tile(64, 64, 3, 8), _Tile(64, 32, 3, 4))
 # The atomic backward: a program owns BLOCK_N keys (the dK, dV accumulators)
 # and walks BLOCK_M-query steps, holding each step's dQ share beside them:
 # 64-query steps fit at D=64 without dropout, 32-query steps up to D=64 with
-# dropout, and at D=128 with dropout only the 8-warp 16x64 tile is free of
-# spills on both Tritons.
+# dropout (and at D=128 without it on 8 warps), and at D=128 with dropout only
+# the 8-warp 16x64 tile is free of spills on both Tritons.
 _BWD_ATOMIC_TILES = (
     _Tile(64, 128, 2, 8, max_head_dim=64, dropout_max_head_dim=0),
     _Tile(64, 64, 3, 4, max_head_dim=64, dropout_max_head_dim=0),
-    _Tile(32, 128, 3, 8, dropout_max_head_dim=64), _Tile(32, 64, 3, 8, dropout_max_head_dim=64),
-    _Tile(32, 64, 3, 4, max_head_dim=64), _Tile(16, 128, 3, 8, dropout_max_head_dim=64),
+    _Tile(32, 128, 3, 8, dropout_max_head_dim=64), _Tile(32, 64, 3, 4, max_head_dim=64),
     _Tile(16, 64, 3, 8))
+# float32 (IEEE dots on CUDA cores, no wgmma): the pointer kernels' tiles.
 _FWD_TMA_TILES_FP32 = _FWD_TILES_FP32
 _BWD_ATOMIC_TILES_FP32 = _DKDV_TILES_FP32
 _TILES = {  # kernel -> (16-bit tiles, float32 tiles)
