@@ -137,6 +137,8 @@ class TokenLoader:
                 + ", ".join(diff) + "; resume with the same data, batch size and world size")
         index = {n: i for i, n in enumerate(self.names)}
         order = state["order"]
+        if len(self.names) == 1 == len(order):
+            order = self.names  # one piece: its name (the file's, which may have moved) orders nothing
         if sorted(order) != sorted(self.names):
             raise UserInputError(
                 f"{self.source}: cannot resume the data loader: the checkpoint's shards differ "
