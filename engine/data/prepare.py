@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import multiprocessing
@@ -142,6 +143,10 @@ def ordered_results(workers: int, *args):
     if workers == 1:
         yield lambda items: ((item, tokenize_task(item[2], *args)) for item in items)
         return
+    # Forked workers share the parent's pages until they write to them, and the
+    # garbage collector writes to every object it scans: frozen, the objects of
+    # the parent's imports (torch's among them) stay shared.
+    gc.freeze()
     pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=ignore_stop_signals_in_worker,
                                initargs=(os.getpid(),))
 
@@ -160,6 +165,7 @@ def ordered_results(workers: int, *args):
         yield run
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
 
 
 # ----------------------------------------------------------------- progress
