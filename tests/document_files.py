@@ -21,10 +21,10 @@ def documents(n: int = 120, long_chars: int = 0) -> list[str]:
                  "   spaces around   ", "\n\n\n"]
     if long_chars:
         words = " ".join(paragraphs).split()
-        long, k = [], 0
-        while sum(map(len, long)) + len(long) < long_chars:
-            long.append(words[k % len(words)])
-            k += 1
+        long, size = [], 0
+        while size < long_chars:
+            long.append(words[len(long) % len(words)])
+            size += len(long[-1]) + 1
         docs.insert(7, " ".join(long))  # one line: cut only at spaces before words
     return docs
 

@@ -102,6 +102,27 @@ def test_folders_of_rows_in_order(tmp_path, gpt2):
     np.testing.assert_array_equal(np.concatenate(train), want)
 
 
+def test_a_long_document_reaches_the_tokenizer_in_pieces(tmp_path, gpt2, monkeypatch):
+    """Memory stays bounded whatever a document's size: the tokenizer is handed
+    pieces of about chunk_bytes, a batch at a time, and the tokens are the whole
+    document's."""
+    docs = documents(n=5, long_chars=200_000)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    batches, encode_batch = [], type(gpt2).encode_batch
+
+    def spy(self, texts, num_threads=8):
+        batches.append([len(t.encode()) for t in texts])
+        return encode_batch(self, texts, num_threads)
+    monkeypatch.setattr(type(gpt2), "encode_batch", spy)
+    D.prepare([src], tmp_path / "out", workers=1, progress=False, val_fraction=0.0, chunk_bytes=4096)
+    assert max(len(b) for b in batches) > 1 and len(batches) > 20
+    assert max(max(b) for b in batches) < 4096 + 100  # a piece ends at the first safe cut after chunk_bytes
+    assert max(sum(b) for b in batches) < 2 * 4096 + 100
+    _, train = read_stream(tmp_path / "out")
+    want = np.concatenate([t for _, t in fineweb_shards(docs, gpt2._enc, 10 ** 9)])
+    np.testing.assert_array_equal(np.concatenate(train), want)
+
+
 def test_byte_tokenizer_rows_have_no_separator(tmp_path):
     docs = ["abc", "", "dé\ud83d"]  # JSON can hold a lone surrogate: replaced, as tiktoken does
     path = tmp_path / "d.jsonl"

@@ -188,19 +188,20 @@ class _Progress:
     """One line on stderr, redrawn <= 5x/s: input done (of its total, when known),
     documents, tokens, tokens/s and the time left."""
 
-    def __init__(self, total: int, unit: str, enabled: bool, done: dict, stream=None):
+    def __init__(self, total: int, unit: str, enabled: bool, done: dict, stream=None, clock=time.perf_counter):
         self.total, self.unit, self.enabled = total, unit, enabled
         self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
         self.units, self.documents, self.tokens = done.get("units", 0), done.get("documents", 0), done.get("tokens", 0)
         self.start_units, self.start_tokens = self.units, self.tokens
         self.drawn = False
-        self.t0 = self.last = time.perf_counter()
+        self.t0 = self.last = clock()
 
     def update(self, units: int, documents: int, tokens: int, force: bool = False):
         self.units += units
         self.documents += documents
         self.tokens += tokens
-        now = time.perf_counter()
+        now = self.clock()
         if not (self.enabled and (force or now - self.last >= 0.2)):
             return
         self.last, self.drawn = now, True
