@@ -294,7 +294,7 @@ class JsonLinesFile(FileInput):
             yield from super().tasks(first)
             return
         offset, line = (state["offset"], state["line"]) if state else (0, 1)
-        skip, pending, read_before, j = offset, b"", 0, first
+        skip, pending, scanned, read_before, j = offset, bytearray(), 0, 0, first
         for block, read in self._blocks():
             if skip:  # resuming: the lines before `offset` are done
                 cut = min(skip, len(block))
@@ -302,14 +302,17 @@ class JsonLinesFile(FileInput):
             pending += block
             # A task ends at the first line end at or after chunk_bytes: the same
             # cuts whatever the sizes of the decompressed blocks.
-            while (nl := pending.find(b"\n", self.chunk_bytes - 1)) >= 0:
-                data, pending = pending[:nl + 1], pending[nl + 1:]
+            while (nl := pending.find(b"\n", max(self.chunk_bytes - 1, scanned))) >= 0:
+                data = bytes(pending[:nl + 1])
+                del pending[:nl + 1]
+                scanned = 0
                 yield j, {"offset": offset, "line": line}, JsonLines(
                     self.name, self.field, read - read_before, data=data, first_line=line)
                 j, offset, line, read_before = j + 1, offset + len(data), line + data.count(b"\n"), read
+            scanned = len(pending)  # a long line: search only what comes next
         if pending:
             yield j, {"offset": offset, "line": line}, JsonLines(
-                self.name, self.field, self.total_units - read_before, data=pending, first_line=line)
+                self.name, self.field, self.total_units - read_before, data=bytes(pending), first_line=line)
 
     def _blocks(self):
         """(decompressed block, compressed bytes read so far); a damaged or
