@@ -6,6 +6,10 @@ multi-GB CUDA build.
 """
 from setuptools import setup
 
+# `python -m engine.data prepare` of Parquet (pyarrow), .zst JSON lines (zstandard)
+# and Hugging Face datasets (datasets; its IterableDataset.state_dict resumes a stream).
+DATA_EXTRA = ["pyarrow>=15", "zstandard>=0.19", "datasets>=2.19"]
+
 setup(
     name="gpt2-triton-engine",
     version="0.1.0",
@@ -27,7 +31,9 @@ setup(
             "hypothesis>=6",
             "transformers>=4.40",
             "safetensors>=0.4",
+            *DATA_EXTRA,  # the tests prepare Parquet, .zst and Hugging Face inputs
         ],
+        "data": DATA_EXTRA,
         # What the benchmarks compare ours with beside PyTorch (bench/cases.py): rows
         # whose package is missing say so and are skipped.
         "peers": ["liger-kernel>=0.5"],

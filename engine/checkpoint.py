@@ -13,6 +13,14 @@ with flipped bytes is "damaged"), then the contents (a file without the trailer
 or without the entries a training run writes is "not a training checkpoint of
 this engine"); both are a CheckpointError naming the file.
 
+A checkpoint belongs to the run folder it sits in: each run has a run id
+(random, made when the run starts, kept across resumes) that its config.json
+and every checkpoint it writes carry, and a file named ckpt_NNNNNN.pt holds
+step NNNNNN. `check_belongs` refuses a checkpoint of another run copied into a
+folder, or a renamed one, naming the file, before anything uses it (resume,
+sample.py, the evaluation). Files written before run ids existed carry none and
+are accepted in a folder whose config.json has none either.
+
 Writes go to a hidden temp file in the same folder (its name carries the
 writing process's token), are fsynced and renamed over the final name (atomic
 on POSIX): a run killed mid-save leaves the previous checkpoints intact, and a
@@ -22,9 +30,11 @@ Old checkpoints are rotated away only after the new one is complete.
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 import random
 import re
+import secrets
 import struct
 
 import numpy as np
@@ -194,10 +204,43 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                 if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
     if problems:
         raise CheckpointError(path, f"missing or malformed: {', '.join(problems)}", damaged=False)
+    if not isinstance(state.get("run_id", ""), (str, type(None))):
+        raise CheckpointError(path, "malformed: run_id", damaged=False)
     if state["version"] != FORMAT_VERSION or state["step"] < 0:
         raise CheckpointError(path, f"format version {state['version']}, step {state['step']}; this engine "
                               f"writes version {FORMAT_VERSION}", damaged=False)
     return state
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+def folder_run_id(folder) -> str | None:
+    """The run id in `folder`'s config.json; None where there is none (no config.json,
+    an older run, or a file that is not a run's config)."""
+    try:
+        data = json.loads((pathlib.Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def check_belongs(path, state: dict) -> None:
+    """Refuse a checkpoint that is not where its run wrote it: a file named
+    ckpt_NNNNNN.pt must hold step NNNNNN, and a checkpoint in a folder whose
+    config.json names a run must be of that run. UserInputError naming the file."""
+    path = pathlib.Path(path)
+    match = CKPT_RE.match(path.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise UserInputError(f"{path}: its name says step {int(match.group(1))} but it holds step "
+                             f"{state['step']}: renamed or copied; refused (move it out of {path.parent})")
+    folder_id = folder_run_id(path.parent)
+    if folder_id is not None and state.get("run_id") != folder_id:
+        theirs = f"run {state['run_id']}" if state.get("run_id") else "no run id"
+        raise UserInputError(f"{path}: a checkpoint of another run ({theirs}; this folder's config.json is "
+                             f"run {folder_id}): refused; move it out of {path.parent}")
 
 
 def load_newest(ckpts) -> tuple[pathlib.Path | None, dict | None, list[tuple[pathlib.Path, UserInputError]]]:
@@ -228,6 +271,7 @@ def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
         if candidate is None:
             raise UserInputError(f"resume: no valid checkpoint in {given}: {skipped[0][1]}"
                                  + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+        _refuse_foreign(candidate, state)
         for _, e in skipped:
             log(f"resume: skipping {e}")
         if skipped:
@@ -235,11 +279,20 @@ def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
         return candidate, state
     file = resolve_checkpoint(given)
     try:
-        return file, load_checkpoint(file)
+        state = load_checkpoint(file)
     except CheckpointError as e:
         valid = newest_valid_checkpoint(file.parent, exclude=file)
         hint = f"; the newest valid checkpoint beside it is {valid}: --resume {valid}" if valid else ""
         raise UserInputError(f"resume: {e}{hint}") from None
+    _refuse_foreign(file, state)
+    return file, state
+
+
+def _refuse_foreign(path, state) -> None:
+    try:
+        check_belongs(path, state)
+    except UserInputError as e:
+        raise UserInputError(f"resume: {e}") from None
 
 
 def newest_valid_checkpoint(run_dir, exclude=None) -> pathlib.Path | None:

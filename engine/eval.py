@@ -21,12 +21,19 @@ items are counted in the result's "truncated".
 
 Without --data the validation split (10,042 items) is downloaded once into the
 engine's cache folder (`$XDG_CACHE_HOME/gpt2-engine`, else `~/.cache/gpt2-engine`).
+
+`--json OUT` is checked before scoring: a new file in a writable folder, or a
+predictions file of this command (replaced); a read-only file, the --data file
+or any other existing file is refused. The result line is printed before the
+file is written. Exit status: 0 done, 2 bad input, 4 the predictions could not
+be written (the result line stands), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -39,8 +46,9 @@ from engine import distributed as dist_lib
 from engine.data import default_cache_dir
 from engine.data.corpus import download as _urlopen
 from engine.errors import UserInputError
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, os_reason
 from engine.load import add_model_flags
+from engine.run_errors import RunFileError
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_FILE = "hellaswag_val.jsonl"
@@ -292,18 +300,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_json_dest(path) -> pathlib.Path:
-    # Checked before scoring, which can take an hour: not after.
+def _is_predictions_file(path: pathlib.Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PREDICTIONS_HEAD)) == PREDICTIONS_HEAD
+    except OSError:
+        return False
+
+
+def _check_json_dest(path, data=None) -> pathlib.Path:
+    """Where --json may write, checked before scoring (which can take an hour): a
+    new file in a writable folder, or a predictions file this command wrote
+    before and that is not read-only. Anything else is refused, never replaced."""
     dest = pathlib.Path(path)
+    shown = f"--json {dest}"
     if dest.is_dir():
-        raise UserInputError(f"--json {dest}: is a folder; give a file name")
-    if not dest.parent.is_dir():
-        raise UserInputError(f"--json {dest}: the folder {dest.parent} does not exist")
+        raise UserInputError(f"{shown}: is a folder; give a file name")
+    folder = dest.parent
+    if not folder.is_dir():
+        raise UserInputError(f"{shown}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"{shown}: cannot write into {folder} (permission denied)")
+    if dest.exists():
+        if data and pathlib.Path(data).exists() and dest.resolve() == pathlib.Path(data).resolve():
+            raise UserInputError(f"{shown}: is the --data file; writing the predictions would replace the dataset")
+        if not _is_predictions_file(dest):
+            raise UserInputError(f"{shown}: exists and is not a predictions file of this command; not replaced "
+                                 "(give a new file name)")
+        # Mode bits, not only os.access: a file marked read-only says "keep me",
+        # also to root, whom os.access lets write anything.
+        if not os.access(dest, os.W_OK) or not dest.stat().st_mode & 0o222:
+            raise UserInputError(f"{shown}: is read-only; not replaced")
     return dest
 
 
+PREDICTIONS_HEAD = b'{"acc": '
+
+
 def predictions_json(result: dict) -> str:
-    """{"acc", "acc_norm", "n", "predictions": [...]} with one prediction a line."""
+    """{"acc", "acc_norm", "n", "predictions": [...]} with one prediction a line
+    (it starts with PREDICTIONS_HEAD, by which --json recognises its own files)."""
     head = ", ".join(f"{json.dumps(k)}: {json.dumps(result[k])}" for k in ("acc", "acc_norm", "n"))
     preds = ",\n".join("  " + json.dumps(p) for p in result["predictions"])
     return "{" + head + ', "predictions": [\n' + preds + "\n]}\n"
@@ -314,7 +350,7 @@ def run_hellaswag(args, out=None, err=None) -> dict:
     from engine.tokenizer import tokenizer_for_model
 
     out, err = out or sys.stdout, err or sys.stderr
-    json_dest = _check_json_dest(args.json) if args.json else None
+    json_dest = _check_json_dest(args.json, args.data) if args.json else None
     if args.batch_items < 1:
         raise UserInputError(f"--batch-items {args.batch_items}: must be at least 1")
     device = resolve_device(args.device)
@@ -359,11 +395,16 @@ def run_hellaswag(args, out=None, err=None) -> dict:
             if result["truncated"]:
                 say(f"note: {result['truncated']} item(s) had their context cut from the left to fit the "
                     f"model's block size {model.config.block_size}")
-            if json_dest is not None:
-                atomic_write(json_dest, lambda f: f.write(predictions_json(result).encode()))
+            # The result first: a failed write must not lose an hour of scoring.
             print(f"hellaswag: {result['n']} items | acc {result['acc']:.4f} | acc_norm "
                   f"{result['acc_norm']:.4f} | {seconds:.1f} s"
                   + (f" | predictions: {json_dest}" if json_dest is not None else ""), file=out, flush=True)
+            if json_dest is not None:
+                try:
+                    atomic_write(json_dest, lambda f: f.write(predictions_json(result).encode()))
+                except OSError as e:
+                    raise RunFileError(f"--json {json_dest}: could not write the predictions ({os_reason(e)}); "
+                                       "the result above stands") from None
         return result
     finally:
         dist_lib.destroy(info)
@@ -376,6 +417,9 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

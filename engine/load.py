@@ -2,7 +2,8 @@
 Hugging Face GPT-2 folder.
 
 - a run folder (`train.py --run-dir`): its newest checkpoint that loads; damaged
-  newer ones are skipped and named in the description;
+  newer ones are skipped and named in the description; one that is not the
+  folder's run's (engine.checkpoint.check_belongs) is refused;
 - a checkpoint file `ckpt_NNNNNN.pt` written by the trainer: its "model"
   weights, "model_config" and "tokenizer";
 - a Hugging Face GPT-2 folder (config.json and model.safetensors or
@@ -80,7 +81,9 @@ def read_checkpoint(source) -> tuple[dict, pathlib.Path, list[str]]:
     not is named in `notes`."""
     path = pathlib.Path(source)
     if path.is_file():
-        return ckpt_lib.load_checkpoint(path), path, []
+        ckpt = ckpt_lib.load_checkpoint(path)
+        ckpt_lib.check_belongs(path, ckpt)
+        return ckpt, path, []
     candidates = ckpt_lib.list_checkpoints(path)
     if not candidates:
         raise UserInputError(f"{path}: holds no checkpoint (ckpt_NNNNNN.pt)")
@@ -88,6 +91,7 @@ def read_checkpoint(source) -> tuple[dict, pathlib.Path, list[str]]:
     notes = [f"skipped {p.name}: {e}" for p, e in skipped]
     if found is None:
         raise UserInputError(f"{path}: none of its {len(candidates)} checkpoints loads; newest: {notes[0]}")
+    ckpt_lib.check_belongs(found, ckpt)
     return ckpt, found, notes
 
 

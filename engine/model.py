@@ -190,14 +190,17 @@ class GPT(nn.Module):
         cache = self.transformer.h[0].attn.kv_cache if len(self.transformer.h) else None
         return cache.length if cache is not None else 0
 
-    def forward(self, idx, targets=None, return_logits: bool = True):
+    def forward(self, idx, targets=None, return_logits: bool = True, check_targets: bool = True):
         """Token ids (B, T) -> (logits (B, T, vocab_size) or None, loss or None).
 
         With targets, the loss is the mean cross-entropy over positions whose target
         is not -100. return_logits=False lets the triton backend skip materialising
-        the (B*T, vocab) logits (fused linear + cross-entropy). Token ids are not
+        the (B*T, vocab) logits (fused linear + cross-entropy). Input ids are not
         range-checked here (that would be a host sync per call): the data loaders,
-        generate() and the evaluation check the ids they feed in.
+        generate() and the evaluation check the ids they feed in. A target outside
+        the vocabulary is an error on every backend, as in F.cross_entropy; on the
+        triton backend that check is a host sync, which check_targets=False skips
+        (the trainer does: its loaders checked the ids).
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise UserInputError(f"GPT.forward: idx must be a 2-D (B, T) tensor of token ids, got "
@@ -223,7 +226,8 @@ class GPT(nn.Module):
         logits = loss = None
         if targets is not None:
             loss = self.ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
-                                                 targets.reshape(B * T).long(), num_classes=V)
+                                                 targets.reshape(B * T).long(), num_classes=V,
+                                                 check_targets=check_targets)
         if return_logits or targets is None:
             # Padded vocabulary rows are never part of the output, so never sampled.
             logits = self.lm_head(x)[..., :V]

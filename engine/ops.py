@@ -18,6 +18,9 @@ Semantics both op sets share, where PyTorch's own ops differ:
   never reads as a diverged step.
 - causal attention with fewer queries than keys aligns the mask to the end of the
   keys (decoding with a KV cache); SDPA's is_causal aligns it to the start.
+- `linear_cross_entropy` refuses a target outside [0, num_classes) that is not
+  ignore_index, as F.cross_entropy does; on the triton backend that check costs
+  a host sync, and `check_targets=False` skips it for targets already checked.
 """
 from __future__ import annotations
 
@@ -94,7 +97,8 @@ class TorchOps:
         return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
     @staticmethod
-    def linear_cross_entropy(x, weight, targets, num_classes, ignore_index=-100):
+    def linear_cross_entropy(x, weight, targets, num_classes, ignore_index=-100, check_targets=True):
+        # F.cross_entropy checks the targets itself, whatever check_targets says.
         logits = F.linear(x, weight)[..., :num_classes].float().reshape(-1, num_classes)
         targets = targets.reshape(-1)
         total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
@@ -148,13 +152,13 @@ class TritonOps:
             return self._k.linear_gelu(x.to(dtype), weight.to(dtype),
                                        None if bias is None else bias.to(dtype))
 
-    def linear_cross_entropy(self, x, weight, targets, num_classes, ignore_index=-100):
+    def linear_cross_entropy(self, x, weight, targets, num_classes, ignore_index=-100, check_targets=True):
         dtype = _autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            # The loaders check target ids on the CPU: the kernel's own check would
-            # sync with the host once per call.
+            # check_targets costs a host sync per call: the trainer turns it off,
+            # its loaders having checked the ids on the CPU.
             return self._k.linear_cross_entropy(x.to(dtype), weight, targets, ignore_index=ignore_index,
-                                                num_classes=num_classes, check_targets=False)
+                                                num_classes=num_classes, check_targets=check_targets)
 
 
 class AutoOps:

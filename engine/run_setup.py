@@ -42,12 +42,14 @@ class RunData:
     tokenizer_reason: str
     corpus_note: str  # what the default corpus is, when no --data was given
     data_path: str
+    data_hash: str  # engine.data.fingerprint: lets a resumed run find its data at a new path
     train_loader: object
     val_loader: object
 
 
 def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     from engine.data import build_loader, resolve_default_corpus
+    from engine.data.fingerprint import content_hash
     from engine.tokenizer import load_tokenizer, tokenizer_for_model
     # A run that continues a trained model takes that model's tokenizer, and fails
     # here, before any training, when it cannot be loaded: "auto" never falls back
@@ -67,9 +69,13 @@ def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     common = dict(rank=info.rank, world_size=info.world_size, tokenizer=tokenizer,
                   val_fraction=cfg.val_fraction, seed=cfg.seed, pin_memory=device_type == "cuda",
                   requested_tokenizer=cfg.tokenizer)
-    return RunData(tokenizer, reason, note, str(data_path),
-                   build_loader(data_path, cfg.batch_size, cfg.seq_len, split="train", **common),
-                   build_loader(data_path, cfg.batch_size, cfg.seq_len, split="val", **common))
+    train = build_loader(data_path, cfg.batch_size, cfg.seq_len, split="train", **common)
+    val = build_loader(data_path, cfg.batch_size, cfg.seq_len, split="val", **common)
+    try:
+        data_hash = content_hash(data_path)
+    except OSError as e:
+        raise UserInputError(f"{data_path}: cannot read it ({e.strerror or e})") from None
+    return RunData(tokenizer, reason, note, str(data_path), data_hash, train, val)
 
 
 def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str):
@@ -101,35 +107,38 @@ def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str
     return model
 
 
-def claim_run_dir(cfg, resume_path, info: dist_lib.DistInfo, token: str, log=print):
+def claim_run_dir(cfg, resume_path, info: dist_lib.DistInfo, token: str):
     """(folder path, RunFolder held by rank 0 or None): rank 0 chooses, creates and
     locks the folder (engine.run_dir); every rank gets the same folder, or the
-    same error."""
+    same error. Nothing in it changes yet (RunFolder.start_writing does that)."""
     path = error = folder = None
     if info.master:
         try:
+            made = []
             if cfg.run_dir != "auto":
                 path = pathlib.Path(cfg.run_dir)
             elif resume_path is not None:
                 path = resume_path.parent
             else:
-                path = create_auto_folder()
-            folder = RunFolder(path, token)
+                path, made = create_auto_folder()
+            folder = RunFolder(path, token, created=made)
             folder.claim()
             here = resume_path is not None and resume_path.parent.resolve() == path.resolve()
-            folder.check_free(resuming_here=here, overwrite=cfg.overwrite, log=log)
+            folder.check_free(resuming_here=here, overwrite=cfg.overwrite)
         except UserInputError as e:
             error = str(e)
             if folder is not None:
-                folder.release()
+                folder.release(remove_if_unused=True)
     path, error = dist_lib.broadcast_object((str(path), error), info)
     if error:
         raise UserInputError(error)
     return pathlib.Path(path), folder
 
 
-def write_config_json(run_dir: pathlib.Path, cfg, model_config, token: str) -> None:
-    config = json.dumps({"train": cfg.to_dict(), "model": model_config.to_dict()}, indent=2)
+def write_config_json(run_dir: pathlib.Path, cfg, model_config, token: str, run_id: str | None) -> None:
+    """The run's configuration, and its run id: what makes the folder's checkpoints
+    recognisably its own (engine.checkpoint.check_belongs)."""
+    config = json.dumps({"run_id": run_id, "train": cfg.to_dict(), "model": model_config.to_dict()}, indent=2)
     try:
         atomic_write(run_dir / "config.json", lambda f: f.write(config.encode()), tmp_prefix=f".config.json.{token}.")
     except OSError as e:

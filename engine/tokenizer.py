@@ -33,6 +33,15 @@ def _as_int_list(ids) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (JSON escapes such as "\ud83d" make them): replaced by
+        # U+FFFD, as tiktoken's encode does, so both tokenizers take any str.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocab 256, no end-of-text token, never unavailable."""
 
@@ -41,10 +50,10 @@ class ByteTokenizer:
     eot_token = None
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(_utf8(text))
 
     def encode_batch(self, texts, num_threads: int = 8) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
+        return [list(_utf8(t)) for t in texts]
 
     def decode_bytes(self, ids) -> bytes:
         ids = _as_int_list(ids)

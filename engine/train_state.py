@@ -6,6 +6,8 @@ geometry, schedule, seed, ...). A field the user gave that is resume-safe
 (engine.train_config.resume_safe_fields) replaces the stored value; one that
 is not, and differs, is refused in one line naming it. `resume`, `run_dir`,
 `overwrite` and `profile` describe this invocation, never the stored run.
+The data may move: `--data NEWPATH` is accepted when its content hash
+(engine.data.fingerprint) equals the one the checkpoint recorded.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 from engine import checkpoint as ckpt_lib
+from engine.data.fingerprint import content_hash
 from engine.errors import UserInputError
 from engine.train_config import TrainConfig, resume_safe_fields
 
@@ -41,15 +44,44 @@ def _same(name: str, given, stored) -> bool:
     return given == stored
 
 
-def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path) -> TrainConfig:
+def _moved_data(cfg: TrainConfig, explicit: frozenset[str], state: dict, path, log) -> str | None:
+    """The run's data at a new path (--data NEWPATH whose content hash is the run's),
+    or None when it stays where it was; a run whose data is gone says what to do."""
+    stored = state["train_config"].get("data")
+    if not stored:
+        return None
+    if "data" not in explicit or not cfg.data or _same("data", cfg.data, stored):
+        if not os.path.exists(stored):
+            raise UserInputError(f"resume: the run's data {stored} is no longer there (moved or deleted?); give "
+                                 "--data NEWPATH: data with the same content (checked by its hash) continues the run")
+        return None
+    recorded = state.get("data_hash")
+    if not recorded:
+        raise UserInputError(f"resume: --data {cfg.data}: the run's data is {stored}, and {path} predates content "
+                             f"hashes, so data elsewhere cannot be recognised as the same; put it back at {stored}")
+    try:
+        now = content_hash(cfg.data)
+    except OSError as e:
+        raise UserInputError(f"resume: --data {cfg.data}: cannot read it ({e.strerror or e})") from None
+    if now != recorded:
+        raise UserInputError(f"resume: --data {cfg.data}: not the run's data (its content hash differs from that "
+                             f"of {stored}); a resumed run keeps its data")
+    log(f"resume: the run's data has moved: {stored} -> {cfg.data} (same content hash)")
+    return cfg.data
+
+
+def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path, log=print) -> TrainConfig:
     """The configuration a resumed run continues with (see the module docstring)."""
     stored = state["train_config"]
     safe = set(resume_safe_fields())
+    moved = _moved_data(cfg, explicit, state, path, log)
     values, conflicts = {}, []
     for f in dataclasses.fields(TrainConfig):
         name, given = f.name, getattr(cfg, f.name)
         if name in PER_INVOCATION or name not in stored:
             values[name] = given
+        elif name == "data" and moved:
+            values[name] = moved
         elif name not in explicit:
             values[name] = stored[name]
         elif name in safe:
@@ -86,6 +118,8 @@ def training_state(trainer, step: int) -> dict:
         "train_config": trainer.cfg.to_dict(),
         "model_config": trainer.model_config.to_dict(),
         "tokenizer": trainer.tokenizer.name,
+        "run_id": trainer.run_id,
+        "data_hash": trainer.data.data_hash,
         "world_size": trainer.dist.world_size,
         "bad_streak": trainer.bad_streak,
     }

@@ -23,6 +23,7 @@ import gc
 import math
 import os
 import pathlib
+import signal
 import time
 
 import torch
@@ -38,7 +39,7 @@ from engine.run_errors import Interrupted, PeerLost, RunFileError, RunFinished, 
 from engine.run_log import RunLog
 from engine.run_setup import (build_model, claim_run_dir, header_lines, load_data, resolve_device,
                               resolve_dtype, write_config_json)
-from engine.signals import StopSignals
+from engine.signals import StopSignals, abort_on_sigterm
 from engine.step import autocast_factory, train_step
 from engine.train_config import TrainConfig, accumulation_steps
 from engine.train_state import (explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
@@ -66,7 +67,7 @@ class Trainer:
         resume_path = state = None
         if cfg.resume:
             resume_path, state = ckpt_lib.load_for_resume(cfg.resume, log=self._log)
-            cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path)
+            cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path, log=self._log)
             if state["step"] >= cfg.max_steps:
                 raise RunFinished(f"{resume_path.parent}: this run is finished (step {state['step']} of "
                                   f"max_steps {cfg.max_steps}); give --max-steps N with N > {state['step']} "
@@ -78,13 +79,23 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
         self.ddp_timeout_s = cfg.ddp_timeout_s
         self.dist = dist_lib.init_distributed(device_type, cfg.ddp_timeout_s)
+        self._unstarted_files: list[pathlib.Path] = []  # written by set-up for a run not yet begun
+        self.replaced_previous_run: list[str] = []  # what --overwrite deleted
         try:
-            self._setup(cfg, device_type, resume_path, state)
+            with abort_on_sigterm():  # SIGTERM during set-up ends it as Ctrl-C does
+                self._setup(cfg, device_type, resume_path, state)
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                for path in self._unstarted_files:
+                    path.unlink(missing_ok=True)
             self._teardown(ok=False)
             lost = self._peer_lost(e)
             if lost is not None:
                 raise lost from None
+            if isinstance(e, KeyboardInterrupt):
+                resumable = "" if self._unstarted_files else cfg.resume
+                raise Interrupted.during_setup(getattr(e, "signum", signal.SIGINT), resumable,
+                                               self.replaced_previous_run) from None
             raise
 
     def _setup(self, cfg: TrainConfig, device_type: str, resume_path, state):
@@ -102,7 +113,7 @@ class Trainer:
         except RuntimeError as e:
             raise UserInputError(str(e)) from None
 
-        self.run_dir, self.folder = claim_run_dir(cfg, resume_path, info, self.token, log=self._log)
+        self.run_dir, self.folder = claim_run_dir(cfg, resume_path, info, self.token)
         self.data = load_data(cfg, info, self.device_type)
         self.tokenizer, self.train_loader, self.val_loader = (self.data.tokenizer, self.data.train_loader,
                                                               self.data.val_loader)
@@ -132,11 +143,17 @@ class Trainer:
 
         self.step = self.bad_streak = 0
         self.last_checkpoint = None  # (step, path): the newest checkpoint this run can go back to
+        # A resumed run keeps its identity (None for one from before run ids).
+        self.run_id = state.get("run_id") if state is not None else ckpt_lib.new_run_id()
         if state is not None:
             restore(self, state, resume_path)
             self.last_checkpoint = (self.step, resume_path)
-            if info.master:
-                set_aside_later_checkpoints(self.run_dir, self.step, log=self._log)
+        # Every input has been checked: only from here on does the run change files.
+        if self.folder is not None:
+            self.replaced_previous_run = self.folder.replaces
+            self.folder.start_writing(log=self._log)
+        if state is not None and info.master:
+            set_aside_later_checkpoints(self.run_dir, self.step, log=self._log)
         # What checkpoints store: the values this run resolved, so that a resume
         # elsewhere (another folder, device or tiktoken cache) continues the same run.
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(self.data.data_path),
@@ -156,9 +173,12 @@ class Trainer:
         self._pending: list[tuple] = []
         self._evals_at: dict[int, dict] = {}
         self.signals = StopSignals()  # inactive; run() installs the handlers
-        if info.master:
-            write_config_json(self.run_dir, cfg, self.model_config, self.token)
         elsewhere = resume_path is not None and resume_path.parent.resolve() != self.run_dir.resolve()
+        if info.master and (resume_path is None or elsewhere):
+            # Until the first step these hold nothing that is not elsewhere too.
+            self._unstarted_files = [self.run_dir / "config.json", self.run_log.csv_path]
+        if info.master:
+            write_config_json(self.run_dir, cfg, self.model_config, self.token, self.run_id)
         self.run_log.start(self.step, earlier_csv=resume_path.parent / "metrics.csv" if elsewhere else None)
 
     @property
@@ -345,7 +365,7 @@ class Trainer:
         if info is not None:
             dist_lib.destroy(info)
         if self.folder is not None:
-            self.folder.release()
+            self.folder.release(remove_if_unused=not ok)
             self.folder = None
 
     def _stop_requested(self) -> int:

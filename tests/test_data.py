@@ -1,5 +1,6 @@
 """Data pipeline: text and shard sources, ranks, shuffling, resume, bad input."""
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -216,13 +217,32 @@ def test_prepare_command_line(tmp_path, gpt2):
          "--val-fraction", "0.1", "--tokenizer", "gpt2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "prepare:" in r.stderr and "100%" in r.stderr
+    last = r.stderr.strip().split("\r")[-1]  # the progress line's last redraw
+    assert re.match(r"prepare: 100% of \d+\.\d kB, 3 documents, [\d,]+ tokens, [\d,]+ tokens/s", last), last
     assert "train tokens" in r.stdout
     # inputs in the order given: a.txt, the nested folder, b.txt
     stream = expected_stream([files[0], files[2], files[1]], gpt2)
     n_val = int(len(stream) * 0.1)
     np.testing.assert_array_equal(read_split(out, "gpt2", "val")[1], stream[:n_val])
     np.testing.assert_array_equal(read_split(out, "gpt2", "train")[1], stream[n_val:])
+
+
+def test_progress_line_says_documents_tokens_rate_and_time_left():
+    import importlib
+    import io
+    P = importlib.import_module("engine.data.prepare")
+    clock = iter([100.0, 110.0, 130.0]).__next__
+    stream = io.StringIO()
+    bar = P._Progress(4_000_000, "bytes", True, {"units": 1_000_000, "documents": 7, "tokens": 500}, stream=stream,
+                      clock=clock)
+    bar.update(1_000_000, 40, 2_000_000)  # 10 s in: 1 MB of the 3 MB left, at 0.1 MB/s
+    assert stream.getvalue() == ("\rprepare: 50% of 4.0 MB, 47 documents, 2,000,500 tokens, 200,000 tokens/s, "
+                                 "ETA 0m20s\033[K")
+    bar.update(2_000_000, 3, 10, force=True)
+    assert stream.getvalue().endswith("prepare: 100% of 4.0 MB, 50 documents, 2,000,510 tokens, 66,667 tokens/s\033[K")
+    hub = P._Progress(0, "documents", True, {}, stream=io.StringIO(), clock=iter([0.0, 1.0]).__next__)
+    hub.update(0, 12, 345, force=True)
+    assert hub.stream.getvalue().startswith("\rprepare: 12 documents, 345 tokens, ")
 
 
 def test_command_line_user_error(tmp_path, capsys):

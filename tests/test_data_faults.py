@@ -1,8 +1,9 @@
 """Data preparation under faults, in real processes: two prepares into one folder,
 an interrupted prepare, a huge single-line file (bounded memory), and the
-loader refusing what an interrupted prepare leaves."""
+loader refusing what an interrupted prepare leaves. (Resuming: test_data_resume.py.)"""
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -104,8 +105,12 @@ def test_an_interrupted_prepare_leaves_the_folder_as_it_was(one_line_file, tmp_p
     child.proc.send_signal(sig)
     rc, err = child.finish()
     assert rc == 128 + sig, err[-2000:]
-    assert err.strip().splitlines()[-1] == f"prepare: interrupted by {sig.name}; {out} is left as it was"
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no shard, manifest, temp or work folder
+    work = out / ".prepare-work"
+    assert re.fullmatch(rf"prepare: interrupted by {sig.name}; {out} is left as it was; \d+ finished shards are kept "
+                        rf"in {work}: run the same command again to continue", err.strip().splitlines()[-1])
+    # no shard, manifest or temp file in sight; the work so far kept, hidden, to be resumed
+    assert sorted(p.name for p in out.iterdir()) == [".prepare-work", "notes.txt"]
+    assert not [p for p in work.iterdir() if p.name.endswith(".partial")]
 
 
 def test_two_prepares_into_one_folder_never_mix(one_line_file, corpus, tmp_path, gpt2):

@@ -31,8 +31,12 @@ def tiny_args(corpus, run_dir, *extra, steps=3, ckpt=0):
 
 def env():
     # One thread per process: the machine's cores are shared, and idle spinning
-    # threads would make each tiny step take long.
-    return child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    # threads would make each tiny step take long. No PYTHONUNBUFFERED: train.py
+    # itself must flush each log line into a pipe as it prints it (the tests below
+    # wait for lines of a run that is still going).
+    environment = child_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    environment.pop("PYTHONUNBUFFERED", None)
+    return environment
 
 
 class Child:

@@ -4,6 +4,7 @@ two subprocesses check the real exit status and that no traceback is printed."""
 import dataclasses
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,82 @@ def test_resume_skips_a_damaged_latest_checkpoint(corpus, tmp_path, capsys):
     assert f"resume: using the newest valid checkpoint, {run / 'ckpt_000002.pt'}" in out
     assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2", "3", "4"]
     assert len(list((run / "superseded").glob("*/ckpt_000004.pt"))) == 1  # set aside, not deleted
+
+
+def _step_lines(out):
+    """The log's step lines without their timings: what a continued run must repeat."""
+    return [ln.split(" | dt")[0] for ln in out.splitlines() if ln.startswith("step ")]
+
+
+def test_a_moved_corpus_resumes_when_its_content_is_the_same(corpus, tmp_path, capsys):
+    """After the corpus moved, --resume says where the data went missing and what
+    to do; --data NEWPATH (a moved copy, or a symlink of another name) is accepted
+    because its content hash is the run's, and the run continues exactly as it
+    would have where it was; later checkpoints record the new path."""
+    data = tmp_path / "old" / "corpus.txt"
+    data.parent.mkdir()
+    shutil.copy(corpus, data)
+    first = tmp_path / "first"
+    rc, _, err = run_main(small_args(data, first, "--max-steps", "2", "--checkpoint-interval", "2"), capsys)
+    assert rc == 0, err
+    for name in ("moved", "linked"):
+        shutil.copytree(first, tmp_path / name)
+    rc, out, err = run_main(["--resume", str(first), "--max-steps", "4"], capsys)
+    assert rc == 0, err
+    expected = _step_lines(out)
+    assert len(expected) == 2
+
+    new = tmp_path / "new" / "renamed.txt"
+    new.parent.mkdir()
+    os.replace(data, new)
+    rc, out, err = run_main(["--resume", str(tmp_path / "moved"), "--max-steps", "4"], capsys)
+    assert rc == 2
+    assert_one_error_line(err, f"resume: the run's data {data} is no longer there (moved or deleted?)",
+                          "give --data NEWPATH")
+    link = tmp_path / "link.txt"
+    link.symlink_to(new)
+    for name, path in (("moved", new), ("linked", link)):
+        rc, out, err = run_main(["--resume", str(tmp_path / name), "--max-steps", "4", "--data", str(path)], capsys)
+        assert rc == 0, err
+        assert f"resume: the run's data has moved: {data} -> {path} (same content hash)" in out
+        assert _step_lines(out) == expected, name
+        from engine import checkpoint as ckpt_lib
+        assert ckpt_lib.load_checkpoint(tmp_path / name)["train_config"]["data"] == str(path)
+
+
+def test_an_interrupt_during_set_up_leaves_nothing_behind(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) after set-up has written config.json and metrics.csv but
+    before the first step: a new run removes them again (and the folders it made),
+    so "nothing was written" is true; a resumed run says how to continue, and can."""
+    import signal
+
+    from engine.run_errors import RunAborted
+    from engine.run_log import RunLog
+    start = RunLog.start
+    run = tmp_path / "new" / "run"
+    rc, _, err = run_main(small_args(corpus, tmp_path / "done", "--max-steps", "2", "--checkpoint-interval", "2"),
+                          capsys)
+    assert rc == 0, err
+
+    def interrupted(signum):
+        def patched(self, *args, **kwargs):
+            start(self, *args, **kwargs)
+            if signum == signal.SIGINT:
+                os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt
+            raise RunAborted(signum)  # what SIGTERM raises during set-up
+        return patched
+
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        monkeypatch.setattr(RunLog, "start", interrupted(signum))
+        rc, out, err = run_main(small_args(corpus, run), capsys)
+        assert rc == status and err.strip().splitlines()[-1] == (
+            f"interrupted by {signum.name} during set-up, before the first step: nothing was written")
+        assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(RunLog, "start", interrupted(signal.SIGINT))
+    rc, out, err = run_main(["--resume", str(tmp_path / "done"), "--max-steps", "3"], capsys)
+    assert rc == 130 and err.strip().splitlines()[-1] == (
+        "interrupted by SIGINT during set-up, before the first step: the run can continue: "
+        f"python train.py --resume {tmp_path / 'done'}")
+    monkeypatch.setattr(RunLog, "start", start)
+    rc, out, err = run_main(["--resume", str(tmp_path / "done"), "--max-steps", "3"], capsys)
+    assert rc == 0 and _step_lines(out)[0].startswith("step     2 |"), err

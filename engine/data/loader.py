@@ -5,9 +5,9 @@ Two sources behind one loader (`TokenLoader`, built by `build_loader`):
 - **text**: a UTF-8 text file (or a folder of them) tokenized once in memory,
   served in order like build-nanogpt's DataLoaderLite; the last `val_fraction`
   of the tokens is the val split.
-- **shards**: uint16 `.bin` files written by `python -m engine.data prepare`,
-  memory-mapped and streamed across shard boundaries, shard order shuffled per
-  epoch from a seed.
+- **shards**: uint16 `.bin` files written by `python -m engine.data prepare`
+  (or llm.c's scripts), or build-nanogpt's `.npy` shards, memory-mapped and
+  streamed across shard boundaries, shard order shuffled per epoch from a seed.
 
 Both sources are one token stream per epoch. Step i of an epoch reads, on rank
 r, the B*T+1 tokens starting at i*B*T*world_size + r*B*T: every rank sees a
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.shards import SPLIT_TAG, check_manifest, open_shard, read_shard_header
+from engine.data.shards import SHARD_SUFFIXES, SPLIT_TAG, check_manifest, list_shards, open_shard, read_shard_header
 from engine.data.text import find_text_files, tokenize_file
 from engine.errors import UserInputError
 from engine.tokenizer import data_tokenizer_mismatch, load_tokenizer
@@ -137,6 +137,8 @@ class TokenLoader:
                 + ", ".join(diff) + "; resume with the same data, batch size and world size")
         index = {n: i for i, n in enumerate(self.names)}
         order = state["order"]
+        if len(self.names) == 1 == len(order):
+            order = self.names  # one piece: its name (the file's, which may have moved) orders nothing
         if sorted(order) != sorted(self.names):
             raise UserInputError(
                 f"{self.source}: cannot resume the data loader: the checkpoint's shards differ "
@@ -181,11 +183,11 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                  pin_memory: bool = False, requested_tokenizer: str = "") -> TokenLoader:
     """A `TokenLoader` for `split` ("train" or "val") of `data_path`.
 
-    - a folder of `*_train_*.bin` / `*_val_*.bin` shards: those shards, the
-      train split shuffled per epoch (`shuffle=None` means: train only); a
-      folder whose manifest.json lists a missing shard (an interrupted prepare)
-      is refused;
-    - a single `.bin`: named `..._train...` or `..._val...`, it and its sibling
+    - a folder of `*_train_*.bin` / `*_val_*.bin` shards (or build-nanogpt's
+      `*_train_*.npy` / `*_val_*.npy`): those shards, the train split shuffled
+      per epoch (`shuffle=None` means: train only); a folder whose manifest.json
+      lists a missing shard (an interrupted prepare) is refused;
+    - a single `.bin` or `.npy`: named `..._train...` or `..._val...`, it and its sibling
       for the other split; otherwise its tokens split like a text file;
     - a text file, or a folder of text files without shards: tokenized with
       `tokenizer` (a tokenizer object or "gpt2"/"bytes"/"auto"), the last
@@ -205,13 +207,14 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                   pin_memory=pin_memory)
 
     if path.is_dir():
-        bins = sorted(p for p in path.iterdir() if p.suffix == ".bin" and p.is_file())
+        bins = list_shards(path)
         if check_manifest(path) is not None or bins:
             mine = [p for p in bins if (m := SPLIT_TAG.search(p.name)) and m.group(1) == split]
             if not mine:
+                kind = bins[0].suffix if bins else ".bin"
                 raise UserInputError(
-                    f"{path}: none of its {len(bins)} .bin files is a {split} shard "
-                    f"(named *_{split}_*.bin)")
+                    f"{path}: none of its {len(bins)} {kind} files is a {split} shard "
+                    f"(named *_{split}_*{kind})")
             pieces, vocab = _shard_pieces(mine, tokenizer, requested_tokenizer)
             n = sum(len(a) for _, a in pieces)
             order = f"shuffled per epoch (seed {seed})" if shuffle else "in order"
@@ -222,7 +225,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
             files = find_text_files([path])
         except UserInputError:
             raise UserInputError(
-                f"{path}: no token shards (*_train_*.bin, *_val_*.bin) and no text files in "
+                f"{path}: no token shards (*_train_*.bin, *_val_*.bin or .npy) and no text files in "
                 "this folder") from None
         tok = _resolve_tokenizer(tokenizer)
         parts = [tokenize_file(f, tok, document_eot=True) for f in files if f.stat().st_size]
@@ -231,7 +234,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
         return _text_loader(np.concatenate(parts), tok, path, f"{len(files)} text files in {path}",
                             val_fraction, common)
 
-    if path.suffix == ".bin":
+    if path.suffix in SHARD_SUFFIXES:
         check_manifest(path.parent)
         tag = SPLIT_TAG.search(path.name)
         if tag:
