@@ -19,7 +19,7 @@ import pathlib
 import secrets
 import time
 
-from engine.checkpoint import TMP_PREFIX, TMP_SUFFIX, list_checkpoints
+from engine.checkpoint import TMP_PREFIX, TMP_SUFFIX, list_checkpoints, remove_checkpoint
 from engine.errors import UserInputError
 
 try:
@@ -119,17 +119,17 @@ class RunFolder:
                 f"run_dir (--run-dir) {self.path}: already holds a run ({shown}); resume it with --resume "
                 f"{self.path}, choose another --run-dir, or pass --overwrite to replace it")
         for p in list_checkpoints(self.path):
-            p.unlink(missing_ok=True)
+            remove_checkpoint(p)
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         log(f"run folder: --overwrite removed the previous run's files ({', '.join(found)})")
 
     def _remove_stale_temps(self) -> None:
         # The folder is ours (locked): a temp file of the engine's kinds that is not
-        # this process's was left by a killed process of this folder.
+        # this process's was left by a killed process of this folder (a temp folder:
+        # by a sharded checkpoint's save that did not finish).
         prefixes = (TMP_PREFIX, *(f".{n}." for n in RUN_FILES))
         for p in self.path.iterdir():
-            if (p.name.startswith(prefixes) and p.name.endswith(TMP_SUFFIX) and self.token not in p.name
-                    and p.is_file()):
-                p.unlink(missing_ok=True)
+            if p.name.startswith(prefixes) and p.name.endswith(TMP_SUFFIX) and self.token not in p.name:
+                remove_checkpoint(p)
 

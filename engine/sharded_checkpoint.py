@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from engine import checkpoint as ckpt_lib
@@ -89,15 +90,20 @@ class SafeReader(FileSystemReader):
     def __init__(self, path, listed=None):
         super().__init__(path)
         self.listed = listed
+        self.refused = None  # why the metadata was refused, for the caller's message
 
     def read_metadata(self, *args, **kwargs):
-        with open(pathlib.Path(self.path) / METADATA, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if self.listed is not None:
-            for info in (metadata.storage_data or {}).values():
-                if getattr(info, "relative_path", None) not in self.listed:
-                    raise pickle.UnpicklingError(f"it points at {getattr(info, 'relative_path', info)!r}, "
-                                                 "which the manifest does not list")
+        try:
+            with open(pathlib.Path(self.path) / METADATA, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if self.listed is not None:
+                for info in (metadata.storage_data or {}).values():
+                    if getattr(info, "relative_path", None) not in self.listed:
+                        raise pickle.UnpicklingError(f"it points at {getattr(info, 'relative_path', info)!r}, "
+                                                     "which the manifest does not list")
+        except (pickle.UnpicklingError, AttributeError, EOFError, ValueError, TypeError) as e:
+            self.refused = f".metadata: {e}"
+            raise
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -106,8 +112,14 @@ class SafeReader(FileSystemReader):
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner, reading the non-tensor entries with weights_only=True."""
 
+    refused = None  # why an entry was refused, for the caller's message
+
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            self.refused = f"its entry {read_item.dest_index.fqn} holds objects beyond tensors and plain containers"
+            raise
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
@@ -191,26 +203,28 @@ def load_into(folder, state_dict: dict, listed=None) -> None:
     folder = pathlib.Path(folder)
     if listed is None:
         listed = set(verify(folder)["files"])
+    reader, planner = SafeReader(folder, listed), SafeLoadPlanner()
     try:
         with warnings.catch_warnings():
             # Loading in one process without a process group is what we mean: DCP warns anyway.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-            dcp.load(state_dict, storage_reader=SafeReader(folder, listed), planner=SafeLoadPlanner())
-    except Exception as e:  # noqa: BLE001 - DCP wraps every reader failure in its own exception
-        text = str(e)
-        if "UnpicklingError" in text or "not allowed" in text or "Weights only load failed" in text:
-            raise ckpt_lib.CheckpointError(folder, "its contents cannot be loaded safely: "
-                                           + _first_line(text), damaged=False) from None
-        raise ckpt_lib.CheckpointError(folder, f"its state does not fit this model: {_first_line(text)}",
+            dcp.load(state_dict, storage_reader=reader, planner=planner)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps every failure in its own exception
+        refused = reader.refused or planner.refused
+        if refused:
+            raise ckpt_lib.CheckpointError(folder, f"its contents cannot be loaded safely: {refused}",
+                                           damaged=False) from None
+        raise ckpt_lib.CheckpointError(folder, f"its state does not fit this model: {_failure(e)}",
                                        damaged=False) from None
 
 
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Traceback", "File ", "CheckpointException")):
-            return line[:300]
-    return text.strip()[:300]
+def _failure(e: BaseException) -> str:
+    """Why DCP failed: the first failure a CheckpointException wraps (or `e`), in short."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    return os_reason(e)[:300]
 
 
 def full_model_state(folder, model_config: dict) -> dict:
@@ -225,12 +239,23 @@ def full_model_state(folder, model_config: dict) -> dict:
 
 # ------------------------------------------------------------------ writing
 
-def _hash_files(folder: pathlib.Path, names) -> dict:
-    return {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
-
-
 def _own_files(folder: pathlib.Path, rank: int) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"__{rank}_") and p.is_file())
+
+
+def write_manifest(folder: pathlib.Path, step: int, world_size: int, files: dict) -> None:
+    """manifest.json, atomically: `files` ({name: {"size", "sha256"}}) and its own sha256."""
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "world_size": world_size,
+                "files": files}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    atomic_write(folder / MANIFEST, lambda f: f.write(text))
+    fsync_dir(folder)
+
+
+def hash_files(folder: pathlib.Path, names) -> dict:
+    """{name: {"size", "sha256"}} of the files `names` in `folder`."""
+    return {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
 
 
 class SaveJob:
@@ -254,14 +279,14 @@ class SaveJob:
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
             dcp.save(state_dict, storage_writer=FileSystemWriter(self.tmp, sync_files=True), process_group=self.group)
-        except Exception as e:  # noqa: BLE001 - DCP reports a write failure of any rank on every rank
-            self._error = os_reason(e)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP reports any rank's failure on every rank
+            self._error = _failure(e)
 
     def finish(self) -> pathlib.Path:
         mine = {}
         if self._error is None:
             try:
-                mine = _hash_files(self.tmp, _own_files(self.tmp, self.rank))
+                mine = hash_files(self.tmp, _own_files(self.tmp, self.rank))
             except OSError as e:
                 self._error = os_reason(e)
         reports = [(mine, self._error)]
@@ -290,13 +315,8 @@ class SaveJob:
             for part, _ in reports:
                 files.update(part)
             ckpt_lib.write_state_file(self.tmp / TRAIN_STATE, self.train_state)
-            files.update(_hash_files(self.tmp, [METADATA, TRAIN_STATE]))
-            manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": self.step,
-                        "world_size": self.world_size, "files": files}
-            manifest["manifest_sha256"] = _manifest_digest(manifest)
-            text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-            atomic_write(self.tmp / MANIFEST, lambda f: f.write(text))
-            fsync_dir(self.tmp)
+            files.update(hash_files(self.tmp, [METADATA, TRAIN_STATE]))
+            write_manifest(self.tmp, self.step, self.world_size, files)
             self._rename()
         except (OSError, RuntimeError) as e:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -35,6 +35,11 @@ one flat buffer per (device, dtype), so zeroing them all is one launch.
 Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
 and `step()` reads nothing back from the device, so a CUDA graph can capture it.
+
+DTensor parameters (FSDP2 shards them over processes): `ShardedFusedAdamW`
+hands each process's local shards and their gradients to a FusedAdamW and shows
+its state as DTensors laid out like the parameters (views of the same flat
+buffers), which torch.distributed.checkpoint saves and reshards.
 """
 import struct
 

@@ -150,6 +150,7 @@ def run_in_group(fn, world_size: int, folder, *args, timeout: float = 180.0) -> 
     picklable values); a process that fails or hangs fails the caller with its
     traceback."""
     import multiprocessing
+    import pickle
     import queue as queue_lib
     import secrets
 
@@ -172,7 +173,7 @@ def run_in_group(fn, world_size: int, folder, *args, timeout: float = 180.0) -> 
                                 f"{timeout:g} s")
                 break
             if ok:
-                outcome[rank] = value
+                outcome[rank] = pickle.loads(value)
             else:
                 failures.append(f"rank {rank} failed:\n{value}")
     finally:
@@ -188,6 +189,7 @@ def run_in_group(fn, world_size: int, folder, *args, timeout: float = 180.0) -> 
 
 def _group_member(fn, rank, world_size, store, results, args):
     import datetime
+    import pickle
     import traceback
 
     import torch.distributed as dist
@@ -196,7 +198,9 @@ def _group_member(fn, rank, world_size, store, results, args):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", store=dist.FileStore(store, world_size), rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=60))
-        value = fn(rank, world_size, *args)
+        # Pickled here by plain pickle: the queue's pickler would hand tensors over
+        # as shared memory, which dies with this process.
+        value = pickle.dumps(fn(rank, world_size, *args))
         results.put((rank, True, value))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, False, traceback.format_exc()))
