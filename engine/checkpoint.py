@@ -343,20 +343,54 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def export(source, out=None) -> pathlib.Path:
+    """Write a sharded checkpoint (a run folder's newest valid one, or the folder
+    given) as one checkpoint file, weights and optimizer state whole: sample.py,
+    the evaluation and any world size resume from it. `out` defaults to
+    RUN/exported/ckpt_NNNNNN.pt."""
+    from engine.config import GPTConfig
+    from engine.model import GPT
+    from engine.optim import param_groups
+    from engine.sharded_checkpoint import restore_tensors
+    source = pathlib.Path(source)
+    if source.is_dir() and not is_sharded(source):
+        found, state, skipped = load_newest(list_checkpoints(source))
+        if found is None:
+            raise UserInputError(f"export: {source} holds no valid checkpoint"
+                                 + (f": {skipped[0][1]}" if skipped else ""))
+    else:
+        found, state = source, load_checkpoint(source)
+    if not state.get("sharded"):
+        raise UserInputError(f"export: {found} is a single-file checkpoint already")
+    train_config = state["train_config"]
+    model = GPT(GPTConfig.from_dict({**dict(state["model_config"]), "backend": "torch"}))
+    optimizer = torch.optim.AdamW(param_groups(model, float(train_config["weight_decay"])),
+                                  lr=float(train_config["max_lr"]), betas=tuple(train_config["betas"]), eps=1e-8)
+    restore_tensors(found, model, optimizer, state["sharded_files"])
+    whole = {k: v for k, v in state.items() if k not in ("sharded", "sharded_files")}
+    whole.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+    dest = pathlib.Path(out) if out else found.parent / "exported" / checkpoint_name(checkpoint_step(found))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_state_file(dest, whole)
+    except (OSError, RuntimeError) as e:
+        raise RunFileError(f"export: could not write {dest} ({os_reason(e)})") from None
+    return dest
+
+
 def main(argv=None) -> int:
     """python -m engine.checkpoint export RUN [--out FILE]"""
     parser = argparse.ArgumentParser(prog="python -m engine.checkpoint", allow_abbrev=False,
                                      description="Work with training checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    export = sub.add_parser("export", allow_abbrev=False,
-                            help="write a sharded checkpoint (an FSDP run's) as one checkpoint file")
-    export.add_argument("source", metavar="SOURCE",
-                        help="a run folder (its newest valid checkpoint) or a sharded checkpoint folder ckpt_NNNNNN")
-    export.add_argument("--out", metavar="FILE", help="the file to write (default: RUN/exported/ckpt_NNNNNN.pt)")
+    command = sub.add_parser("export", allow_abbrev=False,
+                             help="write a sharded checkpoint (an FSDP run's) as one checkpoint file")
+    command.add_argument("source", metavar="SOURCE",
+                         help="a run folder (its newest valid checkpoint) or a sharded checkpoint folder ckpt_NNNNNN")
+    command.add_argument("--out", metavar="FILE", help="the file to write (default: RUN/exported/ckpt_NNNNNN.pt)")
     args = parser.parse_args(argv)
-    from engine.sharded_checkpoint import export as export_sharded
     try:
-        path = export_sharded(args.source, args.out)
+        path = export(args.source, args.out)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -169,6 +169,8 @@ def verify(folder) -> dict:
                                        f"version {MANIFEST_VERSION}", damaged=False)
     for name, entry in sorted(files.items()):
         path = folder / name
+        if not isinstance(entry, dict):
+            raise ckpt_lib.CheckpointError(folder, f"{MANIFEST}: malformed entry for {name}", damaged=False)
         if pathlib.Path(name).name != name or not path.is_file():
             raise ckpt_lib.CheckpointError(folder, f"{name} is missing", damaged=True)
         size = path.stat().st_size
@@ -412,39 +414,3 @@ def restore_tensors(folder, model, optimizer, listed=None) -> None:
     for g, lr in zip(optimizer.param_groups, lrs):
         g["lr"] = lr
 
-
-# ------------------------------------------------------------------ export
-
-def export(source, out=None) -> pathlib.Path:
-    """Write a sharded checkpoint (a run folder's newest valid one, or the folder
-    given) as one checkpoint file of engine.checkpoint's format, weights and
-    optimizer state whole: sample.py, the evaluation and any world size resume
-    from it. `out` defaults to RUN/exported/ckpt_NNNNNN.pt."""
-    from engine.config import GPTConfig
-    from engine.errors import UserInputError
-    from engine.model import GPT
-    from engine.optim import param_groups
-    source = pathlib.Path(source)
-    if source.is_dir() and not ckpt_lib.is_sharded(source):
-        found, state, skipped = ckpt_lib.load_newest(ckpt_lib.list_checkpoints(source))
-        if found is None:
-            raise UserInputError(f"export: {source} holds no valid checkpoint"
-                                 + (f": {skipped[0][1]}" if skipped else ""))
-    else:
-        found, state = source, ckpt_lib.load_checkpoint(source)
-    if not state.get("sharded"):
-        raise UserInputError(f"export: {found} is a single-file checkpoint already")
-    train_config = state["train_config"]
-    model = GPT(GPTConfig.from_dict({**dict(state["model_config"]), "backend": "torch"}))
-    optimizer = torch.optim.AdamW(param_groups(model, float(train_config["weight_decay"])),
-                                  lr=float(train_config["max_lr"]), betas=tuple(train_config["betas"]), eps=1e-8)
-    restore_tensors(found, model, optimizer, state["sharded_files"])
-    whole = {k: v for k, v in state.items() if k not in ("sharded", "sharded_files")}
-    whole.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-    dest = pathlib.Path(out) if out else found.parent / "exported" / found.with_suffix(".pt").name
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        ckpt_lib.write_state_file(dest, whole)
-    except (OSError, RuntimeError) as e:
-        raise RunFileError(f"export: could not write {dest} ({os_reason(e)})") from None
-    return dest

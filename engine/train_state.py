@@ -73,6 +73,16 @@ def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path
         raise UserInputError(f"resume: {path}: {e}") from None
 
 
+def auto_resume(cfg: TrainConfig, log=print) -> TrainConfig:
+    """--resume auto: the run folder's newest checkpoint if it holds one, else a
+    fresh run there (replacing what an attempt that wrote no checkpoint left), so
+    that torchrun --max-restarts can replay one command."""
+    if ckpt_lib.list_checkpoints(cfg.run_dir):
+        return dataclasses.replace(cfg, resume=cfg.run_dir)
+    log(f"resume auto: no checkpoint in {cfg.run_dir} yet: starting the run there")
+    return dataclasses.replace(cfg, resume="", overwrite=True)
+
+
 def training_state(trainer, step: int, weights: bool = True) -> dict:
     """Everything a checkpoint holds: weights, optimizer, loaders, RNG, configs.
     weights=False leaves out the weights and the optimizer state (a sharded

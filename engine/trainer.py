@@ -46,7 +46,7 @@ from engine.run_setup import (build_model, claim_run_dir, header_lines, load_dat
 from engine.signals import StopSignals
 from engine.step import autocast_factory, train_step
 from engine.train_config import TrainConfig, accumulation_steps
-from engine.train_state import (explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
+from engine.train_state import (auto_resume, explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
                                 training_state, weights_are_finite)
 
 __all__ = ["Trainer", "TrainingDiverged", "resolve_device", "resolve_dtype", "train"]
@@ -70,7 +70,7 @@ class Trainer:
         self.folder = None
         resume_path = state = None
         if cfg.resume == "auto":
-            cfg = self._resolve_auto_resume(cfg)
+            cfg = auto_resume(cfg, log=self._log)
         if cfg.resume:
             resume_path, state = ckpt_lib.load_for_resume(cfg.resume, log=self._log)
             cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path)
@@ -95,19 +95,18 @@ class Trainer:
                 raise lost from None
             raise
 
-    def _resolve_auto_resume(self, cfg: TrainConfig) -> TrainConfig:
-        """--resume auto: the run folder's newest checkpoint if it holds one, else a
-        fresh run there (replacing what an attempt that wrote no checkpoint left)."""
-        if ckpt_lib.list_checkpoints(cfg.run_dir):
-            return dataclasses.replace(cfg, resume=cfg.run_dir)
-        self._log(f"resume auto: no checkpoint in {cfg.run_dir} yet: starting the run there")
-        return dataclasses.replace(cfg, resume="", overwrite=True)
-
     def _setup(self, cfg: TrainConfig, device_type: str, resume_path, state):
         info = self.dist
         self.device = torch.device(dist_lib.process_device(device_type, info))
         self.device_type = self.device.type
-        self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
+        try:
+            self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
+        except UserInputError as e:
+            if resume_path is None or cfg.total_batch_size is None:
+                raise
+            raise UserInputError(f"resume: {resume_path} trains on {cfg.total_batch_size:,} tokens per step, "
+                                 f"which {info.world_size} process(es) cannot split ({e}); resume with a "
+                                 "number of processes that divides it") from None
         self.accum = accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device_type)
         self.autocast = autocast_factory(self.dtype, self.device_type)

@@ -88,8 +88,7 @@ def test_fsdp_trains_like_one_process_across_world_sizes_and_formats(corpus, tmp
         "ckpt_000002", "ckpt_000004", "ckpt_000005.pt", "ckpt_000006"]
 
     assert_same_rows(read_rows(run), read_rows(tmp_path / "ref"))
-    from engine.sharded_checkpoint import export
-    exported = ckpt_lib.load_checkpoint(export(run))
+    exported = ckpt_lib.load_checkpoint(ckpt_lib.export(run))
     want = ckpt_lib.load_checkpoint(tmp_path / "ref" / "ckpt_000006.pt")
     assert exported["step"] == 6 and exported["world_size"] == 2
     for name, tensor in want["model"].items():
@@ -360,10 +359,9 @@ def test_sample_loads_a_sharded_run_and_export_writes_one_file(sharded_run, tmp_
     """sample.py / the evaluation take the run as it is; export gives the single file."""
     from engine.load import load_engine_model
     from engine.model import GPT
-    from engine.sharded_checkpoint import export
     model, tokenizer, what = load_engine_model(GPT, sharded_run)
     assert tokenizer == "bytes" and what.startswith(f"checkpoint {sharded_run / 'ckpt_000002'} (step 2)")
-    out = export(sharded_run, tmp_path / "one.pt")
+    out = ckpt_lib.export(sharded_run, tmp_path / "one.pt")
     state = ckpt_lib.load_checkpoint(out)
     assert state["step"] == 2 and "sharded" not in state
     for name, tensor in model.state_dict().items():
@@ -406,3 +404,20 @@ def test_a_killed_save_leaves_a_temp_folder_that_the_next_claim_removes(run_copy
         assert not stale.exists() and (run_copy / "ckpt_000002").is_dir()
     finally:
         folder.release()
+
+
+@pytest.mark.gpu
+def test_gpu_fsdp_bf16_with_the_kernels_trains_like_one_process(corpus, tmp_path, single_process):
+    """On a GPU: FSDP (one process, NCCL) with bf16 mixed precision, the triton
+    backend and FusedAdamW on the shards follows the unsharded bf16 run (autocast
+    over fp32 weights) within bf16's noise, and its sharded checkpoint exports."""
+    values = dict(COMMON, data=str(corpus), device="cuda", dtype="bf16", backend="triton", optimizer="triton",
+                  cuda_graphs="off", max_steps=4, checkpoint_interval=4)
+    ref = train(TrainConfig(**values, run_dir=str(tmp_path / "ref")), **QUIET)
+    lines = []
+    sharded = train(TrainConfig(**values, run_dir=str(tmp_path / "run"), parallel="fsdp"), log=lines.append)
+    assert any("(FSDP, world size 1)" in line and "triton FusedAdamW on each process's shards" in "".join(lines)
+               for line in lines)
+    for a, b in zip(ref.history, sharded.history):
+        assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"]), (a, b)
+    assert ckpt_lib.load_checkpoint(ckpt_lib.export(tmp_path / "run"))["step"] == 4
