@@ -234,8 +234,9 @@ def full_model_state(folder, model_config: dict) -> dict:
     from engine.config import GPTConfig
     from engine.model import GPT
     model = GPT(GPTConfig.from_dict({**model_config, "backend": "torch"}))
-    weights = model.state_dict()
-    load_into(folder, {"model": weights})
+    weights = model.state_dict()  # the tied LM head shares the token embedding's storage
+    repeats = tied_repeats(model)
+    load_into(folder, {"model": {k: v for k, v in weights.items() if k not in repeats}})
     return weights
 
 
@@ -390,12 +391,26 @@ def checkpoint_group(backend: str = "gloo"):
     return dist.new_group(backend=backend)
 
 
+def tied_repeats(model) -> dict[str, str]:
+    """{name: the name it repeats} for parameters listed under a second name (the
+    LM head tied to the token embedding): the same on every process."""
+    first, repeats = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            repeats[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return repeats
+
+
 def tensors_state(model, optimizer) -> dict:
     """{"model", "optimizer"}: DCP's view of the weights and the optimizer state
-    (DTensors under FSDP, plain tensors otherwise), aliasing the live tensors."""
+    (DTensors under FSDP, plain tensors otherwise), aliasing the live tensors; a
+    tied weight once."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optimizer_state}
+    repeats = tied_repeats(model)
+    return {"model": {k: v for k, v in model_state.items() if k not in repeats}, "optimizer": optimizer_state}
 
 
 def restore_tensors(folder, model, optimizer, listed=None) -> None:
@@ -409,6 +424,8 @@ def restore_tensors(folder, model, optimizer, listed=None) -> None:
     groups = state["optimizer"].pop("param_groups")
     load_into(folder, state, listed)
     state["optimizer"]["param_groups"] = groups
+    for name, kept in tied_repeats(model).items():
+        state["model"][name] = state["model"][kept]
     lrs = [g["lr"] for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     for g, lr in zip(optimizer.param_groups, lrs):

@@ -100,6 +100,30 @@ def test_fsdp_trains_like_one_process_across_world_sizes_and_formats(corpus, tmp
     assert exported["train_loader"]["token_offset"] == want["train_loader"]["token_offset"]
 
 
+def _diverge(rank, world_size, cfg_values):
+    from engine.run_errors import TrainingDiverged
+    try:
+        train(TrainConfig(**cfg_values), **QUIET)
+    except TrainingDiverged as e:
+        return str(e)
+    return "trained to the end"
+
+
+def test_fsdp_non_finite_steps_are_skipped_and_stop_every_rank_alike(corpus, tmp_path):
+    """A learning rate that blows the weights up: every rank sees the same
+    non-finite steps (the loss is all-reduced, the norm taken over all shards),
+    skips them and stops at the same step with the same line."""
+    run = tmp_path / "run"
+    values = dict(COMMON, data=str(corpus), run_dir=str(run), parallel="fsdp", max_lr=1e30, warmup_steps=0,
+                  max_steps=20, checkpoint_interval=1, keep_checkpoints=1)
+    messages = run_in_group(_diverge, 2, tmp_path, values)
+    assert messages[0] == messages[1] and messages[0].startswith("training diverged: step ")
+    rows = read_rows(run)
+    assert [r["skipped"] for r in rows[-3:]] == ["1", "1", "1"]  # max_bad_steps (3) in a row
+    (last,) = ckpt_lib.list_checkpoints(run)
+    assert f"Last good checkpoint: {last}" in messages[0]
+
+
 # ------------------------------------------------------------ FusedAdamW on shards
 
 SHAPES = [(7, 5), (5,), (1, 3), (64,)]  # uneven over 3 processes; (1, 3) leaves two of them empty shards
@@ -359,6 +383,10 @@ def test_sample_loads_a_sharded_run_and_export_writes_one_file(sharded_run, tmp_
     """sample.py / the evaluation take the run as it is; export gives the single file."""
     from engine.load import load_engine_model
     from engine.model import GPT
+    from engine.sharded_checkpoint import _MetadataUnpickler
+    with open(sharded_run / "ckpt_000002" / ".metadata", "rb") as f:
+        saved = _MetadataUnpickler(f).load().state_dict_metadata
+    assert "model.transformer.wte.weight" in saved and "model.lm_head.weight" not in saved  # tied: saved once
     model, tokenizer, what = load_engine_model(GPT, sharded_run)
     assert tokenizer == "bytes" and what.startswith(f"checkpoint {sharded_run / 'ckpt_000002'} (step 2)")
     out = ckpt_lib.export(sharded_run, tmp_path / "one.pt")
