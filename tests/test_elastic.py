@@ -56,7 +56,7 @@ def test_two_agents_survive_a_killed_worker(corpus, tmp_path, monkeypatch):
            "--max-restarts=3", "--monitor-interval=0.2", str(REPO_ROOT / "train.py"), "--parallel=fsdp",
            "--resume=auto", f"--run-dir={run}", f"--data={corpus}", *flags]
     # The rendezvous store is not shared with the workers, so a restarted round
-    # starts from a fresh one (pytorch/pytorch#135712).
+    # starts from a fresh one (with the shared one, torchrun's restart fails).
     env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     logs = [open(tmp_path / f"agent{i}.log", "w+") for i in range(2)]
     agents = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
