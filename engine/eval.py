@@ -261,8 +261,12 @@ def evaluate_hellaswag(model, items, tokenizer, device, autocast_ctx=contextlib.
     """
     info = dist_info or dist_lib.DistInfo()
     mine = list(range(info.rank, len(items), info.world_size))
-    scores = score_items(model, [items[i] for i in mine], tokenizer, device, autocast_ctx, batch_items,
-                         progress)
+    # Every process runs as many forwards as the others (an FSDP model all-gathers
+    # its weights in each): a share one item short scores a repeat, then drops it.
+    share = -(-len(items) // info.world_size)
+    padded = [items[i] for i in mine] + [items[0]] * (share - len(mine))
+    report = progress and (lambda done: progress(min(done, len(mine))))
+    scores = score_items(model, padded, tokenizer, device, autocast_ctx, batch_items, report)[:len(mine)]
     rows = [(i, s.ind, s.label, s.pred, s.pred_norm, s.truncated) for i, s in zip(mine, scores)]
     gathered = sorted(row for part in dist_lib.all_gather_objects(rows, info) for row in part)
     n = len(gathered)

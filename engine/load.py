@@ -5,7 +5,8 @@ Hugging Face GPT-2 folder.
   newer ones are skipped and named in the description; one that is not the
   folder's run's (engine.checkpoint.check_belongs) is refused;
 - a checkpoint file `ckpt_NNNNNN.pt` written by the trainer: its "model"
-  weights, "model_config" and "tokenizer";
+  weights, "model_config" and "tokenizer"; or a sharded checkpoint folder
+  `ckpt_NNNNNN/` (FSDP runs), whose shards are gathered into the same weights;
 - a Hugging Face GPT-2 folder (config.json and model.safetensors or
   pytorch_model.bin), through `engine.hf`.
 
@@ -62,6 +63,8 @@ def source_kind(source) -> str:
             raise UserInputError(f"{path}: part of a Hugging Face GPT-2 folder; give the folder "
                                  f"{path.parent}")
         return "checkpoint"
+    if ckpt_lib.is_sharded(path):
+        return "checkpoint"
     if ckpt_lib.list_checkpoints(path):
         return "run"
     config = path / "config.json"
@@ -75,23 +78,26 @@ def source_kind(source) -> str:
                          "folder (no config.json)")
 
 
-def read_checkpoint(source) -> tuple[dict, pathlib.Path, list[str]]:
-    """(checkpoint dict, its file, notes) for a checkpoint file or a run folder.
-    A run folder gives its newest checkpoint that loads; each newer one that does
-    not is named in `notes`."""
+def read_checkpoint(source, weights: bool = True) -> tuple[dict, pathlib.Path, list[str]]:
+    """(checkpoint dict, its file, notes) for a checkpoint (file or sharded folder)
+    or a run folder. A run folder gives its newest checkpoint that loads; each
+    newer one that does not is named in `notes`. A sharded checkpoint's "model"
+    is its gathered weights (left out with weights=False)."""
     path = pathlib.Path(source)
-    if path.is_file():
-        ckpt = ckpt_lib.load_checkpoint(path)
-        ckpt_lib.check_belongs(path, ckpt)
-        return ckpt, path, []
-    candidates = ckpt_lib.list_checkpoints(path)
-    if not candidates:
-        raise UserInputError(f"{path}: holds no checkpoint (ckpt_NNNNNN.pt)")
-    found, ckpt, skipped = ckpt_lib.load_newest(candidates)
-    notes = [f"skipped {p.name}: {e}" for p, e in skipped]
-    if found is None:
-        raise UserInputError(f"{path}: none of its {len(candidates)} checkpoints loads; newest: {notes[0]}")
+    if path.is_file() or ckpt_lib.is_sharded(path):
+        found, ckpt, notes = path, ckpt_lib.load_checkpoint(path), []
+    else:
+        candidates = ckpt_lib.list_checkpoints(path)
+        if not candidates:
+            raise UserInputError(f"{path}: holds no checkpoint (ckpt_NNNNNN.pt)")
+        found, ckpt, skipped = ckpt_lib.load_newest(candidates)
+        notes = [f"skipped {p.name}: {e}" for p, e in skipped]
+        if found is None:
+            raise UserInputError(f"{path}: none of its {len(candidates)} checkpoints loads; newest: {notes[0]}")
     ckpt_lib.check_belongs(found, ckpt)
+    if weights and ckpt.get("sharded"):
+        from engine.sharded_checkpoint import full_model_state
+        ckpt["model"] = full_model_state(found, dict(ckpt["model_config"]))
     return ckpt, found, notes
 
 
@@ -118,7 +124,7 @@ def source_tokenizer_name(source) -> str:
         data = _read_json(path / "config.json")
         vocab = data.get("vocab_size") if isinstance(data, dict) else None
         return hf_tokenizer_name(vocab)
-    ckpt, _, _ = read_checkpoint(path)
+    ckpt, _, _ = read_checkpoint(path, weights=False)
     return checkpoint_tokenizer_name(ckpt)
 
 

@@ -23,7 +23,7 @@ import pathlib
 import secrets
 import time
 
-from engine.checkpoint import TMP_PREFIX, TMP_SUFFIX, list_checkpoints
+from engine.checkpoint import TMP_PREFIX, TMP_SUFFIX, list_checkpoints, remove_checkpoint
 from engine.errors import UserInputError
 
 try:
@@ -153,7 +153,7 @@ class RunFolder:
         files go (--overwrite), and so do dead processes' temp files."""
         if self.replaces:
             for p in list_checkpoints(self.path):
-                p.unlink(missing_ok=True)
+                remove_checkpoint(p)
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
             log(f"run folder: --overwrite removed the previous run's files ({', '.join(self.replaces)})")
@@ -163,10 +163,10 @@ class RunFolder:
 
     def _remove_stale_temps(self) -> None:
         # The folder is ours (locked): a temp file of the engine's kinds that is not
-        # this process's was left by a killed process of this folder.
+        # this process's was left by a killed process of this folder (a temp folder:
+        # by a sharded checkpoint's save that did not finish).
         prefixes = (TMP_PREFIX, *(f".{n}." for n in RUN_FILES))
         for p in self.path.iterdir():
-            if (p.name.startswith(prefixes) and p.name.endswith(TMP_SUFFIX) and self.token not in p.name
-                    and p.is_file()):
-                p.unlink(missing_ok=True)
+            if p.name.startswith(prefixes) and p.name.endswith(TMP_SUFFIX) and self.token not in p.name:
+                remove_checkpoint(p)
 

@@ -147,14 +147,15 @@ def write_config_json(run_dir: pathlib.Path, cfg, model_config, token: str, run_
 def header_lines(t, graph_reason: str, optimizer_lines: list[str], resume_path) -> list[str]:
     """The log's first lines: what this run uses, and why where it was chosen."""
     info, cfg, c = t.dist, t.cfg, t.model_config
+    parallel = f" ({info.parallel.upper()}, world size {info.world_size})" if info.parallel != "none" else ""
     if t.optimizer_kind == "triton":
-        optimizer = "triton FusedAdamW"
+        optimizer = "triton FusedAdamW" + (" on each process's shards" if info.parallel == "fsdp" else "")
     else:
         optimizer = "torch AdamW" + (" (fused)" if any(g.get("fused") for g in t.optimizer.param_groups) else "")
     source = (f"from {resume_path}" if resume_path else f"from {cfg.init_from}" if cfg.init_from
               else f"preset {cfg.model}")
     lines = [
-        f"device: {t.device}{f' (DDP, world size {info.world_size})' if info.ddp else ''} | dtype: {t.dtype} | "
+        f"device: {t.device}{parallel} | dtype: {t.dtype} | "
         f"backend: {t.backend} | optimizer: {optimizer}",
         f"model: {source}: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} block_size={c.block_size} "
         f"vocab={c.vocab_size} (padded {c.padded_vocab_size}) | {t.raw_model.num_parameters():,} parameters",

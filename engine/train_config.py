@@ -25,6 +25,7 @@ CHOICES = {
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
     "tokenizer": ("auto", "gpt2", "bytes"),
+    "parallel": ("auto", "ddp", "fsdp"),
 }
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
@@ -96,8 +97,11 @@ class TrainConfig:
                         "triton FusedAdamW on CUDA+triton, torch fused AdamW on CUDA, torch AdamW elsewhere",
                         resume_safe=True)
     cuda_graphs: str = _f("auto", "auto | on | off: capture the whole step in a CUDA graph",
-                          "on where possible (CUDA, triton backend, no compile, no DDP), else off with the reason",
-                          resume_safe=True)
+                          "on where possible (CUDA, triton backend, no compile, no DDP/FSDP), else off with the "
+                          "reason", resume_safe=True)
+    parallel: str = _f("auto", "auto | ddp | fsdp: how the processes of torchrun share the model: ddp replicates "
+                       "it, fsdp shards weights, gradients and optimizer state over them (FSDP2; sharded "
+                       "checkpoints)", "ddp under torchrun, a single process otherwise", resume_safe=True)
     # --- output
     run_dir: str = _f("auto", "folder for checkpoints, metrics.csv, loss.png",
                       "the resumed run's folder, else runs/<date-time>", resume_safe=True)
@@ -113,6 +117,8 @@ class TrainConfig:
     checkpoint_interval: int | None = _f(None, "checkpoint every this many steps and at the end (0: never)",
                                          _auto_text("checkpoint_interval"), resume_safe=True)
     keep_checkpoints: int = _f(3, "keep the last K checkpoints (0: all)", resume_safe=True)
+    checkpoint_async: bool = _f(False, "with --parallel fsdp: write each checkpoint in the background (a snapshot "
+                                "of its step) while training goes on", resume_safe=True)
     overwrite: bool = _f(False, "replace the run already in --run-dir (deletes its checkpoints, metrics.csv, "
                          "config.json, loss.png); without it such a folder is refused", resume_safe=True)
     max_bad_steps: int = _f(3, "a step whose loss or grad norm is NaN/inf is skipped (the weights do not "
@@ -121,7 +127,9 @@ class TrainConfig:
     ddp_timeout_s: float = _f(600.0, "DDP: seconds a collective waits for the other processes before the "
                               "job stops (exit 5)", resume_safe=True)
     seed: int = _f(1337, "random seed (model init, data order, sampling)")
-    resume: str = _f("", "continue from a checkpoint file, or a run folder's latest checkpoint",
+    resume: str = _f("", "continue from a checkpoint (a file, or a sharded checkpoint folder), or a run "
+                     "folder's newest valid checkpoint; auto: --run-dir's newest checkpoint if it has one, else "
+                     "start the run there (so torchrun --max-restarts can replay the same command)",
                      resume_safe=True)
     profile: bool = _f(False, "profile a few steps (torch.profiler) and write a trace to the run folder",
                        resume_safe=True)
@@ -166,7 +174,7 @@ class TrainConfig:
                 raise UserInputError(f"{flag(name)} must be >= 0, got {value}")
         if self.ddp_timeout_s <= 0:
             raise UserInputError(f"{flag('ddp_timeout_s')} must be > 0, got {self.ddp_timeout_s}")
-        for name in ("compile", "profile", "overwrite"):
+        for name in ("compile", "profile", "overwrite", "checkpoint_async"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.max_lr is not None and self.max_lr <= 0:
@@ -184,7 +192,10 @@ class TrainConfig:
                 and self.warmup_steps > self.max_steps):
             raise UserInputError(f"{flag('warmup_steps')} ({self.warmup_steps}) must be <= max_steps "
                                  f"({self.max_steps})")
-        if self.init_from and self.resume:
+        if self.resume == "auto" and self.run_dir == "auto":
+            raise UserInputError("--resume auto needs --run-dir: the folder whose newest checkpoint a restarted "
+                                 "job continues")
+        if self.init_from and self.resume and self.resume != "auto":
             raise UserInputError("--init-from and --resume exclude each other: a resumed run "
                                  "continues from its checkpoint's weights")
         if self.batch_size and self.seq_len and self.total_batch_size:

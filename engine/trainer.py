@@ -7,14 +7,19 @@ whole step replayed as a CUDA graph), with build-nanogpt's warm-up + cosine
 learning rate. One log line and CSV row per step (engine.run_log), the val loss
 every eval_interval steps, samples every sample_interval steps, checkpoints every
 checkpoint_interval steps, a loss-curve PNG at the end. Under torchrun the model
-is wrapped in DDP and rank 0 logs and writes every file.
+is wrapped in DDP, or sharded by FSDP (--parallel fsdp: sharded checkpoints,
+written by every rank, optionally in the background); rank 0 logs and writes
+every other file. Every rank runs the same forwards (evaluation and sampling
+included), so none waits alone in a collective.
 
 Faults end a run in one line with its own exit status (engine.run_errors):
 max_bad_steps skipped non-finite steps in a row, SIGINT/SIGTERM (between steps,
 with a checkpoint: engine.signals), a failed write, a stalled DDP peer. Under
 DDP every rank decides at the same step, so all exit alike and none waits in a
 collective. Resumes take the checkpoint's configuration (engine.train_state);
-one process at a time holds a run folder (engine.run_dir).
+one process at a time holds a run folder (engine.run_dir). `--resume auto`
+continues the run folder's newest checkpoint, or starts the run there, so that
+torchrun's --max-restarts can replay the same command after a lost worker.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from engine.run_setup import (build_model, claim_run_dir, header_lines, load_dat
 from engine.signals import StopSignals, abort_on_sigterm
 from engine.step import autocast_factory, train_step
 from engine.train_config import TrainConfig, accumulation_steps
-from engine.train_state import (explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
+from engine.train_state import (auto_resume, explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
                                 training_state, weights_are_finite)
 
 __all__ = ["Trainer", "TrainingDiverged", "resolve_device", "resolve_dtype", "train"]
@@ -65,6 +70,8 @@ class Trainer:
         self.token = new_token()  # names this process's temp files
         self.folder = None
         resume_path = state = None
+        if cfg.resume == "auto":
+            cfg = auto_resume(cfg, log=self._log)
         if cfg.resume:
             resume_path, state = ckpt_lib.load_for_resume(cfg.resume, log=self._log)
             cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path, log=self._log)
@@ -78,7 +85,8 @@ class Trainer:
             # in fp32) on TF32 tensor cores. Process-wide, as torch's switch is.
             torch.set_float32_matmul_precision("high")
         self.ddp_timeout_s = cfg.ddp_timeout_s
-        self.dist = dist_lib.init_distributed(device_type, cfg.ddp_timeout_s)
+        self.dist = dist_lib.init_distributed(device_type, cfg.ddp_timeout_s, cfg.parallel)
+        self._async_save = None  # the sharded checkpoint being written in the background
         self._unstarted_files: list[pathlib.Path] = []  # written by set-up for a run not yet begun
         self.replaced_previous_run: list[str] = []  # what --overwrite deleted
         try:
@@ -102,7 +110,14 @@ class Trainer:
         info = self.dist
         self.device = torch.device(dist_lib.process_device(device_type, info))
         self.device_type = self.device.type
-        self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
+        try:
+            self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
+        except UserInputError as e:
+            if resume_path is None or cfg.total_batch_size is None:
+                raise
+            raise UserInputError(f"resume: {resume_path} trains on {cfg.total_batch_size:,} tokens per step, "
+                                 f"which {info.world_size} process(es) cannot split ({e}); resume with a "
+                                 "number of processes that divides it") from None
         self.accum = accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device_type)
         self.autocast = autocast_factory(self.dtype, self.device_type)
@@ -132,14 +147,23 @@ class Trainer:
                                  f"but the model's vocabulary has {self.model_config.vocab_size}")
 
         self.use_graphs, graph_reason = graph_decision(cfg.cuda_graphs, self.device_type, self.backend,
-                                                       cfg.compile, info.ddp, profile=cfg.profile)
+                                                       cfg.compile, info.ddp, profile=cfg.profile,
+                                                       fsdp=info.parallel == "fsdp")
+        # Sharded first (FSDP replaces the parameters with DTensors), then the optimizer over them.
+        self.model = dist_lib.wrap_model(self.raw_model, info, self.device, self.dtype, compile=cfg.compile)
         optimizer_lines = []  # printed with the header lines below
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.max_lr, betas=cfg.betas,
                                              weight_decay=cfg.weight_decay, device=self.device,
                                              kind=self.optimizer_kind, capturable=self.use_graphs,
                                              log=optimizer_lines.append)
-        model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model = dist_lib.wrap_model(model, info, self.device)
+        self.checkpoint_group = None  # the async saves' own gloo group
+        if cfg.checkpoint_async:
+            if info.parallel == "fsdp":
+                from engine.sharded_checkpoint import checkpoint_group
+                self.checkpoint_group = checkpoint_group()
+            else:
+                optimizer_lines.append("note: --checkpoint-async applies to sharded checkpoints (--parallel fsdp); "
+                                       "this run writes single-file checkpoints in the training loop")
 
         self.step = self.bad_streak = 0
         self.last_checkpoint = None  # (step, path): the newest checkpoint this run can go back to
@@ -147,6 +171,9 @@ class Trainer:
         self.run_id = state.get("run_id") if state is not None else ckpt_lib.new_run_id()
         if state is not None:
             restore(self, state, resume_path)
+            if state.get("world_size", info.world_size) != info.world_size:
+                optimizer_lines.append(f"resume: the checkpoint was written by {state['world_size']} process(es); "
+                                       f"continuing at {info.world_size} at the same place of the data stream")
             self.last_checkpoint = (self.step, resume_path)
         # Every input has been checked: only from here on does the run change files.
         if self.folder is not None:
@@ -282,9 +309,8 @@ class Trainer:
         self._log(line)
 
     def sample(self, step: int) -> list[str]:
-        """A few continuations of a fixed prompt, logged; rank 0 only."""
-        if not self.dist.master:
-            return []
+        """A few continuations of a fixed prompt, logged by rank 0. Every rank
+        generates them (the same forwards: an FSDP model's all-gathers need all)."""
         texts = run_evals.samples(self.raw_model, self.tokenizer, self.device, self.autocast,
                                   seed=self.cfg.seed + step)
         for i, t in enumerate(texts):
@@ -295,9 +321,11 @@ class Trainer:
         """Write ckpt_{step:06d}.pt (step = steps completed); rank 0 writes, every rank
         learns the outcome. Never from non-finite weights."""
         self._flush()  # a diverged run raises here, so it is never saved
-        if not weights_are_finite(self.raw_model):
+        if not weights_are_finite(self.raw_model, self.dist):
             raise TrainingDiverged(f"training diverged: the weights are not finite at step {step}; no checkpoint "
                                    f"written. Last good checkpoint: {self._last_good()}")
+        if self.dist.parallel == "fsdp":
+            return self._save_sharded(step)
         path = error = None
         if self.dist.master:
             try:
@@ -311,6 +339,35 @@ class Trainer:
         self.last_checkpoint = (step, pathlib.Path(path))
         self._log(f"checkpoint: {path}")
         return pathlib.Path(path)
+
+    def _save_sharded(self, step: int) -> pathlib.Path:
+        """Every rank writes its shards of ckpt_{step:06d}/ (engine.sharded_checkpoint);
+        with --checkpoint-async a snapshot is written in the background while
+        training goes on (one save in flight at a time)."""
+        from engine import sharded_checkpoint as sharded
+        self.wait_for_checkpoint()
+        token = dist_lib.broadcast_object(self.token, self.dist)  # rank 0's names the temp folder
+        job = sharded.SaveJob(self.run_dir, step, self.dist.rank, self.dist.world_size, token,
+                              training_state(self, step, weights=False) if self.dist.master else None,
+                              keep=self.cfg.keep_checkpoints, group=self.checkpoint_group)
+        tensors = sharded.tensors_state(self.raw_model, self.optimizer)
+        if self.checkpoint_group is not None:
+            self._async_save = sharded.AsyncSave(job, sharded.cpu_snapshot(tensors))
+            return job.final
+        job.write(tensors)
+        path = job.finish()
+        self.last_checkpoint = (step, path)
+        self._log(f"checkpoint: {path}")
+        return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (every
+        rank alike: its outcome, or its RunFileError, is the same on all)."""
+        pending, self._async_save = self._async_save, None
+        if pending is not None:
+            path = pending.wait()
+            self.last_checkpoint = (pending.job.step, path)
+            self._log(f"checkpoint: {path}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
@@ -375,8 +432,10 @@ class Trainer:
 
     def _stop(self, signum: int):
         self._flush()
+        self.wait_for_checkpoint()
         if self.cfg.checkpoint_interval > 0 and (self.last_checkpoint or (None,))[0] != self.step:
             self.save_checkpoint(self.step)
+            self.wait_for_checkpoint()
         if self.last_checkpoint and self.last_checkpoint[0] == self.step:
             where = f"wrote {self.last_checkpoint[1]}; continue with: python train.py --resume {self.run_dir}"
         else:
@@ -416,6 +475,7 @@ class Trainer:
             if signum:
                 self._stop(signum)
         self._flush()
+        self.wait_for_checkpoint()
 
     def _profile(self):
         from engine.profiling import profile_training

@@ -388,6 +388,8 @@ def test_init_from_rejects_a_too_short_context(tmp_path, corpus):
     (("auto", "cuda", "triton", False, True), "DDP is on"),
     (("off", "cuda", "triton", False, False), "cuda_graphs=off"),
     (("auto", "cuda", "triton", False, False, True), "--profile traces eager steps"),
+    (("auto", "cuda", "triton", False, True, False, True), "FSDP is on"),
+    (("auto", "cuda", "triton", False, False, False, True), "FSDP is on"),  # FSDP in one process
 ])
 def test_graph_fallback_reasons(args, reason):
     use, why = graph_decision(*args)
