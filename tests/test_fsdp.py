@@ -420,7 +420,8 @@ def test_resume_auto_starts_the_run_then_continues_it(corpus, tmp_path, single_p
         TrainConfig(resume="auto")
 
 
-def test_a_killed_save_leaves_a_temp_folder_that_the_next_claim_removes(run_copy):
+def test_a_killed_save_leaves_a_temp_folder_that_the_next_run_removes(run_copy):
+    """The next run of the folder removes it once its inputs are checked (start_writing)."""
     from engine.run_dir import RunFolder
     stale = run_copy / ".ckpt_000003.1234-dead.tmp"
     (stale / "sub").mkdir(parents=True)
@@ -429,6 +430,8 @@ def test_a_killed_save_leaves_a_temp_folder_that_the_next_claim_removes(run_copy
     folder = RunFolder(run_copy, "5678-live")
     folder.claim()
     try:
+        assert stale.exists()  # nothing changes before the run's inputs are checked
+        folder.start_writing(log=lambda line: None)
         assert not stale.exists() and (run_copy / "ckpt_000002").is_dir()
     finally:
         folder.release()
