@@ -41,7 +41,7 @@ def gpt2():
 def _isolate_process_wide_torch_state(request):
     """A test must not leak process-wide switches into the next one: the trainer
     turns on TF32 for fp32 matmuls on CUDA, which would loosen every later fp32
-    check (gpt2_kernels/mlp.py follows that switch). The GPU tests' large buffers are
+    check (gpt2_kernels/linear_gelu.py follows that switch). The GPU tests' large buffers are
     handed back too, since several pytest-xdist workers may share the card."""
     import gc
 

@@ -198,7 +198,7 @@ def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, m
 @pytest.mark.skipif(ON_GPU, reason="checks the session script's no-CUDA path")
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
-def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
+def test_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
     script = str(ROOT / "bench" / "gpu_session.sh")
     for bad_args in (["everything"], ["--deadline", "soon"], ["--tiktoken-cache", "/no/such/folder"]):
         bad = subprocess.run(["bash", script, *bad_args], cwd=ROOT, capture_output=True, text=True)
@@ -299,7 +299,7 @@ def test_a_variant_whose_baseline_cannot_run_says_so():
                        "cannot run here (no such variant here)") and r.seconds is None
 
 
-def test_gpu_plan_lists_every_comparison_lazily():
+def test_report_plan_lists_every_comparison_lazily():
     full, quick = cases.gpu_plan(False), cases.gpu_plan(True)
     sections = {s for s, _ in full}
     assert sections == {"layernorm", "linear_gelu", "cross_entropy", "adamw", "attention",
