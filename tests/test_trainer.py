@@ -180,6 +180,7 @@ def test_a_non_finite_step_never_reaches_the_weights(kind):
         assert float(opt.state[p]["step"]) == 1.0, name
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_an_all_ignored_batch_is_a_zero_loss_step_on_every_backend(backend):
     """Targets all -100 (nothing to predict): the step's loss and gradient norm are 0
@@ -238,6 +239,7 @@ def test_loss_falls_on_real_text(corpus, tmp_path):
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
+@pytest.mark.smoke
 def test_resume_continues_exactly(corpus, tmp_path):
     full = train(tiny_cfg(corpus, tmp_path / "a", checkpoint_interval=2, keep_checkpoints=0), log=quiet)
     assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "a")] == ["ckpt_000002.pt", "ckpt_000004.pt"]
