@@ -218,6 +218,54 @@ def test_session_script_records_the_environment_and_fails_without_cuda(tmp_path)
     assert not (out / "pytest.log").exists()  # the report phase alone ran
 
 
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None,
+                    reason="needs bash and git")
+def test_session_script_dry_run_prepare_and_deadlines(tmp_path):
+    """A tree copied without .git to a machine without network: `prepare` (run where
+    git is) records the commit and the tiktoken cache; the dry run there shows the
+    plan, budgets that stay positive, and what is present; a deadline too short for
+    a phase is refused in one line."""
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "gpu_session.sh", tree / "bench")
+    git = ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    rev = subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cache = tmp_path / "bpe"
+    cache.mkdir()
+    (cache / "0123abcd").write_text("x")
+    script = ["bash", str(tree / "bench" / "gpu_session.sh")]
+    env = child_env(PYTHON=sys.executable, TIKTOKEN_CACHE_DIR="")
+    prep = subprocess.run(script + ["prepare", "--tiktoken-cache", str(cache)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    assert (tree / ".gpu-session" / "commit").read_text().strip() == rev
+    assert (tree / ".gpu-session" / "tiktoken" / "0123abcd").is_file()
+    shutil.rmtree(tree / ".git")
+
+    dry = subprocess.run(script + ["--dry-run", "--deadline", "390"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"commit: {rev} (from {tree / '.gpu-session' / 'commit'})" in dry.stdout
+    assert f"tiktoken cache: {tree / '.gpu-session' / 'tiktoken'} (1 files" in dry.stdout
+    assert "(60 s at most)" in dry.stdout and "--quick --budget 260 (320 s at most)" in dry.stdout
+    assert "cuda device:" in dry.stdout and "xdist:" in dry.stdout
+    assert not (tree / "bench" / "results").exists()  # nothing ran
+    given = subprocess.run(script + ["--dry-run", "--commit", "abc1234", "tests", "--deadline", "70"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert "commit: abc1234 (from --commit)" in given.stdout and "(60 s at most)" in given.stdout
+    for phase, deadline, least in (("all", "389", 390), ("tests", "69", 70), ("report", "0", 110)):
+        short = subprocess.run(script + ["--dry-run", "--deadline", deadline, phase], capture_output=True,
+                               text=True, env=env, timeout=60)
+        assert short.returncode == 2 and short.stdout == "", (phase, short.stdout)
+        assert short.stderr.count("\n") == 1 and f"needs at least {least} s" in short.stderr, short.stderr
+    help_text = subprocess.run(script + ["--help"], capture_output=True, text=True, timeout=60).stdout
+    for needed in ("tiktoken", "liger-kernel", "pytest-xdist", "prepare", ".gpu-session"):
+        assert needed in help_text, needed
+
+
 def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
     """The whole entry point on CPU with a fake plan: the second comparison is
     interrupted (a deadline's SIGINT); the first stays in the written tables."""
