@@ -15,13 +15,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from engine.config import BACKENDS, PRESETS
+from engine.config import BACKENDS, PRESETS, TRAIN_DTYPES
 from engine.errors import UserInputError
 
 CHOICES = {
     "backend": BACKENDS,
     "device": ("auto", "cpu", "cuda", "mps"),
-    "dtype": ("auto", "fp32", "bf16", "bf16-params"),
+    "dtype": ("auto", *TRAIN_DTYPES),
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
     "tokenizer": ("auto", "gpt2", "bytes"),
@@ -85,6 +85,9 @@ class TrainConfig:
     warmup_steps: int | None = _f(None, "linear warm-up steps", _auto_text("warmup_steps"))
     max_lr: float | None = _f(None, "peak learning rate", _auto_text("max_lr"))
     min_lr: float | None = _f(None, "final learning rate of the cosine decay", "max_lr * 0.1")
+    lr_decay_steps: int | None = _f(None, "steps the cosine decays over; min_lr after them. A resumed run keeps "
+                                    "its value, so steps added by a larger --max-steps run at min_lr; giving it "
+                                    "with --resume re-plans the cosine", "max_steps", resume_safe=True)
     weight_decay: float = _f(0.1, "AdamW weight decay (parameters with dim >= 2 only)")
     grad_clip: float = _f(1.0, "clip the global grad norm at this (0: no clipping)")
     betas: tuple = _f((0.9, 0.95), "AdamW betas")
@@ -140,7 +143,8 @@ class TrainConfig:
             raise UserInputError(f"{flag('model')} must be auto or one of {', '.join(PRESETS)}, "
                                  f"got {self.model!r}")
         positive = ("n_layer", "n_head", "n_embd", "vocab_multiple", "batch_size", "seq_len",
-                    "total_batch_size", "max_steps", "eval_batches", "log_interval", "max_bad_steps")
+                    "total_batch_size", "max_steps", "lr_decay_steps", "eval_batches", "log_interval",
+                    "max_bad_steps")
         non_negative = ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval",
                         "keep_checkpoints", "seed")
         for name in positive + non_negative:
@@ -184,6 +188,10 @@ class TrainConfig:
                 and self.warmup_steps > self.max_steps):
             raise UserInputError(f"{flag('warmup_steps')} ({self.warmup_steps}) must be <= max_steps "
                                  f"({self.max_steps})")
+        if (self.warmup_steps is not None and self.lr_decay_steps is not None
+                and self.warmup_steps > self.lr_decay_steps):
+            raise UserInputError(f"{flag('warmup_steps')} ({self.warmup_steps}) must be <= lr_decay_steps "
+                                 f"({self.lr_decay_steps})")
         if self.init_from and self.resume:
             raise UserInputError("--init-from and --resume exclude each other: a resumed run "
                                  "continues from its checkpoint's weights")
@@ -204,6 +212,8 @@ class TrainConfig:
             cfg.total_batch_size = cfg.batch_size * cfg.seq_len * world_size
         if cfg.min_lr is None:
             cfg.min_lr = cfg.max_lr * 0.1
+        if cfg.lr_decay_steps is None:
+            cfg.lr_decay_steps = cfg.max_steps
         accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, world_size)
         return dataclasses.replace(cfg)  # runs __post_init__ on the resolved values
 
