@@ -20,12 +20,12 @@ import sys
 from engine.cli import parse_train_args
 from engine.errors import UserInputError
 from engine.run_errors import Interrupted, RunAborted, RunFinished, RunStopped, signal_name
-from engine.trainer import train
 
 
 def main(argv=None) -> int:
     try:
-        cfg, explicit = parse_train_args(argv)
+        cfg, explicit = parse_train_args(argv)  # before torch is imported: --help and bad flags answer at once
+        from engine.trainer import train
         train(cfg, explicit=explicit)
     except RunFinished as e:
         print(e)

@@ -174,7 +174,7 @@ def load_tokenizer(name: str = "auto"):
 def tokenizer_for_model(requested: str, model_tokenizer: str, source: str):
     """(tokenizer, reason) for a run that starts from a trained model: `requested`
     is the run's --tokenizer (auto | gpt2 | bytes), `model_tokenizer` the one the
-    model was trained with (`engine.load.source_tokenizer_name`, or a checkpoint's
+    model was trained with (`engine.sources.source_tokenizer_name`, or a checkpoint's
     "tokenizer" entry), `source` names the model in messages (--init-from X,
     --resume Y).
 

@@ -165,7 +165,7 @@ def test_run_then_resume_through_the_cli(corpus, tmp_path, capsys):
     rc, out, err = run_main(small_args(corpus, run, "--resume", str(run), "--max-steps", "5",
                                        "--checkpoint-interval", "5"), capsys)
     assert rc == 0, err
-    steps = [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")]
+    steps = [ln.split("|")[0].split()[1].split("/")[0] for ln in out.splitlines() if ln.startswith("step ")]
     assert steps == ["3", "4"]
     assert "resumed from" in out
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -192,7 +192,7 @@ def test_compile_runs_and_its_checkpoint_resumes_without_compile(corpus, tmp_pat
     assert keys and not any("_orig_mod" in k for k in keys), keys[:5]
     rc, out, err = run_main(small_args(corpus, run, "--resume", str(run), "--max-steps", "3"), capsys)
     assert rc == 0, err
-    assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2"]
+    assert [ln.split("|")[0].split()[1].split("/")[0] for ln in out.splitlines() if ln.startswith("step ")] == ["2"]
 
 
 def _subprocess(args, cwd):
@@ -257,5 +257,16 @@ def test_resume_skips_a_damaged_latest_checkpoint(corpus, tmp_path, capsys):
     assert rc == 0, err
     assert f"resume: skipping {latest}: damaged checkpoint (sha256 mismatch" in out
     assert f"resume: using the newest valid checkpoint, {run / 'ckpt_000002.pt'}" in out
-    assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2", "3", "4"]
+    assert [ln.split("|")[0].split()[1].split("/")[0] for ln in out.splitlines() if ln.startswith("step ")] == ["2", "3", "4"]
     assert len(list((run / "superseded").glob("*/ckpt_000004.pt"))) == 1  # set aside, not deleted
+
+
+@pytest.mark.parametrize("command", [["train.py"], ["sample.py"], ["-m", "engine.eval"],
+                                     ["-m", "engine.eval", "hellaswag"]])
+def test_help_answers_without_importing_torch(command):
+    """--help is read before torch is imported (which takes seconds, more on a busy machine)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported and not [m for m in imported if m == "torch" or m.startswith("torch.")], "torch was imported"
