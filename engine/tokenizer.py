@@ -199,7 +199,7 @@ def tokenizer_for_model(requested: str, model_tokenizer: str, source: str):
             f"{source} was trained with the gpt2 tokenizer, whose BPE files cannot be loaded{why}; set "
             "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 cache (the byte-level tokenizer "
             "cannot stand in for it)") from cause
-    return tok, f"{tok.name} tokenizer (the one {source} was trained with)"
+    return tok, f"the one {source} was trained with"
 
 
 def check_encodable(text: str, what: str) -> None:
