@@ -291,6 +291,16 @@ def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
     assert rows[1]["check"] == "skipped: interrupted" and rows[0]["seconds"] > 0
 
 
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """time.sleep advances a fake time.perf_counter instead of waiting: the timings a
+    test measures are then exact, whatever else the machine is doing."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    return now
+
+
 def _sleeper(seconds: dict):
     """make(variant) -> fn(i) that sleeps seconds[variant] and returns ones."""
     def make(variant):
@@ -304,7 +314,7 @@ def _sleeper(seconds: dict):
     return make
 
 
-def test_measure_case_pairs_each_peer_with_ours_and_records_failures():
+def test_measure_case_pairs_each_peer_with_ours_and_records_failures(fake_clock):
     def make(variant):
         if variant == "crash":
             raise RuntimeError("boom\nsecond line")
@@ -321,7 +331,7 @@ def test_measure_case_pairs_each_peer_with_ours_and_records_failures():
     assert ours.check.startswith("pass") and ours.subject_speedup is None and ours.seconds >= 2e-3
     # The peer sleeps twice as long: ours is ~2x faster, measured in paired rounds.
     assert slow.check.startswith("pass (baseline")
-    assert 1.6 < slow.subject_speedup < 2.4 and slow.subject_speedup_q1 <= slow.subject_speedup_q3
+    assert slow.subject_speedup == pytest.approx(2.0) and slow.subject_speedup_q1 <= slow.subject_speedup_q3
     assert slow.rounds >= 7 and slow.calls_per_round >= 1
     assert rows["wrong"].check.startswith("FAIL") and rows["wrong"].seconds is None
     assert rows["missing"].check == "skipped: no such variant here"
@@ -422,15 +432,20 @@ def test_registry_summary_lists_ratios_with_their_spread():
     assert only_notes
 
 
-def test_timing_blocks_pairs_and_spread():
-    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert time_block(lambda: time.sleep(1e-3), 3, "cpu") >= 1e-3
+def test_timing_blocks_pairs_and_spread(fake_clock):
     calls = []
-    fast = Block(lambda: calls.append("fast") or time.sleep(1e-3), 2)
-    slow = Block(lambda: calls.append("slow") or time.sleep(2e-3), 1)
+
+    def work(name, seconds):
+        calls.append(name)
+        time.sleep(seconds)
+
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert time_block(lambda: work("one", 1e-3), 3, "cpu") == pytest.approx(1e-3)
+    calls.clear()
+    fast = Block(lambda: work("fast", 1e-3), 2)
+    slow = Block(lambda: work("slow", 2e-3), 1)
     mine, theirs = OwnRounds().paired(fast, slow, "cpu", rounds=4)
-    assert len(mine) == len(theirs) == 4
-    assert all(m < t for m, t in zip(mine, theirs))
+    assert mine == pytest.approx([1e-3] * 4) and theirs == pytest.approx([2e-3] * 4)
     # Blocks alternate which goes first: after the warm-up pair, slow opens rounds 0 and 2.
     rounds = "".join("F" if c == "fast" else "S" for c in calls[3:])
     assert rounds == "SFF" + "FFS" + "SFF" + "FFS"
