@@ -147,7 +147,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert "error: OutOfMemoryError" in md
     # T=2048: the best peer is sdpa-flash, 4.0 ms against ours 3.0: 1.33x, with its spread.
     best = [line for line in md.splitlines() if line.startswith("| attention-fwdbwd | T=2048 | 3 |")]
-    assert len(best) == 1 and "| sdpa-flash | 4 | 1.33x [1.27-1.40] |" in best[0], md
+    assert len(best) == 1 and "| sdpa-flash | 4 | 1.33x [1.27-1.40] faster |" in best[0], md
     assert "liger: skipped: liger-kernel is not installed" in best[0]
     if HAS_MATPLOTLIB:  # the plots are an optional extra; the tables never are
         assert {"attention_tflops.png", "training_tokens_per_s.png"} <= set(written)
@@ -424,9 +424,12 @@ def test_registry_summary_lists_ratios_with_their_spread():
     lines = reg.summary_lines()
     assert lines[0].split()[:4] == ["group", "params", "variant", "ms/call"]
     assert "(subject)" in lines[1] and "9x20" in lines[1] and "200 GB/s" in lines[1]
-    assert "2.00x [1.90-2.10]" in lines[2] and "9x10" in lines[2]
+    assert "2.00x [1.90-2.10] faster" in lines[2] and "9x10" in lines[2]
     peers = reg.peer_lines()
-    assert "torch" in peers[1] and "2.00x [1.90-2.10]" in peers[1]
+    assert "torch" in peers[1] and "2.00x [1.90-2.10] faster" in peers[1]
+    slower = Result("g", "p", "fast-peer", "ours", 5e-4, "pass", {}, rounds=9, calls_per_round=40)
+    slower.set_speedup(Spread(0.5, 0.4, 0.625))  # the peer in half our time: ours 2x slower
+    assert slower.speedup_text() == "2.00x [1.60-2.50] slower"
     only_notes = Registry()  # titled sections alone are worth printing
     only_notes.sections["notes"] = ["a line"]
     assert only_notes
