@@ -57,38 +57,45 @@ def _tokenize_task(task) -> tuple[np.ndarray, int]:
 
 
 class _Progress:
-    """A one-line progress report on stderr (no dependency), redrawn <= 5x/s."""
+    """A progress report on stderr (no dependency): on a terminal one line redrawn
+    <= 5x/s; into a file or pipe (a log) a plain line every 10 s, since a
+    carriage return there would run the reports together."""
 
     def __init__(self, total_bytes: int, enabled: bool, stream=None):
         self.total, self.enabled = total_bytes, enabled
         self.stream = stream if stream is not None else sys.stderr
         self.done = self.tokens = 0
         self.drawn = False
-        self.t0 = self.last = time.perf_counter()
+        self.redraw = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.2 if self.redraw else 10.0
+        self.t0 = time.perf_counter()
+        self.last = self.t0 - self.interval  # the first update reports at once
 
     def update(self, nbytes: int, ntokens: int, force: bool = False):
         self.done += nbytes
         self.tokens += ntokens
         now = time.perf_counter()
-        if self.enabled and (force or now - self.last >= 0.2):
+        if self.enabled and (force or now - self.last >= self.interval):
             self.last, self.drawn = now, True
             mb = self.done / 1e6
             rate = mb / max(now - self.t0, 1e-9)
             pct = 100.0 * self.done / max(self.total, 1)
-            self.stream.write(f"\rprepare: {mb:,.1f}/{self.total / 1e6:,.1f} MB ({pct:.0f}%), "
-                              f"{self.tokens:,} tokens, {rate:.1f} MB/s")
+            line = (f"prepare: {mb:,.1f}/{self.total / 1e6:,.1f} MB ({pct:.0f}%), "
+                    f"{self.tokens:,} tokens, {rate:.1f} MB/s")
+            self.stream.write(f"\r{line}" if self.redraw else f"{line}\n")
             self.stream.flush()
 
     def close(self):
         if self.enabled:
             self.update(0, 0, force=True)
-            self.stream.write("\n")
+            if self.redraw:
+                self.stream.write("\n")
             self.stream.flush()
             self.enabled = False
 
     def abort(self):
         # End a half-drawn line so an error message starts on its own line.
-        if self.enabled and self.drawn:
+        if self.enabled and self.drawn and self.redraw:
             self.stream.write("\n")
             self.stream.flush()
         self.enabled = False
