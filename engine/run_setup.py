@@ -20,17 +20,6 @@ from engine.run_dir import RunFolder, create_auto_folder
 from engine.run_errors import RunFileError
 
 
-def resolve_device(name: str) -> str:
-    mps_ok = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("device (--device) cuda: no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not mps_ok:
-        raise UserInputError("device (--device) mps: MPS is not available; use --device cpu")
-    return name
-
-
 def resolve_dtype(name: str, device_type: str) -> str:
     if name == "auto":
         return "bf16" if device_type == "cuda" else "fp32"

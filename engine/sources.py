@@ -22,6 +22,7 @@ import torch
 from engine import checkpoint as ckpt_lib
 from engine.config import GPTConfig
 from engine.errors import UserInputError
+from engine.tokenizer import TOKENIZER_OF_VOCAB
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Prefixes a state dict picks up when saved from a wrapped model.
@@ -83,14 +84,13 @@ def checkpoint_tokenizer_name(ckpt: dict) -> str:
     name = ckpt.get("tokenizer")
     if isinstance(name, str) and name:
         return name
-    vocab = dict(ckpt.get("model_config") or {}).get("vocab_size")
-    return "bytes" if vocab == 256 else "gpt2"
+    return hf_tokenizer_name(dict(ckpt.get("model_config") or {}).get("vocab_size"))
 
 
 def hf_tokenizer_name(vocab_size: int) -> str:
-    # A Hugging Face GPT-2 folder carries no tokenizer name here: GPT-2 BPE,
-    # except for this engine's byte-level models exported with save_pretrained.
-    return "bytes" if vocab_size == 256 else "gpt2"
+    # A Hugging Face GPT-2 folder (and an old checkpoint) carries no tokenizer name:
+    # GPT-2 BPE, except for this engine's byte-level models, known by their vocabulary.
+    return TOKENIZER_OF_VOCAB.get(vocab_size, "gpt2")
 
 
 def source_tokenizer_name(source) -> str:

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 
 from engine.config import BACKENDS, PRESETS, TRAIN_DTYPES
 from engine.errors import UserInputError
+from engine.tokenizer import TOKENIZER_NAMES
 
 CHOICES = {
+    "model": ("auto", *PRESETS),
     "backend": BACKENDS,
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", *TRAIN_DTYPES),
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
-    "tokenizer": ("auto", "gpt2", "bytes"),
+    "tokenizer": ("auto", *TOKENIZER_NAMES),
 }
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
@@ -132,16 +134,13 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("model", "init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
+        for name in ("init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
             if not isinstance(getattr(self, name), str):
                 raise UserInputError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{flag(name)} must be one of {', '.join(allowed)}, "
                                      f"got {getattr(self, name)!r}")
-        if self.model != "auto" and self.model not in PRESETS:
-            raise UserInputError(f"{flag('model')} must be auto or one of {', '.join(PRESETS)}, "
-                                 f"got {self.model!r}")
         positive = ("n_layer", "n_head", "n_embd", "vocab_multiple", "batch_size", "seq_len",
                     "total_batch_size", "max_steps", "lr_decay_steps", "eval_batches", "log_interval",
                     "max_bad_steps")

@@ -36,8 +36,9 @@ from engine.optim import configure_optimizer, lr_at, resolve_optimizer, set_lr
 from engine.run_dir import new_token
 from engine.run_errors import Interrupted, PeerLost, RunFileError, RunFinished, TrainingDiverged, signal_name
 from engine.run_log import RunLog
+from engine.load import resolve_device
 from engine.run_setup import (build_model, claim_run_dir, describe_optimizer, header_lines, load_data,
-                              resolve_device, resolve_dtype, write_config_json)
+                              resolve_dtype, write_config_json)
 from engine.signals import StopSignals
 from engine.step import autocast_factory, train_step
 from engine.train_config import TrainConfig, accumulation_steps
@@ -76,7 +77,7 @@ class Trainer:
                 raise RunFinished(f"{resume_path.parent}: this run is finished (step {state['step']} of "
                                   f"max_steps {cfg.max_steps}); give --max-steps N with N > {state['step']} "
                                   "to train further")
-        device_type = resolve_device(cfg.device)
+        device_type = resolve_device(cfg.device).type
         if device_type == "cuda":
             # As build-nanogpt: fp32 matmuls (--dtype fp32, and those autocast leaves
             # in fp32) on TF32 tensor cores. Process-wide, as torch's switch is.

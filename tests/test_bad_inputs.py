@@ -100,7 +100,7 @@ CASES = [
     ("zero batch", lambda f, c, b: b + ["--batch-size", "0"], {}, ["batch_size (--batch-size) must be >= 1"]),
     ("max-bad-steps 0", lambda f, c, b: b + ["--max-bad-steps", "0"], {}, ["max_bad_steps (--max-bad-steps)"]),
     ("ddp timeout 0", lambda f, c, b: b + ["--ddp-timeout-s", "0"], {}, ["ddp_timeout_s (--ddp-timeout-s) must be > 0"]),
-    ("unknown tokenizer", lambda f, c, b: b + ["--tokenizer", "gpt3"], {}, ["--tokenizer: expected one of"]),
+    ("unknown tokenizer", lambda f, c, b: b + ["--tokenizer", "gpt3"], {}, ["tokenizer (--tokenizer) must be one of"]),
     ("bad toml value", lambda f, c, b: b + ["--config", str(f / "bad.toml")], {}, ["bad.toml", "key max_lr"]),
     ("toml is a folder", lambda f, c, b: b + ["--config", str(f / "empty_dir")], {}, ["--config", "is a folder"]),
     ("data missing", lambda f, c, b: b + ["--data", str(f / "nope.txt")], {}, ["nope.txt: no such file"]),

@@ -70,7 +70,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     (["--batch", "4"], "unrecognized arguments: --batch"),  # no abbreviations
     (["--batch-size", "four"], "--batch-size: expected an integer or auto, got 'four'"),
     (["--batch-size", "3.5"], "--batch-size: expected an integer or auto, got '3.5'"),
-    (["--dtype", "fp16"], "--dtype: expected one of auto, fp32, bf16, bf16-params, got 'fp16'"),
+    (["--dtype", "fp16"], "dtype (--dtype) must be one of auto, fp32, bf16, bf16-params, got 'fp16'"),
     (["--max-lr", "-1e-3"], "max_lr (--max-lr) must be >= 0, got -0.001"),
     (["--seed", "-1"], "seed (--seed) must be >= 0, got -1"),
     (["--seed", str(2 ** 63)], "seed (--seed) must be < 2**63"),
@@ -139,7 +139,7 @@ def test_toml_config_and_flag_precedence(tmp_path):
     ("data = 3\n", "key data: expected a string, got 3"),
     ("betas = [0.9]\n", "key betas: expected two numbers"),
     ("seed = -5\n", "seed (--seed) must be >= 0, got -5"),
-    ("dtype = 'fp16'\n", "key dtype: expected one of"),
+    ("dtype = 'fp16'\n", "dtype (--dtype) must be one of"),
     ("batch_size = [\n", "not valid TOML"),
 ])
 def test_bad_toml(tmp_path, content, needle, capsys):

@@ -75,7 +75,7 @@ def test_lr_schedule_min_lr_defaults_to_a_tenth():
     (dict(max_lr=-1.0), r"max_lr \(--max-lr\) must be >= 0"),
     (dict(max_lr=1e-3, min_lr=1e-2), r"min_lr \(--min-lr\) .* must be <= max_lr"),
     (dict(betas=(0.9, 1.5)), r"betas \(--betas\) must be two numbers"),
-    (dict(model="gpt5"), r"model \(--model\) must be auto or one of"),
+    (dict(model="gpt5"), r"model \(--model\) must be one of auto, gpt2"),
     (dict(batch_size=4, seq_len=32, total_batch_size=1000),
      r"total_batch_size \(--total-batch-size\) 1000 is not divisible by .* = 128"),
     (dict(max_steps=5, warmup_steps=6), r"warmup_steps \(--warmup-steps\) \(6\) must be <= max_steps"),
