@@ -111,7 +111,7 @@ CASES = [
     ("heads do not divide", lambda f, c, b: b + ["--n-head", "3"], {}, ["model:"]),
     ("warmup over steps", lambda f, c, b: b + ["--warmup-steps", "9"], {}, ["warmup_steps (--warmup-steps) (9)"]),
     ("batch not divisible", lambda f, c, b: b + ["--total-batch-size", "100"], {}, ["total_batch_size"]),
-    ("no cuda", lambda f, c, b: b + ["--device", "cuda"], {}, ["device (--device) cuda: no CUDA GPU"]),
+    ("no cuda", lambda f, c, b: b + ["--device", "cuda"], {}, ["--device cuda: no CUDA GPU"]),
     ("init-from missing", lambda f, c, b: b + ["--init-from", str(f / "nope")], {}, ["nope"]),
     ("init-from a file", lambda f, c, b: b + ["--init-from", str(f / "a_file")], {}, ["a_file"]),
     ("resume missing", lambda f, c, b: ["--resume", str(f / "nope")], {}, ["resume:", "does not exist"]),

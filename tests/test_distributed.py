@@ -89,7 +89,7 @@ def test_torchrun_matches_one_process(corpus, tmp_path, monkeypatch):
             assert abs(float(a["val_loss"]) - float(b["val_loss"])) <= 1e-5 * float(a["val_loss"])
     assert [r["val_loss"] != "" for r in ddp_rows] == [True, False, False, True]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
-        ["ckpt_000004.pt", "config.json", "loss.png", "metrics.csv"])
+        ["ckpt_000004.pt", "config.json", "log.txt", "loss.png", "metrics.csv"])
 
 
 def launch_ranks(args, cwd, world_size=2):

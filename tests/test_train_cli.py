@@ -206,11 +206,12 @@ def test_end_to_end_subprocess(corpus, tmp_path):
                                   "--sample-interval", "2", "--checkpoint-interval", "2"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for needle in ("device: cpu", "tokenizer: bytes", "validation loss", "sample 0:", "step     2 |",
+    for needle in ("device: cpu", "tokenizer: bytes", "validation loss", "sample 0:", "step     2/3 |",
                    "checkpoint:", "loss curve:"):
         assert needle in out, needle
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
-        ["ckpt_000002.pt", "ckpt_000003.pt", "config.json", "loss.png", "metrics.csv"])
+        ["ckpt_000002.pt", "ckpt_000003.pt", "config.json", "log.txt", "loss.png", "metrics.csv"])
+    assert (tmp_path / "run" / "log.txt").read_text() == out
 
 
 def test_user_error_subprocess_has_no_traceback(tmp_path):
@@ -240,9 +241,11 @@ def test_resume_alone_continues_as_configured(corpus, tmp_path, capsys):
     assert "tokenizer: bytes" in out and "B=2 T=16" in out and str(corpus) in out
     lrs = [float(ln.split("lr ")[1].split(" |")[0]) for ln in out.splitlines() if ln.startswith("step ")]
     from engine.optim import lr_at
-    # the log prints 5 significant digits
-    assert lrs == pytest.approx([lr_at(s, max_lr=2e-3, min_lr=2e-4, warmup_steps=1, max_steps=5) for s in (3, 4)],
+    # The schedule is kept: the cosine ended at step 3, so the added steps run at
+    # min_lr (the log prints 5 significant digits).
+    assert lrs == pytest.approx([lr_at(s, max_lr=2e-3, min_lr=2e-4, warmup_steps=1, max_steps=3) for s in (3, 4)],
                                 rel=1e-4)
+    assert "resume: max_steps 3 -> 5: the learning rate keeps its schedule" in out
 
 
 def test_resume_skips_a_damaged_latest_checkpoint(corpus, tmp_path, capsys):
