@@ -22,12 +22,15 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tinyshakespeare() -> Path:
-    """The real corpus (tiny-shakespeare, 1.1 MB): the file TINYSHAKESPEARE names, or
-    ../shared/data/tinyshakespeare.txt beside the checkout; skipped where neither is."""
+    """The real corpus (tiny-shakespeare, 1.1 MB): the file TINYSHAKESPEARE names, else
+    the copy the engine keeps in its cache (`python train.py` downloads it there where
+    there is network); skipped where neither exists."""
+    from engine.data.corpus import default_cache_dir
     env = os.environ.get("TINYSHAKESPEARE")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    path = Path(env) if env else default_cache_dir() / "tinyshakespeare.txt"
     if not path.is_file():
-        pytest.skip(f"tiny-shakespeare not found at {path} (set TINYSHAKESPEARE to its input.txt)")
+        pytest.skip(f"tiny-shakespeare not found at {path} (set TINYSHAKESPEARE to its input.txt, or run "
+                    "`python train.py` once with network)")
     return path
 
 

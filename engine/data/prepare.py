@@ -243,7 +243,7 @@ def _prepare_locked(inputs, out: Path, tok, *, shard_tokens, workers, progress, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.data", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize text files/folders into uint16 .bin shards")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files or folders (walked recursively)")
