@@ -3,7 +3,9 @@
 `RunLog.line` prints a line and appends it to the run folder's log.txt (flushed
 line by line, so a crash loses nothing printed; a resumed run appends). Each
 step's line says where the run is: `step i/N`, the wall time since this
-invocation started and the time left at its mean pace so far. `RunLog` keeps the history of the whole run (on resume, the rows of the earlier
+invocation started and the time left at its mean pace so far.
+
+`RunLog` keeps the history of the whole run (on resume, the rows of the earlier
 steps are read back from metrics.csv, so the plot shows the run from step 0),
 writes one CSV row per logged step, and draws the loss curve. A run resumed
 into another folder copies the earlier rows from the checkpoint's folder. Rewrites
