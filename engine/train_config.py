@@ -198,8 +198,8 @@ class TrainConfig:
             accumulation_steps(self.total_batch_size, self.batch_size, self.seq_len, 1)
 
     def resolved(self, device_type: str, world_size: int = 1) -> "TrainConfig":
-        """A copy with every auto number filled in from AUTO_DEFAULTS for this device,
-        after checking that total_batch_size divides by batch_size*seq_len*world_size."""
+        """A copy with every auto number filled in from AUTO_DEFAULTS for this device
+        (total_batch_size: one micro-batch per process)."""
         table = AUTO_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
         values = {name: default for name, default in table.items()
                   if getattr(self, name) in (None, "auto")}
@@ -213,8 +213,12 @@ class TrainConfig:
             cfg.min_lr = cfg.max_lr * 0.1
         if cfg.lr_decay_steps is None:
             cfg.lr_decay_steps = cfg.max_steps
-        accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, world_size)
         return dataclasses.replace(cfg)  # runs __post_init__ on the resolved values
+
+    def accumulation(self, world_size: int) -> int:
+        """Gradient-accumulation steps of this resolved config on world_size processes;
+        a clear error when total_batch_size is not a multiple of B*T*world_size."""
+        return accumulation_steps(self.total_batch_size, self.batch_size, self.seq_len, world_size)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -41,7 +41,7 @@ from engine.run_setup import (build_model, claim_run_dir, describe_optimizer, he
                               resolve_dtype, write_config_json)
 from engine.signals import StopSignals
 from engine.step import autocast_factory, train_step
-from engine.train_config import TrainConfig, accumulation_steps
+from engine.train_config import TrainConfig
 from engine.train_state import (explicit_fields, restore, resumed_config, schedule_note,
                                 set_aside_later_checkpoints, training_state, weights_are_finite)
 
@@ -98,7 +98,7 @@ class Trainer:
         self.device = torch.device(dist_lib.process_device(device_type, info))
         self.device_type = self.device.type
         self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
-        self.accum = accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, info.world_size)
+        self.accum = cfg.accumulation(info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device_type)
         self.autocast = autocast_factory(self.dtype, self.device_type)
         from engine.ops import resolve_backend

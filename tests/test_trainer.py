@@ -88,9 +88,9 @@ def test_config_validation_names_the_field(kwargs, message):
 
 def test_total_batch_divisibility_includes_world_size():
     cfg = TrainConfig(batch_size=4, seq_len=32, total_batch_size=128)
-    assert cfg.resolved("cpu", world_size=1).total_batch_size == 128
+    assert cfg.resolved("cpu", world_size=1).accumulation(1) == 1
     with pytest.raises(UserInputError, match=r"4 \* 32 \* 2 = 256"):
-        cfg.resolved("cpu", world_size=2)
+        cfg.resolved("cpu", world_size=2).accumulation(2)
 
 
 def test_auto_defaults_follow_the_device():
