@@ -32,8 +32,8 @@ setup(
     ],
     extras_require={
         "test": [
-            "pytest>=8",
-            "pytest-benchmark>=4",
+            "pytest>=8.1.1",  # pytest-benchmark 5.2's floor (8.1.0 was withdrawn)
+            "pytest-benchmark>=5.2",  # pedantic(teardown=...)
             "hypothesis>=6",
             "transformers>=4.40",
             "safetensors>=0.4.1",  # transformers 4.40's own floor
