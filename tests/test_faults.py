@@ -115,7 +115,7 @@ def test_divergence_exits_3_and_names_the_last_good_checkpoint(corpus, tmp_path)
 def test_an_interrupt_stops_after_a_step_and_writes_a_checkpoint(corpus, tmp_path, sig, status):
     run = tmp_path / "run"
     child = Child([sys.executable, str(TRAIN_PY), *tiny_args(corpus, run, steps=100_000, ckpt=50_000)], tmp_path)
-    child.wait_for(r"^step +3 \|")
+    child.wait_for(r"^step +3/")
     child.proc.send_signal(sig)
     assert child.finish() == status, child.err
     line = [ln for ln in child.err if ln.strip()][-1]
