@@ -4,7 +4,8 @@
   when the name exists: runs started in the same second get `-2`, `-3`, ...
 - A `--run-dir` that already holds a run (checkpoints, metrics.csv, config.json)
   is refused unless this run resumes it or `--overwrite` is given (which deletes
-  that run's files: its checkpoints, metrics.csv, config.json, loss.png, trace.json).
+  that run's files: its checkpoints, metrics.csv, config.json, loss.png, trace.json,
+  log.txt).
 - The folder is claimed with an exclusive lock (`flock` on the folder itself,
   released by the kernel when the process ends, even by SIGKILL): a second
   process that would write into a folder in use is refused.
@@ -31,7 +32,7 @@ try:
 except ImportError:  # Windows: no advisory locks; the folder checks still apply
     fcntl = None
 
-RUN_FILES = ("metrics.csv", "config.json", "loss.png", "trace.json")
+RUN_FILES = ("metrics.csv", "config.json", "loss.png", "trace.json", "log.txt")
 
 
 def lock_folder(path: pathlib.Path) -> int | None:

@@ -22,8 +22,10 @@ import contextlib
 import torch
 from torch.profiler import record_function
 
+from engine.config import AUTOCAST_DTYPES
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_factory(dtype: str, device_type: str, cache_enabled: bool = True):
@@ -32,7 +34,7 @@ def autocast_factory(dtype: str, device_type: str, cache_enabled: bool = True):
     needs cache_enabled=False: autocast's cache of cast weights would hold tensors
     of the capture that replays never refresh."""
     if dtype in AUTOCAST_DTYPES:
-        return lambda: torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype],
+        return lambda: torch.autocast(device_type=device_type, dtype=TORCH_DTYPES[dtype],
                                       cache_enabled=cache_enabled)
     return contextlib.nullcontext
 

@@ -15,16 +15,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from engine.config import BACKENDS, PRESETS
+from engine.config import BACKENDS, PRESETS, TRAIN_DTYPES
 from engine.errors import UserInputError
+from engine.tokenizer import TOKENIZER_NAMES
 
 CHOICES = {
+    "model": ("auto", *PRESETS),
     "backend": BACKENDS,
     "device": ("auto", "cpu", "cuda", "mps"),
-    "dtype": ("auto", "fp32", "bf16", "bf16-params"),
+    "dtype": ("auto", *TRAIN_DTYPES),
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
-    "tokenizer": ("auto", "gpt2", "bytes"),
+    "tokenizer": ("auto", *TOKENIZER_NAMES),
     "parallel": ("auto", "ddp", "fsdp"),
 }
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -86,6 +88,9 @@ class TrainConfig:
     warmup_steps: int | None = _f(None, "linear warm-up steps", _auto_text("warmup_steps"))
     max_lr: float | None = _f(None, "peak learning rate", _auto_text("max_lr"))
     min_lr: float | None = _f(None, "final learning rate of the cosine decay", "max_lr * 0.1")
+    lr_decay_steps: int | None = _f(None, "steps the cosine decays over; min_lr after them. A resumed run keeps "
+                                    "its value, so steps added by a larger --max-steps run at min_lr; giving it "
+                                    "with --resume re-plans the cosine", "max_steps", resume_safe=True)
     weight_decay: float = _f(0.1, "AdamW weight decay (parameters with dim >= 2 only)")
     grad_clip: float = _f(1.0, "clip the global grad norm at this (0: no clipping)")
     betas: tuple = _f((0.9, 0.95), "AdamW betas")
@@ -137,18 +142,16 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("model", "init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
+        for name in ("init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
             if not isinstance(getattr(self, name), str):
                 raise UserInputError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{flag(name)} must be one of {', '.join(allowed)}, "
                                      f"got {getattr(self, name)!r}")
-        if self.model != "auto" and self.model not in PRESETS:
-            raise UserInputError(f"{flag('model')} must be auto or one of {', '.join(PRESETS)}, "
-                                 f"got {self.model!r}")
         positive = ("n_layer", "n_head", "n_embd", "vocab_multiple", "batch_size", "seq_len",
-                    "total_batch_size", "max_steps", "eval_batches", "log_interval", "max_bad_steps")
+                    "total_batch_size", "max_steps", "lr_decay_steps", "eval_batches", "log_interval",
+                    "max_bad_steps")
         non_negative = ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval",
                         "keep_checkpoints", "seed")
         for name in positive + non_negative:
@@ -195,6 +198,10 @@ class TrainConfig:
         if self.resume == "auto" and self.run_dir == "auto":
             raise UserInputError("--resume auto needs --run-dir: the folder whose newest checkpoint a restarted "
                                  "job continues")
+        if (self.warmup_steps is not None and self.lr_decay_steps is not None
+                and self.warmup_steps > self.lr_decay_steps):
+            raise UserInputError(f"{flag('warmup_steps')} ({self.warmup_steps}) must be <= lr_decay_steps "
+                                 f"({self.lr_decay_steps})")
         if self.init_from and self.resume and self.resume != "auto":
             raise UserInputError("--init-from and --resume exclude each other: a resumed run "
                                  "continues from its checkpoint's weights")
@@ -202,8 +209,8 @@ class TrainConfig:
             accumulation_steps(self.total_batch_size, self.batch_size, self.seq_len, 1)
 
     def resolved(self, device_type: str, world_size: int = 1) -> "TrainConfig":
-        """A copy with every auto number filled in from AUTO_DEFAULTS for this device,
-        after checking that total_batch_size divides by batch_size*seq_len*world_size."""
+        """A copy with every auto number filled in from AUTO_DEFAULTS for this device
+        (total_batch_size: one micro-batch per process)."""
         table = AUTO_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
         values = {name: default for name, default in table.items()
                   if getattr(self, name) in (None, "auto")}
@@ -215,8 +222,14 @@ class TrainConfig:
             cfg.total_batch_size = cfg.batch_size * cfg.seq_len * world_size
         if cfg.min_lr is None:
             cfg.min_lr = cfg.max_lr * 0.1
-        accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, world_size)
+        if cfg.lr_decay_steps is None:
+            cfg.lr_decay_steps = cfg.max_steps
         return dataclasses.replace(cfg)  # runs __post_init__ on the resolved values
+
+    def accumulation(self, world_size: int) -> int:
+        """Gradient-accumulation steps of this resolved config on world_size processes;
+        a clear error when total_batch_size is not a multiple of B*T*world_size."""
+        return accumulation_steps(self.total_batch_size, self.batch_size, self.seq_len, world_size)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -220,7 +220,7 @@ def test_prepare_command_line(tmp_path, gpt2):
          "--val-fraction", "0.1", "--tokenizer", "gpt2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    last = r.stderr.strip().split("\r")[-1]  # the progress line's last redraw
+    last = r.stderr.strip().splitlines()[-1]  # into a pipe, each report is a line of its own
     assert re.match(r"prepare: 100% of \d+\.\d kB, 3 documents, [\d,]+ tokens, [\d,]+ tokens/s", last), last
     assert "train tokens" in r.stdout
     # inputs in the order given: a.txt, the nested folder, b.txt
@@ -234,8 +234,12 @@ def test_progress_line_says_documents_tokens_rate_and_time_left():
     import importlib
     import io
     P = importlib.import_module("engine.data.prepare")
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
     clock = iter([100.0, 110.0, 130.0]).__next__
-    stream = io.StringIO()
+    stream = Terminal()
     bar = P._Progress(4_000_000, "bytes", True, {"units": 1_000_000, "documents": 7, "tokens": 500}, stream=stream,
                       clock=clock)
     bar.update(1_000_000, 40, 2_000_000)  # 10 s in: 1 MB of the 3 MB left, at 0.1 MB/s
@@ -243,7 +247,7 @@ def test_progress_line_says_documents_tokens_rate_and_time_left():
                                  "ETA 0m20s\033[K")
     bar.update(2_000_000, 3, 10, force=True)
     assert stream.getvalue().endswith("prepare: 100% of 4.0 MB, 50 documents, 2,000,510 tokens, 66,667 tokens/s\033[K")
-    hub = P._Progress(0, "documents", True, {}, stream=io.StringIO(), clock=iter([0.0, 1.0]).__next__)
+    hub = P._Progress(0, "documents", True, {}, stream=Terminal(), clock=iter([0.0, 1.0]).__next__)
     hub.update(0, 12, 345, force=True)
     assert hub.stream.getvalue().startswith("\rprepare: 12 documents, 345 tokens, ")
 

@@ -337,7 +337,7 @@ def test_a_malicious_metadata_is_refused_before_it_runs(run_copy, tmp_path):
     is refused, even with a manifest that lists its true checksum."""
     import pickle
 
-    from engine.load import read_checkpoint
+    from engine.sources import read_checkpoint
     folder, marker = run_copy / "ckpt_000002", tmp_path / "ran"
     (folder / ".metadata").write_bytes(pickle.dumps(_Marker(marker)))
     remanifest(folder)
@@ -350,7 +350,7 @@ def test_metadata_may_name_only_files_of_the_manifest(run_copy):
     import pickle
 
     from engine import sharded_checkpoint as sharded
-    from engine.load import read_checkpoint
+    from engine.sources import read_checkpoint
     folder = run_copy / "ckpt_000002"
     with open(folder / ".metadata", "rb") as f:
         metadata = sharded._MetadataUnpickler(f).load()
@@ -381,7 +381,7 @@ def test_non_tensor_entries_are_read_with_weights_only(tmp_path):
 
 def test_sample_loads_a_sharded_run_and_export_writes_one_file(sharded_run, tmp_path):
     """sample.py / the evaluation take the run as it is; export gives the single file."""
-    from engine.load import load_engine_model
+    from engine.sources import load_engine_model
     from engine.model import GPT
     from engine.sharded_checkpoint import _MetadataUnpickler
     with open(sharded_run / "ckpt_000002" / ".metadata", "rb") as f:

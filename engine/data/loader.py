@@ -279,8 +279,8 @@ def _split_loader(tokens, path: Path, what: str, val_fraction: float, common: di
             f"{path}: the val split is empty ({n:,} tokens, val_fraction={val_fraction})")
     part = tokens[n - n_val:] if split == "val" else tokens[:n - n_val]
     where = f"last {val_fraction:.0%}" if split == "val" else f"first {1 - val_fraction:.0%}"
-    tn = f" {tokenizer_name}" if tokenizer_name else ""
-    summary = f"{what}: {n:,}{tn} tokens; {split} split = {where}, {len(part):,} tokens"
+    tn = f" ({tokenizer_name} tokenizer)" if tokenizer_name else ""
+    summary = f"{what}: {n:,} tokens{tn}; {split} split = {where}, {len(part):,} tokens"
     return TokenLoader([(path.name, part)], vocab_size=vocab, kind="text", summary=summary, **common)
 
 
