@@ -11,8 +11,8 @@ the sm_90 compile check, whose Triton is the floor's).
 from setuptools import find_packages, setup
 
 # `python -m engine.data prepare` of Parquet (pyarrow), .zst JSON lines (zstandard)
-# and Hugging Face datasets (datasets; its IterableDataset.state_dict resumes a stream).
-DATA_EXTRA = ["pyarrow>=15", "zstandard>=0.19", "datasets>=2.19"]
+# and Hugging Face datasets (datasets: 2.20 is the first whose IterableDataset.state_dict resumes a stream).
+DATA_EXTRA = ["pyarrow>=15", "zstandard>=0.19", "datasets>=2.20"]
 
 setup(
     name="gpt2-triton-engine",

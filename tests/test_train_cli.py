@@ -342,7 +342,7 @@ def test_an_interrupt_during_set_up_leaves_nothing_behind(corpus, tmp_path, caps
         f"python train.py --resume {tmp_path / 'done'}")
     monkeypatch.setattr(RunLog, "start", start)
     rc, out, err = run_main(["--resume", str(tmp_path / "done"), "--max-steps", "3"], capsys)
-    assert rc == 0 and _step_lines(out)[0].startswith("step     2 |"), err
+    assert rc == 0 and _step_lines(out)[0].startswith("step     2/"), err
 
 
 @pytest.mark.parametrize("command", [["train.py"], ["sample.py"], ["-m", "engine.eval"],
