@@ -239,7 +239,7 @@ def test_check_targets_off_lets_an_out_of_range_target_through(bad):
     x, w, t = _inputs(9, 16, 64, 64, torch.float32, seed=8)
     t = t.clone()
     t[3] = bad
-    with pytest.raises(ValueError, match=f"targets contains {bad}, outside"):
+    with pytest.raises(IndexError, match=f"targets contains {bad}, outside"):
         _lce(x.detach(), w.detach(), t)
     loss = _lce(x.detach(), w.detach(), t, check_targets=False)
     assert torch.isfinite(loss)
