@@ -21,7 +21,7 @@ import sys
 import time
 
 from engine.errors import UserInputError
-from engine.load import add_model_flags
+from engine.cli import add_model_flags
 
 SEPARATOR = "\n---------------\n"
 

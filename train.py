@@ -20,7 +20,6 @@ import sys
 from engine.cli import parse_train_args
 from engine.errors import UserInputError
 from engine.run_errors import Interrupted, RunAborted, RunFinished, RunStopped, signal_name
-from engine.trainer import train
 
 
 def main(argv=None) -> int:
@@ -28,7 +27,8 @@ def main(argv=None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     try:
-        cfg, explicit = parse_train_args(argv)
+        cfg, explicit = parse_train_args(argv)  # before torch is imported: --help and bad flags answer at once
+        from engine.trainer import train
         train(cfg, explicit=explicit)
     except RunFinished as e:
         print(e)

@@ -1,5 +1,5 @@
 """What a bf16 training step of GPT-2 124M at B16 T1024 launches and moves outside
-its matmuls (issue 17), counted on any machine by bench.anatomy and printed at the
+its matmuls, counted on any machine by bench.anatomy and printed at the
 end of the run (and in --benchmark-json's extra_info), so the figure is tracked
 over time: launches per layer, per micro-step and per step, activation-sized
 copies, and bytes outside matmuls. The timed figure is only how long recording takes."""

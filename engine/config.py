@@ -5,6 +5,13 @@ import dataclasses
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "torch", "triton")
+# Precisions, by name, declared once. A run trains in one of TRAIN_DTYPES (bf16:
+# autocast over fp32 weights; bf16-params: the weights themselves in bf16); a loaded
+# model runs in one of INFERENCE_DTYPES; the AUTOCAST_DTYPES names mean autocast
+# over fp32 weights (engine.step maps each name to its torch dtype).
+TRAIN_DTYPES = ("fp32", "bf16", "bf16-params")
+INFERENCE_DTYPES = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = ("bf16", "fp16")
 
 
 @dataclass

@@ -39,16 +39,42 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from engine import distributed as dist_lib
-from engine.data import default_cache_dir
-from engine.data.corpus import download as _urlopen
+from engine.cli import add_model_flags
 from engine.errors import UserInputError
-from engine.fileio import atomic_write, os_reason
-from engine.load import add_model_flags
-from engine.run_errors import RunFileError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.eval", allow_abbrev=False,
+                                description="Evaluate a model on a benchmark.")
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    h = sub.add_parser("hellaswag", allow_abbrev=False,
+                       help="HellaSwag validation accuracy, scored as build-nanogpt does")
+    h.add_argument("--model", required=True, metavar="SOURCE",
+                   help="run folder, checkpoint file (ckpt_NNNNNN.pt) or Hugging Face GPT-2 folder")
+    h.add_argument("--data", metavar="FILE.jsonl",
+                   help="HellaSwag jsonl (default: the validation split, downloaded once into the cache)")
+    h.add_argument("--limit", type=int, metavar="N", help="score only the first N items (default: all)")
+    h.add_argument("--json", metavar="OUT",
+                   help="write acc, acc_norm, n and every prediction to this file (default: none)")
+    h.add_argument("--batch-items", type=int, metavar="N", default=8,
+                   help="items per forward, 4 rows each (default: 8)")
+    add_model_flags(h)
+    return p
+
+
+if __name__ == "__main__":
+    # Parsed before torch is imported below, so that --help and a bad flag answer at
+    # once; main() parses the same arguments again.
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine import distributed as dist_lib  # noqa: E402
+from engine.data import default_cache_dir  # noqa: E402
+from engine.data.corpus import download as _urlopen  # noqa: E402
+from engine.fileio import atomic_write, os_reason  # noqa: E402
+from engine.run_errors import RunFileError  # noqa: E402
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_FILE = "hellaswag_val.jsonl"
@@ -261,8 +287,12 @@ def evaluate_hellaswag(model, items, tokenizer, device, autocast_ctx=contextlib.
     """
     info = dist_info or dist_lib.DistInfo()
     mine = list(range(info.rank, len(items), info.world_size))
-    scores = score_items(model, [items[i] for i in mine], tokenizer, device, autocast_ctx, batch_items,
-                         progress)
+    # Every process runs as many forwards as the others (an FSDP model all-gathers
+    # its weights in each): a share one item short scores a repeat, then drops it.
+    share = -(-len(items) // info.world_size)
+    padded = [items[i] for i in mine] + [items[0]] * (share - len(mine))
+    report = progress and (lambda done: progress(min(done, len(mine))))
+    scores = score_items(model, padded, tokenizer, device, autocast_ctx, batch_items, report)[:len(mine)]
     rows = [(i, s.ind, s.label, s.pred, s.pred_norm, s.truncated) for i, s in zip(mine, scores)]
     gathered = sorted(row for part in dist_lib.all_gather_objects(rows, info) for row in part)
     n = len(gathered)
@@ -281,24 +311,6 @@ def evaluate_hellaswag(model, items, tokenizer, device, autocast_ctx=contextlib.
 # --------------------------------------------------------------------------
 # The command line
 # --------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", allow_abbrev=False,
-                                description="Evaluate a model on a benchmark.")
-    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    h = sub.add_parser("hellaswag", allow_abbrev=False,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="HellaSwag validation accuracy, scored as build-nanogpt does")
-    h.add_argument("--model", required=True, metavar="SOURCE",
-                   help="run folder, checkpoint file (ckpt_NNNNNN.pt) or Hugging Face GPT-2 folder")
-    h.add_argument("--data", metavar="FILE.jsonl",
-                   help="HellaSwag jsonl (default: the validation split, downloaded once into the cache)")
-    h.add_argument("--limit", type=int, metavar="N", help="score only the first N items")
-    h.add_argument("--json", metavar="OUT", help="write acc, acc_norm, n and every prediction to this file")
-    h.add_argument("--batch-items", type=int, metavar="N", default=8, help="items per forward (4 rows each)")
-    add_model_flags(h)
-    return p
-
 
 def _is_predictions_file(path: pathlib.Path) -> bool:
     try:

@@ -147,15 +147,6 @@ def _load_state_dict(path: pathlib.Path) -> tuple[dict, pathlib.Path]:
                          ".index.json)")
 
 
-def load_pretrained(cls, path, **overrides):
-    """A `cls` (GPT) from a Hugging Face GPT-2 folder, or from this engine's own
-    run folder or checkpoint file (engine.load). `overrides` set GPTConfig fields."""
-    from engine.load import load_engine_model, source_kind
-    if source_kind(path) != "hf":
-        return load_engine_model(cls, path, **overrides)[0]
-    return load_hf_folder(cls, path, **overrides)
-
-
 def _check_lm_head(hf_state: dict, hf_config: dict, weights_file) -> None:
     """This model ties the LM head to the token embedding: an lm_head.weight that
     differs from wte (an untied head) is refused, and so is a config that says the

@@ -22,7 +22,9 @@ import torch.nn as nn
 
 from engine.config import GPTConfig
 from engine.errors import UserInputError
+from engine.hf import load_hf_folder, save_pretrained
 from engine.ops import AutoOps, get_ops
+from engine.sources import load_engine_model, source_kind
 
 
 class LayerNorm(nn.Module):
@@ -236,12 +238,13 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "GPT":
         """Load a GPT-2 checkpoint directory in Hugging Face format (config.json and
-        model.safetensors or pytorch_model.bin). `overrides` set GPTConfig fields
-        such as backend or vocab_multiple."""
-        from engine.hf import load_pretrained
-        return load_pretrained(cls, path, **overrides)
+        model.safetensors or pytorch_model.bin), or this engine's run folder or
+        checkpoint file. `overrides` set GPTConfig fields such as backend or
+        vocab_multiple."""
+        if source_kind(path) == "hf":
+            return load_hf_folder(cls, path, **overrides)
+        return load_engine_model(cls, path, **overrides)[0]
 
     def save_pretrained(self, path) -> None:
         """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
-        from engine.hf import save_pretrained
         save_pretrained(self, path)

@@ -205,6 +205,11 @@ def get_ops(backend: str, deterministic: bool = True):
 
 def fused_adamw(param_groups, *, lr: float, betas, eps: float, weight_decay: float):
     """The Triton FusedAdamW (one launch per group, fp32 moments, lr and step on the
-    device); see gpt2_kernels/adamw.py."""
-    from gpt2_kernels import FusedAdamW  # deferred: Triton is optional outside Linux
-    return FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    device); see gpt2_kernels/adamw.py. Over DTensor parameters (FSDP) its sharded
+    form, which updates each process's shards and keeps its state as DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    from gpt2_kernels import FusedAdamW, ShardedFusedAdamW  # deferred: Triton is optional outside Linux
+    sharded = any(isinstance(p, DTensor) for group in param_groups for p in group["params"])
+    cls = ShardedFusedAdamW if sharded else FusedAdamW
+    return cls(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

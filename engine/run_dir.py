@@ -4,7 +4,8 @@
   when the name exists: runs started in the same second get `-2`, `-3`, ...
 - A `--run-dir` that already holds a run (checkpoints, metrics.csv, config.json)
   is refused unless this run resumes it or `--overwrite` is given (which deletes
-  that run's files: its checkpoints, metrics.csv, config.json, loss.png, trace.json).
+  that run's files: its checkpoints, metrics.csv, config.json, loss.png, trace.json,
+  log.txt).
 - The folder is claimed with an exclusive lock (`flock` on the folder itself,
   released by the kernel when the process ends, even by SIGKILL): a second
   process that would write into a folder in use is refused.
@@ -23,7 +24,7 @@ import pathlib
 import secrets
 import time
 
-from engine.checkpoint import TMP_PREFIX, TMP_SUFFIX, list_checkpoints
+from engine.checkpoint import TMP_PREFIX, TMP_SUFFIX, list_checkpoints, remove_checkpoint
 from engine.errors import UserInputError
 
 try:
@@ -31,7 +32,7 @@ try:
 except ImportError:  # Windows: no advisory locks; the folder checks still apply
     fcntl = None
 
-RUN_FILES = ("metrics.csv", "config.json", "loss.png", "trace.json")
+RUN_FILES = ("metrics.csv", "config.json", "loss.png", "trace.json", "log.txt")
 
 
 def lock_folder(path: pathlib.Path) -> int | None:
@@ -153,7 +154,7 @@ class RunFolder:
         files go (--overwrite), and so do dead processes' temp files."""
         if self.replaces:
             for p in list_checkpoints(self.path):
-                p.unlink(missing_ok=True)
+                remove_checkpoint(p)
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
             log(f"run folder: --overwrite removed the previous run's files ({', '.join(self.replaces)})")
@@ -163,10 +164,10 @@ class RunFolder:
 
     def _remove_stale_temps(self) -> None:
         # The folder is ours (locked): a temp file of the engine's kinds that is not
-        # this process's was left by a killed process of this folder.
+        # this process's was left by a killed process of this folder (a temp folder:
+        # by a sharded checkpoint's save that did not finish).
         prefixes = (TMP_PREFIX, *(f".{n}." for n in RUN_FILES))
         for p in self.path.iterdir():
-            if (p.name.startswith(prefixes) and p.name.endswith(TMP_SUFFIX) and self.token not in p.name
-                    and p.is_file()):
-                p.unlink(missing_ok=True)
+            if p.name.startswith(prefixes) and p.name.endswith(TMP_SUFFIX) and self.token not in p.name:
+                remove_checkpoint(p)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from dataclasses import dataclass
 
@@ -17,17 +18,6 @@ from engine.errors import UserInputError
 from engine.fileio import atomic_write, os_reason
 from engine.run_dir import RunFolder, create_auto_folder
 from engine.run_errors import RunFileError
-
-
-def resolve_device(name: str) -> str:
-    mps_ok = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("device (--device) cuda: no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not mps_ok:
-        raise UserInputError("device (--device) mps: MPS is not available; use --device cpu")
-    return name
 
 
 def resolve_dtype(name: str, device_type: str) -> str:
@@ -57,7 +47,7 @@ def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     if cfg.resume:
         tokenizer, reason = tokenizer_for_model("auto", cfg.tokenizer, f"--resume {cfg.resume}")
     elif cfg.init_from:
-        from engine.load import source_tokenizer_name
+        from engine.sources import source_tokenizer_name
         tokenizer, reason = tokenizer_for_model(cfg.tokenizer, source_tokenizer_name(cfg.init_from),
                                                 f"--init-from {cfg.init_from}")
     else:
@@ -145,32 +135,49 @@ def write_config_json(run_dir: pathlib.Path, cfg, model_config, token: str, run_
         raise RunFileError(f"{run_dir / 'config.json'}: could not write ({os_reason(e)})") from None
 
 
-def header_lines(t, graph_reason: str, optimizer_lines: list[str], resume_path) -> list[str]:
-    """The log's first lines: what this run uses, and why where it was chosen."""
-    info, cfg, c = t.dist, t.cfg, t.model_config
-    if t.optimizer_kind == "triton":
-        optimizer = "triton FusedAdamW"
-    else:
-        optimizer = "torch AdamW" + (" (fused)" if any(g.get("fused") for g in t.optimizer.param_groups) else "")
-    source = (f"from {resume_path}" if resume_path else f"from {cfg.init_from}" if cfg.init_from
-              else f"preset {cfg.model}")
+def describe_optimizer(kind: str, optimizer, parallel: str = "none") -> str:
+    if kind == "triton":
+        return "triton FusedAdamW" + (" on each process's shards" if parallel == "fsdp" else "")
+    return "torch AdamW" + (" (fused)" if any(g.get("fused") for g in optimizer.param_groups) else "")
+
+
+def thread_line(device_type: str) -> str:
+    """How many threads torch's CPU ops use, and why it matters on a shared machine."""
+    threads, cores = torch.get_num_threads(), os.cpu_count()
+    omp = os.environ.get("OMP_NUM_THREADS")
+    line = f"cpu threads: {threads} of {cores} cores" + (f" (OMP_NUM_THREADS={omp})" if omp else "")
+    if device_type == "cpu" and threads > 1:
+        # torch's threads wait for each other: on a machine busy with other work one
+        # thread can be several times faster.
+        line += "; on a busy machine OMP_NUM_THREADS=1 is often faster"
+    return line
+
+
+def header_lines(cfg, info: dist_lib.DistInfo, *, device, dtype: str, backend: str, optimizer: str,
+                 optimizer_lines: list[str], model, source: str, data: RunData, accum: int,
+                 graphs: tuple[bool, str], run_dir, resumed) -> list[str]:
+    """The log's first lines: what this run uses, and why where it was chosen.
+    `resumed` is (checkpoint path, step) for a resumed run, else None."""
+    c = model.config
+    parallel = f" ({info.parallel.upper()}, world size {info.world_size})" if info.parallel != "none" else ""
     lines = [
-        f"device: {t.device}{f' (DDP, world size {info.world_size})' if info.ddp else ''} | dtype: {t.dtype} | "
-        f"backend: {t.backend} | optimizer: {optimizer}",
+        f"device: {device}{parallel} | dtype: {dtype} | "
+        f"backend: {backend} | optimizer: {optimizer}",
+        thread_line(torch.device(device).type),
         f"model: {source}: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} block_size={c.block_size} "
-        f"vocab={c.vocab_size} (padded {c.padded_vocab_size}) | {t.raw_model.num_parameters():,} parameters",
+        f"vocab={c.vocab_size} (padded {c.padded_vocab_size}) | {model.num_parameters():,} parameters",
         *optimizer_lines,
-        f"tokenizer: {t.tokenizer.name} ({t.data.tokenizer_reason})",
-        f"corpus: {t.data.corpus_note or t.data.data_path}",
-        f"train data: {t.train_loader.description}",
-        f"val data: {t.val_loader.description}",
+        f"tokenizer: {data.tokenizer.name} ({data.tokenizer_reason})",
+        f"corpus: {data.corpus_note or data.data_path}",
+        f"train data: {data.train_loader.description}",
+        f"val data: {data.val_loader.description}",
         f"total batch: {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.seq_len} x "
-        f"{info.world_size} process(es) x {t.accum} accumulation step(s)",
-        f"cuda graphs: {'on' if t.use_graphs else 'off'} ({graph_reason})",
+        f"{info.world_size} process(es) x {accum} accumulation step(s)",
+        f"cuda graphs: {'on' if graphs[0] else 'off'} ({graphs[1]})",
     ]
-    if t.dtype == "bf16-params" and t.optimizer_kind == "torch":
+    if dtype == "bf16-params" and optimizer.startswith("torch"):
         lines.append("note: with bf16-params, torch's AdamW keeps its moments in bf16 (the parameters' dtype); "
                      "--optimizer triton keeps them in fp32")
-    lines.append(f"run folder: {t.run_dir}" + (f" | resumed from {resume_path} at step {t.step}" if resume_path
-                                              else ""))
+    lines.append(f"run folder: {run_dir}" + (f" | resumed from {resumed[0]} at step {resumed[1]}" if resumed
+                                            else ""))
     return lines

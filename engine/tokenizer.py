@@ -183,7 +183,7 @@ def load_tokenizer(name: str = "auto"):
 def tokenizer_for_model(requested: str, model_tokenizer: str, source: str):
     """(tokenizer, reason) for a run that starts from a trained model: `requested`
     is the run's --tokenizer (auto | gpt2 | bytes), `model_tokenizer` the one the
-    model was trained with (`engine.load.source_tokenizer_name`, or a checkpoint's
+    model was trained with (`engine.sources.source_tokenizer_name`, or a checkpoint's
     "tokenizer" entry), `source` names the model in messages (--init-from X,
     --resume Y).
 
@@ -208,7 +208,7 @@ def tokenizer_for_model(requested: str, model_tokenizer: str, source: str):
             f"{source} was trained with the gpt2 tokenizer, whose BPE files cannot be loaded{why}; set "
             "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 cache (the byte-level tokenizer "
             "cannot stand in for it)") from cause
-    return tok, f"{tok.name} tokenizer (the one {source} was trained with)"
+    return tok, f"the one {source} was trained with"
 
 
 def check_encodable(text: str, what: str) -> None:

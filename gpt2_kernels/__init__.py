@@ -6,7 +6,7 @@ so after this import `gpt2_kernels.linear_gelu` is the function: reach a module
 itself with `importlib.import_module("gpt2_kernels.linear_gelu")` or
 `from gpt2_kernels.linear_gelu import name`.
 """
-from gpt2_kernels.adamw import FusedAdamW
+from gpt2_kernels.adamw import FusedAdamW, ShardedFusedAdamW
 from gpt2_kernels.attention import flash_attention, flash_attention_qkvpacked
 from gpt2_kernels.layernorm import add_layer_norm, layer_norm
 from gpt2_kernels.linear_cross_entropy import linear_cross_entropy
@@ -14,6 +14,7 @@ from gpt2_kernels.linear_gelu import linear_gelu
 
 __all__ = [
     "FusedAdamW",
+    "ShardedFusedAdamW",
     "add_layer_norm",
     "flash_attention",
     "flash_attention_qkvpacked",

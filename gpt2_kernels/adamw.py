@@ -35,6 +35,11 @@ one flat buffer per (device, dtype), so zeroing them all is one launch.
 Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
 and `step()` reads nothing back from the device, so a CUDA graph can capture it.
+
+DTensor parameters (FSDP2 shards them over processes): `ShardedFusedAdamW`
+hands each process's local shards and their gradients to a FusedAdamW and shows
+its state as DTensors laid out like the parameters (views of the same flat
+buffers), which torch.distributed.checkpoint saves and reshards.
 """
 import collections
 import numbers
@@ -702,3 +707,118 @@ class FusedAdamW(torch.optim.Optimizer):
                 elif k not in ("params", "param_names"):
                     g[k] = tuple(v) if k == "betas" else v
             buffers.lr_value = None  # force the next step to refresh the device lr
+
+
+# -- DTensor parameters (FSDP2) -------------------------------------------------------
+
+
+def _local(t):
+    """A DTensor's local shard (the tensor itself, not a copy); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(state, param):
+    """`state`, a tensor shaped like `param`'s local shard, as a DTensor laid out as
+    `param` (the same storage: no copy); unchanged when `param` is no DTensor."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(param, DTensor):
+        return state
+    return DTensor.from_local(state, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+class ShardedFusedAdamW(torch.optim.Optimizer):
+    """FusedAdamW over DTensor parameters (FSDP2's sharded parameters, torch
+    DTensors in general): each process updates its own shard of every parameter
+    with FusedAdamW's kernel, on the local tensors, whose numbers then equal
+    torch.optim.AdamW's on the same DTensors.
+
+    Same arguments, ``set_lr``, ``found_inf`` and state-dict format as FusedAdamW.
+    The state (``exp_avg``, ``exp_avg_sq``) is exposed as DTensors laid out like
+    their parameters, over FusedAdamW's flat buffers, so
+    torch.distributed.checkpoint (``get_state_dict`` / ``set_state_dict``) saves,
+    loads and reshards it as it does torch's AdamW's. The parameters' gradients
+    belong to FSDP, which accumulates into them in place: ``zero_grad`` zeroes or
+    drops them and never makes them views of one flat buffer. A parameter that is
+    a plain tensor is updated as FusedAdamW updates it.
+    """
+
+    supports_found_inf = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        _validate_hyper(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        with torch.no_grad():
+            self._inner = FusedAdamW([dict(group, params=[_local(p) for p in group["params"]])
+                                      for group in self.param_groups], lr=lr, betas=betas, eps=eps,
+                                     weight_decay=weight_decay)
+            for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+                for p, local in zip(group["params"], inner_group["params"]):
+                    self.state[p] = {name: value if name == "step" else _like(value, p)
+                                     for name, value in self._inner.state[local].items()}
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_inner", None) is not None:
+            raise RuntimeError("ShardedFusedAdamW: build a new optimizer to add parameters")
+        super().add_param_group(param_group)
+
+    def set_lr(self, lr, group_index=None):
+        """Set group["lr"] (all groups, or one) and its device copy; no host sync."""
+        self._inner.set_lr(lr, group_index)
+        for i, inner_group in enumerate(self._inner.param_groups):
+            self.param_groups[i]["lr"] = inner_group["lr"]
+
+    def sync_lr(self):
+        """Copy every group["lr"] (e.g. set by a scheduler) into the device tensors."""
+        self._sync_groups()
+        self._inner.sync_lr()
+
+    def _sync_groups(self):
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            for name in ("lr", "betas", "eps", "weight_decay"):
+                inner_group[name] = group[name]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_groups()
+        # FSDP may re-point a parameter's local tensor (at its lazy init, after a
+        # load): hand the kernel the current ones, their gradients as theirs.
+        handed = []
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            local_params = []
+            for p in group["params"]:
+                local = _local(p)
+                local.grad = None if p.grad is None else _local(p.grad)
+                local_params.append(local)
+                handed.append(local)
+            inner_group["params"] = local_params
+        found_inf = getattr(self, "found_inf", None)
+        try:
+            if found_inf is not None:
+                self._inner.found_inf = found_inf
+            self._inner.step()
+        finally:
+            self._inner.__dict__.pop("found_inf", None)
+            for local in handed:
+                local.grad = None
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict in torch.optim.AdamW's format whose tensors are
+        DTensors laid out like the parameters (what set_state_dict hands over), or
+        local shards."""
+        local_state = {pid: {name: _local(value) if isinstance(value, torch.Tensor) else value
+                             for name, value in st.items()}
+                       for pid, st in state_dict["state"].items()}
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            inner_group["params"] = [_local(p) for p in group["params"]]
+        self._inner.load_state_dict({"state": local_state, "param_groups": state_dict["param_groups"]})
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            for name, value in inner_group.items():
+                if name != "params":
+                    group[name] = value

@@ -40,6 +40,7 @@ def with_trailer(payload: bytes) -> bytes:
                                  hashlib.sha256(payload).digest())
 
 
+@pytest.mark.smoke
 def test_save_then_load_round_trips(tmp_path):
     path = ckpt_lib.save_checkpoint(tmp_path, 7, state(7.0))
     assert path.name == "ckpt_000007.pt"

@@ -162,3 +162,25 @@ def test_the_loader_refuses_what_an_interrupted_prepare_leaves(corpus, tmp_path)
     D.prepare([corpus], stray, tokenizer="bytes", progress=False, workers=1)
     assert not killed.exists()
     assert D.build_loader(stray, 2, 8, tokenizer="bytes").num_tokens > 100_000
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_redraws_on_a_terminal_and_writes_lines_into_a_log(tty):
+    """A carriage return in a log file runs the reports together: there each report
+    is a line of its own."""
+    import io
+
+    from engine.data.prepare import _Progress
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    stream = Stream()
+    bar = _Progress(2_000_000, "bytes", True, {}, stream=stream)
+    bar.update(1_000_000, 3, 500)
+    bar.update(1_000_000, 2, 500, force=True)
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("prepare: ") == 3 and text.endswith("\n") and "1,000 tokens" in text
+    assert ("\r" in text) == tty and (text.count("\n") == 1) == tty

@@ -183,11 +183,17 @@ def test_shards_agree_with_one_process(bytes_setup, tmp_path, monkeypatch):
         return [parts[r] for r in sorted(parts)]
 
     monkeypatch.setattr(dist_lib, "all_gather_objects", gather)
+    forwards = []
     for rank in (0, 1, 2):
+        count = []
+        hook = model.register_forward_pre_hook(lambda *args: count.append(1))
         last = evaluate_hellaswag(model, items, tok, "cpu", dist_info=DistInfo(True, rank, rank, 3),
                                   batch_items=2, return_predictions=True)
+        hook.remove()
+        forwards.append(len(count))
     assert [len(parts[r]) for r in (0, 1, 2)] == [3, 2, 2]
     assert last == whole
+    assert forwards == [2, 2, 2]  # the same forwards on every rank (an FSDP model all-gathers in each)
 
 
 def free_port() -> int:

@@ -32,6 +32,7 @@ def hf_dir(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.smoke
 def test_load_hf_checkpoint_logits_match(hf_dir):
     path, hf = hf_dir
     ours = GPT.from_pretrained(path, backend="torch").eval()
@@ -42,6 +43,7 @@ def test_load_hf_checkpoint_logits_match(hf_dir):
     assert rel_err(got, expected) <= 1e-5
 
 
+@pytest.mark.smoke
 def test_save_pretrained_loads_in_transformers(tmp_path):
     torch.manual_seed(1)
     ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32,

@@ -232,6 +232,19 @@ def test_check_targets_off_still_correct_for_valid_targets():
     assert_close(loss.detach(), ref_loss, 1e-5, "loss")
 
 
+@pytest.mark.parametrize("bad", [64, 1000, -5])
+def test_check_targets_off_lets_an_out_of_range_target_through(bad):
+    """check_targets=False really skips the check (and its host sync): the call that
+    the check refuses returns, and the kernel's clamped read keeps the loss finite."""
+    x, w, t = _inputs(9, 16, 64, 64, torch.float32, seed=8)
+    t = t.clone()
+    t[3] = bad
+    with pytest.raises(IndexError, match=f"targets contains {bad}, outside"):
+        _lce(x.detach(), w.detach(), t)
+    loss = _lce(x.detach(), w.detach(), t, check_targets=False)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.gpu
 def test_gpu_gpt2_size_memory_and_values():
     """N=16384 rows of GPT-2's padded vocab in bf16: >= 4x less peak memory than

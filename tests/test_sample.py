@@ -13,7 +13,8 @@ from engine import GPT, GPTConfig
 from engine import checkpoint as ckpt_lib
 from engine.errors import UserInputError
 from engine.generate import generate
-from engine.load import load_model, source_tokenizer_name
+from engine.load import load_model
+from engine.sources import source_tokenizer_name
 from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
 from tests.helpers import REPO_ROOT, child_env, rel_err
 

@@ -1,4 +1,4 @@
-"""What one training step launches and moves (issue 17), counted on any machine.
+"""What one training step launches and moves, counted on any machine.
 
 One bf16 micro-step of the real model structure (GPT-2's width 768, 12 heads, the
 50257-token vocabulary; 2 and 3 layers; B=1, T=37) is recorded by bench.anatomy
@@ -7,7 +7,7 @@ only, so the recording takes a fraction of a second) and checked against the
 budgets below. T=37 is prime and divides no model dimension, so nothing the size
 of a parameter is taken for an activation.
 
-The budgets are what the kernel work of issue 17 reached (before it: 61 launches
+The budgets are what the lean-step kernel work reached (before it: 61 launches
 per layer, 72 activation-sized copies per 12-layer micro-step, one launch per
 parameter to zero the gradients, a host sync per step), so a regression fails them.
 """

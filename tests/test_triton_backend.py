@@ -41,6 +41,7 @@ def test_backend_is_triton():
     assert fast.backend == "triton"
 
 
+@pytest.mark.smoke
 def test_loss_and_every_gradient_match_torch_backend():
     ref, fast = pair()
     idx, tgt = batch()

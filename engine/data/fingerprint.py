@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from engine.data.shards import SPLIT_TAG
+from engine.data.shards import SHARD_SUFFIXES, SPLIT_TAG, list_shards
 from engine.data.text import find_text_files
 
 WHOLE_FILE_BYTES = 64 * 2**20
@@ -32,11 +32,10 @@ def data_files(path) -> list[tuple[str, Path]]:
     bytes are what it is)."""
     path = Path(path)
     if path.is_dir():
-        shards = sorted(p for p in path.iterdir() if p.suffix == ".bin" and p.is_file()
-                        and SPLIT_TAG.search(p.name))
+        shards = [p for p in list_shards(path) if SPLIT_TAG.search(p.name)]
         files = shards or find_text_files([path])
         return [(p.relative_to(path).as_posix(), p) for p in files]
-    tag = SPLIT_TAG.search(path.name) if path.suffix == ".bin" else None
+    tag = SPLIT_TAG.search(path.name) if path.suffix in SHARD_SUFFIXES else None
     if tag:
         a, b = tag.span(1)
         pair = [path.with_name(path.name[:a] + split + path.name[b:]) for split in ("train", "val")]

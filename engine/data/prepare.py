@@ -185,8 +185,10 @@ def _duration(s: float) -> str:
 
 
 class _Progress:
-    """One line on stderr, redrawn <= 5x/s: input done (of its total, when known),
-    documents, tokens, tokens/s and the time left."""
+    """Progress on stderr: input done (of its total, when known), documents,
+    tokens, tokens/s and the time left. On a terminal one line redrawn <= 5x/s;
+    into a file or pipe (a log) a plain line every 10 s, since a carriage return
+    there would run the reports together."""
 
     def __init__(self, total: int, unit: str, enabled: bool, done: dict, stream=None, clock=time.perf_counter):
         self.total, self.unit, self.enabled = total, unit, enabled
@@ -195,14 +197,17 @@ class _Progress:
         self.units, self.documents, self.tokens = done.get("units", 0), done.get("documents", 0), done.get("tokens", 0)
         self.start_units, self.start_tokens = self.units, self.tokens
         self.drawn = False
-        self.t0 = self.last = clock()
+        self.redraw = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.2 if self.redraw else 10.0
+        self.t0 = clock()
+        self.last = self.t0 - self.interval  # the first update reports at once
 
     def update(self, units: int, documents: int, tokens: int, force: bool = False):
         self.units += units
         self.documents += documents
         self.tokens += tokens
         now = self.clock()
-        if not (self.enabled and (force or now - self.last >= 0.2)):
+        if not (self.enabled and (force or now - self.last >= self.interval)):
             return
         self.last, self.drawn = now, True
         elapsed = max(now - self.t0, 1e-9)
@@ -214,19 +219,20 @@ class _Progress:
         speed = (self.units - self.start_units) / elapsed
         if self.total and speed > 0 and self.units < self.total:
             line += f", ETA {_duration((self.total - self.units) / speed)}"
-        self.stream.write("\r" + line + "\033[K")
+        self.stream.write("\r" + line + "\033[K" if self.redraw else line + "\n")
         self.stream.flush()
 
     def close(self):
         if self.enabled:
             self.update(0, 0, 0, force=True)
-            self.stream.write("\n")
+            if self.redraw:
+                self.stream.write("\n")
             self.stream.flush()
             self.enabled = False
 
     def abort(self):
         # End a half-drawn line so an error message starts on its own line.
-        if self.enabled and self.drawn:
+        if self.enabled and self.drawn and self.redraw:
             self.stream.write("\n")
             self.stream.flush()
         self.enabled = False
@@ -373,7 +379,7 @@ def _tokenize(sources, work: WorkFolder, tok, cfg: PrepareSettings, done: dict, 
 # ----------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.data", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="tokenize documents into uint16 .bin shards (resumable)")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
