@@ -188,8 +188,9 @@ def _cases(full):
 
     # Attention: D=64 (GPT-2) and D=128, causal and not; q, k, v as the model
     # makes them, strided views of the qkv projection's output. Each kernel
-    # path: the default (TMA forward, atomic backward), deterministic=True
-    # (its two-kernel backward) and tma=False (the pointer kernels).
+    # path: the default (TMA forward, atomic backward; float32's is the
+    # pointer kernels), deterministic=True (the two-kernel backward) and
+    # tma=False (the pointer kernels).
     heads = [(12, 64), (6, 128)] + ([(24, 32), (48, 16)] if full else [])
     paths = {"": {}, " deterministic": {"deterministic": True}, " tma=False": {"tma": False}}
     for dtype in dtypes:

@@ -7,16 +7,18 @@ through an online softmax (running max `m_i` and sum `l_i`, base-2 exponentials
 with `sm_scale * log2(e)` folded into the scores) and writes the output once,
 plus the per-row log-sum-exp (base 2) for the backward pass. Two kernels do it:
 
-- `_attn_fwd_tma` (the default on Hopper and newer): Q, K, V and O move by TMA
-  through tensor descriptors built per (batch, head), so a tile arrives as one
-  bulk copy and rows past the end read as zeros; and the loop is software
-  pipelined by one block, FlashAttention-3's intra-warpgroup overlap: the
-  iteration of key block j issues (and waits for) its scores Q K_j^T, then
-  issues block j-1's P V, whose tensor-core work runs while block j's softmax
-  does.
+- `_attn_fwd_tma` (the default for 16-bit inputs on Hopper and newer): Q, K, V
+  and O move by TMA through tensor descriptors built per (batch, head), so a
+  tile arrives as one bulk copy and rows past the end read as zeros; and the
+  loop is software pipelined by one block, FlashAttention-3's intra-warpgroup
+  overlap: the iteration of key block j issues (and waits for) its scores
+  Q K_j^T, then issues block j-1's P V, whose tensor-core work runs while
+  block j's softmax does.
 - `_attn_fwd` (pointer loads by `cp.async`, the two matmuls in turn): where
   TMA cannot serve the inputs (strides or data not 16-byte aligned), on GPUs
-  before Hopper, and on request (`tma=False`).
+  before Hopper, for float32 on a GPU (its IEEE dots run on CUDA cores, not
+  wgmma, so the pipelined loop gains nothing there, and the TMA kernels spill
+  registers in float32), and on request (`tma=False`).
 
 Backward, with P recomputed from the saved log-sum-exp:
 
@@ -810,7 +812,11 @@ _BWD_ATOMIC_TILES = (
     _Tile(64, 64, 3, 4, max_head_dim=64, dropout_max_head_dim=0),
     _Tile(32, 128, 3, 8, dropout_max_head_dim=64), _Tile(32, 64, 3, 4, max_head_dim=64),
     _Tile(16, 64, 3, 8))
-# float32 (IEEE dots on CUDA cores, no wgmma): the pointer kernels' tiles.
+# float32 (IEEE dots on CUDA cores, no wgmma) reaches the TMA kernels on a GPU
+# only by tma=True: the pointer kernels' tiles, which spill there (compiled for
+# sm_90 on Triton 3.6 and 3.9: up to 2.4 KB per thread inside the forward's
+# loop at D=64, up to 6 KB inside the atomic backward's at D=64 and 33 KB at
+# D=128), hence the pointer kernels as float32's default on a GPU.
 _FWD_TMA_TILES_FP32 = _FWD_TILES_FP32
 _BWD_ATOMIC_TILES_FP32 = _DKDV_TILES_FP32
 _TILES = {  # kernel -> (16-bit tiles, float32 tiles)
@@ -962,13 +968,17 @@ def _tma_unready_reason(t):
 
 def _use_tma(call, q, k, v):
     """Whether this call runs the TMA kernels: as asked, or by default where
-    TMA serves the inputs and the device has it (Hopper and newer; the
-    interpreter, which runs descriptors as masked loads)."""
+    TMA serves the inputs and they gain from it: 16-bit inputs on a GPU with
+    TMA (Hopper and newer), and every dtype under the interpreter, which runs
+    descriptors as masked loads (it is where their numerics are tested)."""
     if call.tma is not None:
         return call.tma
     if any(_tma_unready_reason(t) for t in (q, k, v)):
         return False
-    return q.device.type != "cuda" or torch.cuda.get_device_properties(q.device).major >= 9
+    if q.device.type == "cpu":
+        return True
+    # A GPU (or the compile check's stand-in for one, meta tensors).
+    return q.dtype != torch.float32 and torch.cuda.get_device_properties(q.device).major >= 9
 
 
 def _head_strides(t):
@@ -1225,14 +1235,15 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=Non
             backward without atomics (7 matmuls per block pair), the same bits
             every run.
         tma: None (default): the kernels that load through TMA descriptors
-            (Hopper and newer) where the device has TMA and q, k, v allow it
-            (data and every stride but the last 16-byte aligned, as
-            contiguous, transposed and packed layouts of these head dims
-            are); else the kernels of pointer loads. True: always the TMA
-            kernels (a ValueError where q, k or v does not allow them; on a
-            GPU without TMA, Triton lowers them to ordinary loads). False:
-            always the pointer kernels, whose backward is the deterministic
-            one.
+            where the device has TMA (Hopper and newer), the inputs are 16-bit
+            and q, k, v allow it (data and every stride but the last 16-byte
+            aligned, as contiguous, transposed and packed layouts of these
+            head dims are); else the kernels of pointer loads (float32 on a
+            GPU among them: its IEEE dots do not use the tensor cores the TMA
+            kernels are built around). True: always the TMA kernels (a
+            ValueError where q, k or v does not allow them; on a GPU without
+            TMA, Triton lowers them to ordinary loads). False: always the
+            pointer kernels, whose backward is the deterministic one.
 
     Returns:
         (B, H, Tq, D) in q's dtype, laid out (B, Tq, H, D) in memory. The

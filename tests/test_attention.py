@@ -11,6 +11,7 @@ loads), and the pointer kernels with the deterministic backward (tma=False);
 the TMA forward with the deterministic backward has tests of its own.
 """
 import math
+import types
 
 import pytest
 import torch
@@ -682,6 +683,22 @@ def test_arguments_choose_the_kernels(launched, choice, kernels):
     assert launched == kernels
 
 
+@pytest.mark.parametrize("dtype,major,tma", [
+    (torch.bfloat16, 9, True), (torch.float16, 10, True), (torch.float32, 9, False),
+    (torch.bfloat16, 8, False),
+])
+def test_default_kernels_on_a_gpu_follow_dtype_and_capability(monkeypatch, dtype, major, tma):
+    """The default on a GPU, asked of a stand-in one (meta tensors, the
+    compute capability the launcher reads): the TMA kernels for 16-bit inputs
+    on Hopper and newer; float32 (IEEE dots on CUDA cores, where the TMA
+    kernels only spill) and older GPUs take the pointer kernels."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *args, **kwargs: types.SimpleNamespace(major=major))
+    q = torch.empty(2, 4, 64, 64, dtype=dtype, device="meta")
+    assert attn_mod._use_tma(attn_mod._Call(True, 0.125), q, q, q) is tma
+    assert attn_mod._use_tma(attn_mod._Call(True, 0.125, tma=True), q, q, q) is True
+
+
 @pytest.mark.parametrize("Tq,Tk,causal,p", [(37, 37, True, 0.0), (9, 70, True, 0.2),
                                             (50, 50, False, 0.3)])
 def test_tma_forward_with_the_deterministic_backward(Tq, Tk, causal, p):
@@ -843,12 +860,13 @@ def test_gpu_atomic_backward_varies_only_in_dq_rounding():
 
 
 @pytest.mark.gpu
-def test_gpu_default_kernels_follow_the_device(launched):
-    """Hopper and newer: the TMA forward and the atomic backward; older GPUs:
-    the pointer kernels."""
-    q, k, v = make_inputs(2, 4, 256, 256, 64, torch.bfloat16, seed=3)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_default_kernels_follow_the_device(launched, dtype):
+    """Hopper and newer, 16-bit: the TMA forward and the atomic backward;
+    float32 and older GPUs: the pointer kernels."""
+    q, k, v = make_inputs(2, 4, 256, 256, 64, dtype, seed=3)
     flash_attention(q, k, v).sum().backward()
-    if torch.cuda.get_device_capability(DEVICE)[0] >= 9:
+    if dtype != torch.float32 and torch.cuda.get_device_capability(DEVICE)[0] >= 9:
         assert launched == ["_attn_fwd_tma", "_attn_bwd_atomic"]
     else:
         assert launched == ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
@@ -869,6 +887,9 @@ def test_gpu_every_autotune_config(D, dtype, path):
     elsize = torch.empty((), dtype=dtype).element_size()
     fp32 = dtype == torch.float32  # float32 has its own (smaller) tiles
     kinds = ("fwd_tma", "bwd_atomic") if path == "tma-atomic" else ("fwd", "dkdv", "dq")
+    # The TMA kernels asked for by name: float32 and GPUs before Hopper default
+    # to the pointer ones.
+    choice = {"tma": True} if path == "tma-atomic" else PATHS[path]
     lists = {kind: _fitting(attn_mod._TILES[kind][1 if fp32 else 0], kind, D, elsize)
              for kind in kinds}
     # Pair the lists cyclically so each config runs at least once.
@@ -880,7 +901,7 @@ def test_gpu_every_autotune_config(D, dtype, path):
         exact = run_ref(reference_fp64, q, k, v, do, causal, None, torch.float64)
         for i in range(n):
             fixed = attn_mod._Tiles(**{kind: tiles[i % len(tiles)] for kind, tiles in lists.items()})
-            ours = run_ours(q, k, v, do, causal, tiles=fixed, path=path)
+            ours = run_ours(q, k, v, do, causal, tiles=fixed, path=choice)
             for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
                 if fp32:
                     assert_close(a, e, TOL[torch.float32], f"{name} tiles={fixed} Tq={Tq} Tk={Tk}")
