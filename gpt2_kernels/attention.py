@@ -111,6 +111,16 @@ def _load_rows(ptrs, rows_ok, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _operand(x, PRECISION: tl.constexpr):
+    """A loaded Q, K, V or dO tile as the kernels' dot operand: in fp32 where
+    the dots are IEEE fp32 (a no-op for fp32 inputs; bf16 under the
+    interpreter, whose bf16 dots multiply raw bits, is given IEEE dots)."""
+    if PRECISION == "ieee":
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _key_split(start_m, Tq, Tk, CAUSAL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query block at start_m: keys [0, full) form whole blocks that
@@ -235,8 +245,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_blk, v_blk, k_offs, v_offs, k_step, v_st
     MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_blk + k_offs, k_pos < Tk, MASKED)
-        v = _load_rows(v_blk + v_offs, k_pos < Tk, MASKED)
+        k = _operand(_load_rows(k_blk + k_offs, k_pos < Tk, MASKED), PRECISION)
+        v = _operand(_load_rows(v_blk + v_offs, k_pos < Tk, MASKED), PRECISION)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_pos, k_pos, Tk, STAGE)
         acc = acc * alpha[:, None]
@@ -275,8 +285,8 @@ def _attn_fwd(Q, K, V, O, LSE,
     v_step = tl.cast(stride_vn, tl.int64) * BLOCK_N
 
     row_ok = (start_m + offs_m) < Tq
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
+    q = _operand(tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                         mask=row_ok[:, None], other=0.0), PRECISION)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -348,9 +358,9 @@ def _attn_fwd_tma_inner(acc, l_i, m_i, p, alpha, q, k_desc, v_desc, lo, hi, qk_s
     # bits: a dot operand that is a loop-carried tensor would be staged
     # through shared memory, and such a dot is waited for at once.
     for start_n in range(lo, hi, BLOCK_N):
-        k = k_desc.load([start_n, 0])
+        k = _operand(k_desc.load([start_n, 0]), PRECISION)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        v = v_desc.load([start_n - BLOCK_N, 0])
+        v = _operand(v_desc.load([start_n - BLOCK_N, 0]), PRECISION)
         acc = tl.dot(p.to(v.dtype, bitcast=True), v, acc * alpha[:, None],
                      input_precision=PRECISION)
         p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, q_pos, start_n + offs_n, Tk, seed, bh,
@@ -379,7 +389,7 @@ def _attn_fwd_tma(Q, K, V, O, LSE,
     q_idx = start_m + offs_m
     seed = tl.load(SEED) if DROPOUT else 0
     MASKED_STAGE: tl.constexpr = _STAGE_ON_BAND if CAUSAL else _STAGE_NON_CAUSAL
-    q = q_desc.load([start_m, 0])
+    q = _operand(q_desc.load([start_m, 0]), PRECISION)
     full, end = _key_split(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
 
     # Key block 0, peeled: its softmax (masked: it may be the band or the
@@ -387,7 +397,7 @@ def _attn_fwd_tma(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    k = k_desc.load([0, 0])
+    k = _operand(k_desc.load([0, 0]), PRECISION)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p, alpha, m_i, l_i = _softmax_block(s, m_i, l_i, q_pos, offs_n, Tk, seed, off_hz, q_idx,
                                         dropout_p, MASKED_STAGE, DROPOUT, k.dtype)
@@ -399,7 +409,7 @@ def _attn_fwd_tma(Q, K, V, O, LSE,
         q_pos, offs_n, Tk, seed, off_hz, q_idx, dropout_p, MASKED_STAGE, BLOCK_N, PRECISION,
         DROPOUT)
     # The last block's P V.
-    v = v_desc.load([(tl.cdiv(end, BLOCK_N) - 1) * BLOCK_N, 0])
+    v = _operand(v_desc.load([(tl.cdiv(end, BLOCK_N) - 1) * BLOCK_N, 0]), PRECISION)
     acc = tl.dot(p.to(v.dtype, bitcast=True), v, acc * alpha[:, None], input_precision=PRECISION)
 
     acc, lse = _finish_rows(acc, l_i, m_i, dropout_p, DROPOUT)
@@ -474,8 +484,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_blk, do_blk, q_offs, do_offs, q_step, d
     # last query block.
     for start_m in range(lo, hi, BLOCK_M):
         row_ok = (start_m + offs_m) < Tq
-        q = _load_rows(q_blk + q_offs, row_ok, True)
-        do = _load_rows(do_blk + do_offs, row_ok, True)
+        q = _operand(_load_rows(q_blk + q_offs, row_ok, True), PRECISION)
+        do = _operand(_load_rows(do_blk + do_offs, row_ok, True), PRECISION)
         # +inf for padding rows makes their P exactly zero without a mask.
         lse = tl.load(lse_ptrs + start_m + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptrs + start_m + offs_m, mask=row_ok, other=0.0)
@@ -506,10 +516,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, HEAD_DIM)
     k_pos = start_n + offs_n
     col_ok = k_pos < Tk
-    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh + start_n.to(tl.int64) * stride_kn
-                   + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, col_ok, True)
-    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh + start_n.to(tl.int64) * stride_vn
-                   + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, col_ok, True)
+    k = _operand(_load_rows(K + off_b * stride_kb + off_h * stride_kh
+                            + start_n.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn
+                            + offs_d[None, :] * stride_kd, col_ok, True), PRECISION)
+    v = _operand(_load_rows(V + off_b * stride_vb + off_h * stride_vh
+                            + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn
+                            + offs_d[None, :] * stride_vd, col_ok, True), PRECISION)
 
     m_lo, m_full, shift = _query_split(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     m_lo64 = tl.cast(m_lo, tl.int64)
@@ -555,8 +567,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_blk, v_blk, k_offs, v_offs, k_st
     MASKED: tl.constexpr = STAGE != _STAGE_OFF_BAND
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_rows(k_blk + k_offs, k_pos < Tk, MASKED)
-        v = _load_rows(v_blk + v_offs, k_pos < Tk, MASKED)
+        k = _operand(_load_rows(k_blk + k_offs, k_pos < Tk, MASKED), PRECISION)
+        v = _operand(_load_rows(v_blk + v_offs, k_pos < Tk, MASKED), PRECISION)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -589,10 +601,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = (start_m + offs_m) < Tq
     start_m64 = start_m.to(tl.int64)
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
-                   + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, row_ok, True)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + start_m64 * stride_dom
-                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, row_ok, True)
+    q = _operand(_load_rows(Q + off_b * stride_qb + off_h * stride_qh + start_m64 * stride_qm
+                            + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, row_ok,
+                            True), PRECISION)
+    do = _operand(_load_rows(DO + off_b * stride_dob + off_h * stride_doh + start_m64 * stride_dom
+                             + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, row_ok,
+                             True), PRECISION)
     row_base = off_hz.to(tl.int64) * LSE_ROW + start_m
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
@@ -629,8 +643,8 @@ def _attn_bwd_atomic_inner(dk, dv, k, v, q_desc, do_desc, lse_desc, delta_desc, 
                            STAGE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                            PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
-        q = q_desc.load([start_m, 0])
-        do = do_desc.load([start_m, 0])
+        q = _operand(q_desc.load([start_m, 0]), PRECISION)
+        do = _operand(do_desc.load([start_m, 0]), PRECISION)
         lse = lse_desc.load([0, start_m]).reshape([BLOCK_M])
         delta = delta_desc.load([0, start_m]).reshape([BLOCK_M])
         dk, dv, ds_t = _attn_bwd_pair(dk, dv, k, v, q, do, lse, delta, qk_scale, k_pos, start_m,
@@ -674,8 +688,8 @@ def _attn_bwd_atomic(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     dq_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
 
     k_pos = start_n + offs_n
-    k = k_desc.load([start_n, 0])
-    v = v_desc.load([start_n, 0])
+    k = _operand(k_desc.load([start_n, 0]), PRECISION)
+    v = _operand(v_desc.load([start_n, 0]), PRECISION)
     m_lo, m_full, shift = _query_split(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     seed = tl.load(SEED) if DROPOUT else 0
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -927,8 +941,13 @@ class _Call:
 
 def _precision(dtype):
     # fp32 stays exact fp32 (IEEE dots, also on the GPU) so it can serve as a
-    # reference; fp16/bf16 run on tensor cores at full speed either way.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # reference; fp16/bf16 run on tensor cores at full speed either way. The
+    # interpreter's bf16 arithmetic is wrong (its dots multiply the raw 16-bit
+    # patterns): there bf16 tiles are converted to fp32 as they are loaded
+    # (`_operand`) and every dot is IEEE fp32.
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()):
+        return "ieee"
+    return "tf32"
 
 
 def _bucket(n):
@@ -1137,24 +1156,12 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
 
 def _attention(q, k, v, call, seed=None):
     """The autograd entry without input checks (tests reach fixed tiles here)."""
-    if _bf16_interpreted(q):
-        return _FlashAttention.apply(q.float(), k.float(), v.float(), seed, call).to(q.dtype)
     return _FlashAttention.apply(q, k, v, seed, call)
 
 
 def _attention_qkvpacked(qkv, call, seed=None):
     """The packed autograd entry without input checks."""
-    if _bf16_interpreted(qkv):
-        return _FlashAttentionQKVPacked.apply(qkv.float(), seed, call).to(qkv.dtype)
     return _FlashAttentionQKVPacked.apply(qkv, seed, call)
-
-
-def _bf16_interpreted(t):
-    """Whether t is bf16 and the kernels run in Triton's interpreter, whose bf16
-    arithmetic is wrong (its dots multiply the raw 16-bit patterns): such calls
-    compute in fp32 (exact conversions both ways) and round the results to bf16
-    once, outputs and gradients alike."""
-    return t.dtype == torch.bfloat16 and interpreting()
 
 
 # ----------------------------------------------------------------------------
@@ -1254,8 +1261,9 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=Non
         top-left instead). Softmax statistics and all accumulation are fp32.
         float32 inputs use IEEE fp32 dots (no TF32), also on the GPU: exact but
         slower; the fast path is float16/bfloat16. bfloat16 under Triton's
-        CPU interpreter (whose bf16 arithmetic is wrong) is computed in fp32
-        and rounded once. The backward is once-differentiable: a gradient
+        CPU interpreter (whose bf16 arithmetic is wrong) is converted to fp32
+        inside the kernels as it is loaded, multiplied in fp32 and stored in
+        bf16. The backward is once-differentiable: a gradient
         through it taken with create_graph=True (double backward) raises, also
         when the loss is linear in the output (SDPA allows it).
 

@@ -750,29 +750,34 @@ def test_bad_kernel_choice(kwargs, exc, match):
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the interpreter's bf16 handling")
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "qkvpacked"])
-def test_bf16_under_the_interpreter_is_computed_in_fp32(packed):
-    """The interpreter multiplies bf16 as raw bits (errors ~1e8): bf16 calls
-    there compute in fp32 and round once, so they are as accurate as PyTorch's
-    own bf16, forward and backward, with the documented layouts."""
+def test_bf16_under_the_interpreter_is_computed_in_fp32(packed, path):
+    """The interpreter multiplies bf16 as raw bits (errors ~1e8): there the
+    kernels convert bf16 tiles to fp32 as they load them and multiply in fp32,
+    so outputs and gradients are within one bf16 step (2^-7 relative) of
+    float64, with the documented layouts. One step, not half: the interpreter
+    truncates fp32 to bf16 where it stores, where a GPU rounds (its bf16 tests
+    hold the kernels to twice PyTorch's own error)."""
     B, T, H, D = 2, 37, 3, 32
     qkv = make_qkv(B, T, H, D, torch.bfloat16, seed=44).requires_grad_()
     do = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(45)).to(DEVICE, torch.bfloat16)
     if packed:
-        o = flash_attention_qkvpacked(qkv)
-        (dqkv,) = torch.autograd.grad(o, qkv, do)
+        with poisoned_allocations():
+            o = flash_attention_qkvpacked(qkv, **PATHS[path])
+            (dqkv,) = torch.autograd.grad(o, qkv, do)
         assert dqkv.dtype == torch.bfloat16 and dqkv.is_contiguous()
         ours = (o, *(t.transpose(1, 2) for t in dqkv.unbind(2)))
     else:
         q, k, v = (t.detach().requires_grad_() for t in unpack(qkv))
-        o = flash_attention(q, k, v)
-        ours = (o, *torch.autograd.grad(o, (q, k, v), do))
+        with poisoned_allocations():
+            o = flash_attention(q, k, v, **PATHS[path])
+            ours = (o, *torch.autograd.grad(o, (q, k, v), do))
     assert o.dtype == torch.bfloat16 and o.transpose(1, 2).is_contiguous()
-    theirs = run_ref(sdpa, *unpack(qkv), do, True)
     exact = run_ref(reference_fp64, *unpack(qkv), do, True, None, torch.float64)
-    for name, a, t, e in zip(("out", "dq", "dk", "dv"), ours, theirs, exact):
+    for name, a, e in zip(("out", "dq", "dk", "dv"), ours, exact):
         assert a.dtype == torch.bfloat16
-        assert_bf16_comparable(a, t, e, name)
+        assert_close(a, e, 2 ** -7, name)
 
 
 # ----------------------------------------------------------------------------
