@@ -57,6 +57,17 @@ def optimizer_step_if_finite(optimizer, finite: torch.Tensor) -> None:
         optimizer.step()
 
 
+def _forward_backward(model):
+    """The model's own micro-step (GPT.forward_backward), where the step may use
+    it: a bare model in a single process. A wrapped one (DDP, torch.compile)
+    runs forward and backward through its wrapper."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    if not callable(getattr(type(model), "forward_backward", None)):
+        return None
+    return model.forward_backward
+
+
 def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_clip: float,
                autocast, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the micro-batches xs[i], ys[i] (xs, ys: (accum, B, T)
@@ -74,8 +85,12 @@ def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_cli
     optimizer.zero_grad(set_to_none=False)
     loss = torch.zeros((), dtype=torch.float32, device=xs.device)
     no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce before the last backward
+    forward_backward = _forward_backward(model)
     for i in range(accum):
         last = i == accum - 1
+        if forward_backward is not None:
+            loss += forward_backward(xs[i], ys[i], grad_scale=1.0 / accum, autocast=autocast).float() / accum
+            continue
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
             with record_function("forward"), autocast():
                 _, micro_loss = model(xs[i], ys[i], return_logits=False)

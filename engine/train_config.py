@@ -15,13 +15,14 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from engine.config import BACKENDS, PRESETS
+from engine.config import BACKENDS, PRESETS, Fusions
 from engine.errors import UserInputError
 
 CHOICES = {
     "backend": BACKENDS,
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "fp32", "bf16", "bf16-params"),
+    "residual_dtype": ("auto", "fp32", "bf16"),
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
     "tokenizer": ("auto", "gpt2", "bytes"),
@@ -72,6 +73,9 @@ class TrainConfig:
                       resume_safe=True)
     init_from: str = _f("", "start from a Hugging Face GPT-2 checkpoint folder (empty: random init)")
     compile: bool = _f(False, "torch.compile the model (for comparison)", resume_safe=True)
+    fusions: str = _f("all", "what the triton backend fuses: all, none, or a comma-separated list of "
+                      "epilogues, cross_entropy, grad_accumulation, bf16_weights (README: Precision and "
+                      "fusions)", resume_safe=True)
     # --- data
     data: str = _f("", "text file, folder, or token shards (empty: the default corpus)")
     tokenizer: str = _f("auto", "tokenizer: auto | gpt2 | bytes", "gpt2 when its files load, else bytes")
@@ -92,6 +96,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | mps", "cuda > mps > cpu", resume_safe=True)
     dtype: str = _f("auto", "fp32 | bf16 (autocast, fp32 weights) | bf16-params (bf16 weights, fp32 "
                     "optimizer state with the triton optimizer)", "bf16 on CUDA, fp32 elsewhere")
+    residual_dtype: str = _f("auto", "fp32 | bf16: the dtype the residual stream is stored in between "
+                             "blocks (adds and LayerNorm statistics are fp32 either way)",
+                             "bf16 with --dtype bf16 on CUDA, else fp32")
     optimizer: str = _f("auto", "auto | triton | torch",
                         "triton FusedAdamW on CUDA+triton, torch fused AdamW on CUDA, torch AdamW elsewhere",
                         resume_safe=True)
@@ -129,13 +136,17 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("model", "init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
+        for name in ("model", "init_from", "data", "run_dir", "resume", "hellaswag", "fusions", *CHOICES):
             if not isinstance(getattr(self, name), str):
                 raise UserInputError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{flag(name)} must be one of {', '.join(allowed)}, "
                                      f"got {getattr(self, name)!r}")
+        try:
+            Fusions.parse(self.fusions)
+        except ValueError as e:
+            raise UserInputError(f"{flag('fusions')}: {e}") from None
         if self.model != "auto" and self.model not in PRESETS:
             raise UserInputError(f"{flag('model')} must be auto or one of {', '.join(PRESETS)}, "
                                  f"got {self.model!r}")

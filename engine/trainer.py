@@ -30,6 +30,7 @@ import torch
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
 from engine import run_evals
+from engine.config import Fusions
 from engine.cuda_graph import GraphedTrainStep, graph_decision
 from engine.errors import UserInputError
 from engine.optim import configure_optimizer, lr_at, resolve_optimizer, set_lr
@@ -37,7 +38,7 @@ from engine.run_dir import new_token
 from engine.run_errors import Interrupted, PeerLost, RunFileError, RunFinished, TrainingDiverged, signal_name
 from engine.run_log import RunLog
 from engine.run_setup import (build_model, claim_run_dir, header_lines, load_data, resolve_device,
-                              resolve_dtype, write_config_json)
+                              resolve_dtype, resolve_residual_dtype, write_config_json)
 from engine.signals import StopSignals
 from engine.step import autocast_factory, train_step
 from engine.train_config import TrainConfig, accumulation_steps
@@ -94,6 +95,8 @@ class Trainer:
         self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
         self.accum = accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device_type)
+        self.cfg = cfg = dataclasses.replace(
+            cfg, residual_dtype=resolve_residual_dtype(cfg.residual_dtype, self.dtype, self.device_type))
         self.autocast = autocast_factory(self.dtype, self.device_type)
         from engine.ops import resolve_backend
         try:
@@ -126,6 +129,7 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.max_lr, betas=cfg.betas,
                                              weight_decay=cfg.weight_decay, device=self.device,
                                              kind=self.optimizer_kind, capturable=self.use_graphs,
+                                             weight_copies=self._bf16_weight_copies(),
                                              log=optimizer_lines.append)
         model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = dist_lib.wrap_model(model, info, self.device)
@@ -142,6 +146,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(self.data.data_path),
                                              hellaswag=cfg.hellaswag and os.path.abspath(cfg.hellaswag),
                                              tokenizer=self.tokenizer.name, dtype=self.dtype,
+                                             residual_dtype=self.model_config.residual_dtype,
                                              run_dir=str(self.run_dir), resume="", overwrite=False)
         self.graphed = None
         if self.use_graphs:
@@ -160,6 +165,12 @@ class Trainer:
             write_config_json(self.run_dir, cfg, self.model_config, self.token)
         elsewhere = resume_path is not None and resume_path.parent.resolve() != self.run_dir.resolve()
         self.run_log.start(self.step, earlier_csv=resume_path.parent / "metrics.csv" if elsewhere else None)
+
+    def _bf16_weight_copies(self) -> bool:
+        """Whether the step's matmuls read optimizer-kept bf16 copies: bf16 autocast
+        on the triton backend with that fusion on, in one process (GPT.forward_backward)."""
+        return (self.dtype == "bf16" and self.backend == "triton" and not self.dist.ddp
+                and not self.cfg.compile and Fusions.parse(self.model_config.fusions).bf16_weights)
 
     @property
     def history(self) -> list[dict]:

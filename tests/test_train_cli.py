@@ -62,7 +62,7 @@ def test_help_lists_every_option_with_its_default(capsys):
            "CPU/MPS: 16, CUDA: 64)" in text
     assert "(default: 0.1)" in text and "(default: 1337)" in text
     # what --resume accepts besides the checkpoint's own configuration
-    assert "only --backend, --compile, --max-steps" in text
+    assert "only --backend, --compile, --fusions, --max-steps" in text
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -76,6 +76,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     (["--seed", str(2 ** 63)], "seed (--seed) must be < 2**63"),
     (["--max-lr"], "argument --max-lr: expected one argument"),
     (["--compile=yes"], "--compile"),
+    (["--residual-dtype", "fp16"], "--residual-dtype: expected one of auto, fp32, bf16, got 'fp16'"),
+    (["--fusions", "epilogues,gelu"], "fusions (--fusions): fusions 'epilogues,gelu': expected all, none or"),
 ])
 def test_malformed_flags_are_one_error_line(argv, needle, capsys):
     rc, _, err = run_main(argv, capsys)
