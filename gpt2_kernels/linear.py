@@ -76,7 +76,8 @@ def check_compute_weight(op: str, arg: str, compute_weight, weight: torch.Tensor
                         f"dtype ({dtype_name(x.dtype)}), the dtype the matmuls run in")
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) as (M, K), a view where the leading dims allow."""
     # Explicit M: reshape(-1, K) is ambiguous when K == 0.
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
@@ -87,7 +88,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, compute_weight, accumulate_grad):
-        x2d = _as_rows(x)
+        x2d = as_rows(x)
         w = compute_copy(weight, compute_weight, x.dtype)
         y = matmul(x2d, w.t(), x.dtype, bias=bias)
         # x only for dW; the weight's copy only for dx.
@@ -102,7 +103,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy):
         x2d, w, weight, bias = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dy2d = _as_rows(dy)
+        dy2d = as_rows(dy)
         dx = None
         if need_dx:
             dx = matmul(dy2d, w, w.dtype).view(ctx.x_shape)
@@ -151,4 +152,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
             return _Linear.apply(x, weight, bias, compute_weight, bool(accumulate_grad))
         w = compute_copy(weight, compute_weight, x.dtype)
-        return matmul(_as_rows(x), w.t(), x.dtype, bias=bias).view(*x.shape[:-1], weight.shape[0])
+        return matmul(as_rows(x), w.t(), x.dtype, bias=bias).view(*x.shape[:-1], weight.shape[0])

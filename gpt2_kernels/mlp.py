@@ -22,14 +22,12 @@ gpt2_kernels/linear.py: x sets the compute dtype, each weight may come with a
 copy in x's dtype (`fc_compute_weight`, `proj_compute_weight`), and
 `accumulate_grad` adds the parameters' gradients into their existing `.grad`.
 """
-import math
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from gpt2_kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, on_device
 from gpt2_kernels._matmul import EPILOGUE_GELU, EPILOGUE_TIMES_GELU_GRAD, matmul
-from gpt2_kernels.linear import check_compute_weight, compute_copy, weight_gradients
+from gpt2_kernels.linear import as_rows, check_compute_weight, compute_copy, weight_gradients
 
 # ----------------------------------------------------------------------------- launchers
 
@@ -49,7 +47,7 @@ class _Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, fc_compute, proj_compute,
                 accumulate_grad):
-        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        x2d = as_rows(x)
         w1 = compute_copy(fc_weight, fc_compute, x.dtype)
         w2 = compute_copy(proj_weight, proj_compute, x.dtype)
         y, h, pre = _forward(x2d, w1, fc_bias, w2, proj_bias, store_pre=True)
@@ -65,7 +63,7 @@ class _Mlp(torch.autograd.Function):
         need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
         need_db1 = need_db1 and fc_bias is not None
         need_db2 = need_db2 and proj_bias is not None
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy2d = as_rows(dy)
         accumulate = ctx.accumulate_grad
         dw2, db2 = weight_gradients(dy2d, h, proj_weight, proj_bias, need_dw=need_dw2,
                                     need_db=need_db2, accumulate=accumulate)
@@ -128,7 +126,7 @@ def mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
     with on_device(x):  # backward runs on autograd's thread for x's device
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
             return _Mlp.apply(x, *params, fc_compute_weight, proj_compute_weight, bool(accumulate_grad))
-        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+        x2d = as_rows(x)
         y, _, _ = _forward(x2d, compute_copy(fc_weight, fc_compute_weight, x.dtype), fc_bias,
                            compute_copy(proj_weight, proj_compute_weight, x.dtype), proj_bias,
                            store_pre=False)

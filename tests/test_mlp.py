@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux only)")
 from gpt2_kernels import mlp  # noqa: E402
 from tests.helpers import (DEVICE, RTOL, assert_bf16_comparable, assert_close,  # noqa: E402
-                           poisoned_allocations)
+                           check_outputs, poisoned_allocations)
 
 INTERP_DTYPES = [torch.float32, torch.float16]
 NAMES = ("y", "dx", "dW1", "db1", "dW2", "db2")
@@ -46,15 +46,7 @@ def _run(fn, inputs, dy, **kwargs):
 def _check(ours, inputs, dy, rtol):
     same = _run(_torch_mlp, inputs, dy)
     f64 = _run(_torch_mlp, [None if t is None else t.double() for t in inputs], dy.double())
-    x = inputs[0]
-    for name, o, s, r, src in zip(NAMES, ours, same, f64, (x, *inputs)):
-        if r is None:
-            assert o is None, f"{name} should be None"
-            continue
-        assert o.dtype == src.dtype, f"{name} has dtype {o.dtype}, expected {src.dtype}"
-        assert_close(o, r, rtol, name=f"{name} vs float64")
-        if src.dtype == x.dtype:
-            assert_close(o, s, rtol, name=f"{name} vs PyTorch")
+    check_outputs(NAMES, ours, same, f64, (inputs[0], *inputs), rtol)
 
 
 @pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
