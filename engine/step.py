@@ -8,6 +8,12 @@ benchmark all call `train_step`:
     clip the global gradient norm
     AdamW step, unless the loss or the norm is not finite
 
+A bare model in one process runs each micro-batch as its own micro-step
+(GPT.forward_backward, the loss's gradient 1 / accum known before the forward), so
+that its kernels can add the gradients into .grad and read the optimizer's bf16
+weight copies; a model wrapped in DDP or torch.compile goes through its wrapper and
+autograd. Both give the same gradients.
+
 A step whose loss or gradient norm is NaN or infinite never reaches the weights:
 the optimizer skips it on the device (a `found_inf` flag, as torch's GradScaler
 hands it to the fused AdamW kernels), so the CUDA graph needs no host sync for

@@ -12,15 +12,19 @@ Math, for rows x_i (N of them, C features), weight W (V x C, of which the first
 When no row counts (all targets ignored, or N == 0) the loss is 0 and every
 gradient is zero (PyTorch's F.cross_entropy returns nan there).
 
-Rows are processed in chunks. For each chunk the logits come from one cuBLAS
-matmul; one Triton kernel then computes, per row, the logsumexp over the real
-classes and the row's loss, and overwrites the chunk's logits buffer (our own
-temporary) with d(loss)/d(logits). Two more matmuls turn that into this chunk's
-share of dx and of dW; dW is accumulated inside the GEMM (beta = 1) into one
-fp32 buffer, never rounded to 16 bits before the end. The gradient is thus
+Rows are processed in chunks. For each chunk the logits come from one Triton
+matmul whose epilogue also stores, per row and column tile, the max and the sum
+of exp over the tile's real classes (one_pass; otherwise from cuBLAS); one Triton
+kernel then computes, per row, the logsumexp (from those pieces, or from a first
+pass over the row) and the row's loss, and overwrites the chunk's logits buffer
+(our own temporary) with d(loss)/d(logits): one read and one write of the
+logits. Two more matmuls turn that into this chunk's share of dx and of dW; dW
+is accumulated inside the GEMM (beta = 1) into one fp32 buffer (or the weight's
+own .grad), never rounded to 16 bits before the end. The gradient is thus
 computed in the forward pass (as Liger-Kernel does) and the backward only scales
-it by grad_output: peak memory holds one chunk of logits instead of all N x V of
-them plus their fp32 upcast.
+it by grad_output, or, when the training step gives grad_output in advance, does
+nothing: peak memory holds one chunk of logits instead of all N x V of them plus
+their fp32 upcast.
 
 The kernel's loads are masked on the logits buffer's width V (GPT-2 pads the
 vocabulary to a multiple of 64, so the masks are constant over each vector and
