@@ -89,9 +89,9 @@ def _ce_fwd_grad_kernel(
     if LSE_FROM_PARTS:
         # Tiles without a real class hold max -inf and sum 0: they add nothing.
         parts = tl.arange(0, BLOCK_P)
-        in_row = parts < n_parts
-        part_max = tl.load(lse_max_ptr + row * stride_lse + parts, mask=in_row, other=float("-inf"))
-        part_sum = tl.load(lse_sum_ptr + row * stride_lse + parts, mask=in_row, other=0.0)
+        in_parts = parts < n_parts
+        part_max = tl.load(lse_max_ptr + row * stride_lse + parts, mask=in_parts, other=float("-inf"))
+        part_sum = tl.load(lse_sum_ptr + row * stride_lse + parts, mask=in_parts, other=0.0)
         m = tl.max(part_max, axis=0)
         lse = m + tl.log(tl.sum(part_sum * tl.exp(part_max - m), axis=0))
     else:
