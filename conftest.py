@@ -36,6 +36,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 GPU_SKIP_REASON = "needs a CUDA GPU; this machine has none"
+BENCHMARK_COLUMNS = ("median", "iqr", "ops", "rounds", "iterations")
 _FOLD_SKIPS = pytest.StashKey[bool]()
 
 
@@ -51,6 +52,10 @@ def pytest_configure(config):
     if config.pluginmanager.hasplugin("benchmark") and hasattr(config.option, "benchmark_only"):
         if not config.option.benchmark_only:
             config.option.benchmark_disable = True
+        if not any(arg.startswith("--benchmark-columns") for arg in config.invocation_params.args):
+            # pytest-benchmark's ten default columns run ~220 characters wide; these
+            # say what a per-call time needs (--benchmark-columns chooses others).
+            config.option.benchmark_columns = list(BENCHMARK_COLUMNS)
 
 
 @pytest.hookimpl(trylast=True)

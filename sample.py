@@ -21,7 +21,7 @@ import sys
 import time
 
 from engine.errors import UserInputError
-from engine.load import add_model_flags
+from engine.cli import add_model_flags
 
 SEPARATOR = "\n---------------\n"
 
@@ -55,8 +55,8 @@ def check_args(args) -> None:
         raise UserInputError(f"--num-samples {args.num_samples}: must be at least 1")
     if args.max_new_tokens < 0:
         raise UserInputError(f"--max-new-tokens {args.max_new_tokens}: must be 0 or more")
-    if not args.temperature >= 0:
-        raise UserInputError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    if not 0 <= args.temperature < float("inf"):
+        raise UserInputError(f"--temperature {args.temperature}: must be a finite number, 0 (greedy) or more")
     if args.top_k < 0:
         raise UserInputError(f"--top-k {args.top_k}: must be 0 (no limit) or more")
     if not 0.0 < args.top_p <= 1.0:
@@ -212,6 +212,13 @@ def run(args, out=None, err=None) -> None:
     print(f"{generated} tokens in {elapsed:.2f} s: {speed} | {ttft}", file=err, flush=True)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+    # torch.OutOfMemoryError is the CUDA allocator's; the CPU allocator raises a
+    # plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: ...").
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # A terminal or pipe that cannot show a character gets an escape, not a crash.
@@ -231,8 +238,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (MemoryError, RuntimeError) as e:
-        import torch
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        if not _out_of_memory(e):
             raise
         print("error: out of memory; use fewer --num-samples, no --batch, or a smaller model",
               file=sys.stderr)

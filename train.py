@@ -20,12 +20,15 @@ import sys
 from engine.cli import parse_train_args
 from engine.errors import UserInputError
 from engine.run_errors import Interrupted, RunAborted, RunFinished, RunStopped, signal_name
-from engine.trainer import train
 
 
 def main(argv=None) -> int:
+    # One log line per step must reach a file or pipe as it is printed, not at exit.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
-        cfg, explicit = parse_train_args(argv)
+        cfg, explicit = parse_train_args(argv)  # before torch is imported: --help and bad flags answer at once
+        from engine.trainer import train
         train(cfg, explicit=explicit)
     except RunFinished as e:
         print(e)
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
         print(f"aborted by a second {signal_name(e.signum)}: stopped at once; the checkpoints on disk are "
               "intact, the steps since the last one are lost", file=sys.stderr)
         return e.exit_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the run's set-up began (reading flags, loading a checkpoint)
         print("interrupted before training started: nothing was written", file=sys.stderr)
         return 130
     return 0

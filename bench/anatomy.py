@@ -560,10 +560,10 @@ def record_micro_step(cfg, batch_size: int, seq_len: int, *, device: str = "cpu"
         with Recorder(tokens, cfg.n_embd, run_triton=run_triton, param_shapes=shapes) as rec:
             rec.phase = "forward"
             if step_path:
-                model.forward_backward(x, y, grad_scale=1.0, autocast=autocast)
+                model.forward_backward(x, y, grad_scale=1.0, autocast=autocast, check_targets=False)
             else:
                 with autocast():
-                    _, loss = model(x, y, return_logits=False)
+                    _, loss = model(x, y, return_logits=False, check_targets=False)
                 rec.phase = "backward"
                 loss.backward()
     return Anatomy(rec.ops, cfg.n_layer, tokens, cfg.n_embd,

@@ -333,9 +333,11 @@ def _cases(full):
             for p in params:
                 p.grad = torch.empty_like(p)
             opt = gpt2_kernels.FusedAdamW(params, lr=6e-4, weight_decay=0.1)
-            if dtype == fp32:  # the update that also writes bf16 copies of the matrices
-                opt.bf16_copies(params[::2])
             opt.step()
+            if dtype == fp32:  # the training step's: bf16 copies of the matrices, the found_inf flag
+                opt.bf16_copies(params[::2])
+                opt.found_inf = torch.zeros((), device="meta")
+                opt.step()
         cases.append((f"FusedAdamW {str(dtype)[6:]}", adamw))
     return cases
 

@@ -58,7 +58,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(line)
     if not registry.results:
         return
-    tr.section("benchmark ratios: a peer's time / ours, median of paired rounds [interquartile range]")
+    tr.section("benchmark ratios: how much faster or slower the subject is than each peer, median of "
+               "paired rounds [interquartile range]")
     tr.write_line("ms/call: median over rounds of blocks of back-to-back calls ending in a device sync; "
                   f"CPU cases on {CPU_THREADS} torch thread(s)")
     if CEILINGS in config.stash:

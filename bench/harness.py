@@ -73,9 +73,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def compare(outs, baseline, reference, factor: float = 2.0, floor: float = 1e-4) -> tuple[bool, str, float]:
-    """Judge outputs by comparison (GUIDE.md): each output's error against the
-    reference must be at most `factor` times the baseline's own error (or `floor`,
-    whichever is larger). Returns (ok, detail, worst error)."""
+    """Judge outputs by comparison, as flash-attention's tests judge bf16: each
+    output's error against the reference must be at most `factor` times the
+    baseline's own error (or `floor`, whichever is larger). Returns (ok, detail,
+    worst error)."""
     ours, base, ref = flatten(outs), flatten(baseline), flatten(reference)
     if not len(ours) == len(base) == len(ref):
         return False, f"{len(ours)} outputs, baseline {len(base)}, reference {len(ref)}", math.inf

@@ -75,7 +75,10 @@ class Assumptions:
                 f"{self.attention_ratio * self.matmul_efficiency:.3f} of the matmul rate",
                 f"copy efficiency {self.copy_efficiency:g} of the copy bandwidth (memory-bound kernels)",
                 f"{self.launch_gap_s * 1e6:g} us per kernel launch (ramp-up and drain)",
-                f"interconnect {self.interconnect_bytes_per_s / 1e9:g} GB/s per GPU (several GPUs only)"]
+                f"interconnect {self.interconnect_bytes_per_s / 1e9:g} GB/s per GPU (several GPUs only)",
+                "every 16-bit dot on wgmma and no register spill inside a kernel's main loop: what "
+                "`python -m bench.compile_check` demands of every sm_90 build (it fails otherwise); "
+                "the model does not read that check's per-kernel figures"]
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def default_out_dir(env: dict) -> pathlib.Path:
 # Output
 # --------------------------------------------------------------------------
 
-COLUMNS = ("op", "shape", "variant", "ms", "predicted ms", "ours ms (same rounds)", "ours vs this [IQR]",
+COLUMNS = ("op", "shape", "variant", "ms", "predicted ms", "ours ms (same rounds)", "ours vs this",
            "throughput", "% of ceiling", "check")
 
 
@@ -115,9 +115,9 @@ def markdown(env: dict, ceilings: Ceilings | None, results: list[Result], args: 
                      f"(read + write), bf16 matmul {c['bf16_matmul_TFLOP_per_s']:.0f} TFLOP/s (8192^3)")
     lines.append(f"- options: {args}")
     lines += ["", "Times are per call: blocks of back-to-back calls ending in a device sync, "
-              "median over rounds. \"ours vs peer\" = the peer's time / ours, median of rounds "
-              "in which both ran back to back, with the interquartile range: above 1 ours is "
-              "faster. % of ceiling = throughput against the copy bandwidth (memory-bound ops) "
+              "median over rounds. \"ours vs peer\": how much faster (or slower) ours is, the "
+              "median of the peer's time / ours over rounds in which both ran back to back, "
+              "with the interquartile range in brackets. % of ceiling = throughput against the copy bandwidth (memory-bound ops) "
               "or the bf16 matmul rate (compute-bound ops; MFU for training, 6N + 6LCT FLOPs "
               "per token), both measured in this run. \"predicted ms\" is bench.predict's static "
               "model (calibrated on llm.c, with this run's ceilings): beside the measured time it "

@@ -47,11 +47,16 @@ class Result:
             spread.median, spread.q1, spread.q3)
 
     def speedup_text(self) -> str:
+        """The subject against this variant in words: "1.85x faster [1.80-1.90]" or
+        "1.85x slower [...]" (median of the paired rounds, interquartile range)."""
         if self.is_subject:
             return "(subject)"
         if self.subject_speedup is None:
             return "-"
-        return Spread(self.subject_speedup, self.subject_speedup_q1, self.subject_speedup_q3).text()
+        ratio, q1, q3 = self.subject_speedup, self.subject_speedup_q1, self.subject_speedup_q3
+        if ratio >= 1.0:
+            return f"{Spread(ratio, q1, q3).text()} faster"
+        return f"{Spread(1 / ratio, 1 / q3, 1 / q1).text()} slower"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,7 +154,7 @@ def peer_rows(results: list[Result]) -> list[tuple[str, ...]]:
     return rows
 
 
-PEER_COLUMNS = ("op", "shape", "ours ms", "best peer", "peer ms", "ours vs peer [IQR]",
+PEER_COLUMNS = ("op", "shape", "ours ms", "best peer", "peer ms", "ours vs peer",
                 "% of ceiling (ours / peer)", "peers not run")
 
 
@@ -167,14 +172,14 @@ class Registry:
         return bool(self.results or self.sections)
 
     def summary_lines(self) -> list[str]:
-        rows = [("group", "params", "variant", "ms/call", "subject ms (same rounds)",
-                 "subject vs this [IQR]", "rounds", "throughput")]
+        # One time per variant (its own rounds); the ratio beside it comes from the
+        # paired rounds, whose spread it carries.
+        rows = [("group", "params", "variant", "ms/call", "subject vs this", "rounds", "throughput")]
         for r in sorted(self.results.values(),
                         key=lambda r: (r.group, r.params, not r.is_subject, r.variant)):
             ms = f"{r.seconds * 1e3:.4g}" if r.seconds is not None else "-"
-            subject_ms = f"{r.subject_seconds * 1e3:.4g}" if r.subject_seconds is not None else "-"
             rounds = f"{r.rounds}x{r.calls_per_round}" if r.rounds else "-"
-            rows.append((r.group, r.params, r.variant, ms, subject_ms, r.speedup_text(), rounds,
+            rows.append((r.group, r.params, r.variant, ms, r.speedup_text(), rounds,
                          throughput_text(r.metrics)))
         return _table(rows)
 

@@ -1,7 +1,8 @@
 """The CPU group (runs anywhere, marks nothing gpu), on one torch thread: the
 engine's forward+backward on the torch path against transformers' GPT2LMHeadModel
 with the same weights, data-loader batches/sec from a memory-mapped shard against
-in-memory tokens, and tokenizer throughput (tiktoken GPT-2 BPE against bytes).
+in-memory tokens, and tokenizer throughput (tiktoken's GPT-2 BPE and bytes, each
+timed alone: they are not alternatives to each other).
 Each peer is timed in paired rounds with the subject; plain `pytest` runs each
 variant once."""
 import pytest
@@ -22,7 +23,8 @@ def test_cpu_data_loader(benchmark, bench_registry, tmp_path, variant):
     run_benchmark(benchmark, cpu_loader_case(tmp_path), variant, bench_registry)
 
 
+@pytest.mark.smoke
 @pytest.mark.benchmark(group="cpu-tokenizer")
 @pytest.mark.parametrize("variant", ["gpt2", "bytes"])
 def test_cpu_tokenizer(benchmark, bench_registry, variant):
-    run_benchmark(benchmark, cpu_tokenizer_case(), variant, bench_registry)
+    run_benchmark(benchmark, cpu_tokenizer_case(variant), variant, bench_registry)

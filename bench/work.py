@@ -1,4 +1,5 @@
-"""The work a call does, counted before anything is timed (GUIDE.md section 3).
+"""The work a call does, counted before anything is timed: the larger of FLOPs / peak
+and bytes / bandwidth is the floor a measured time is compared with.
 
 Attention FLOPs as FlashAttention counts them (forward 4*B*H*T*T*D, halved when
 causal; backward 2.5x forward); training FLOPs per token as llm.c counts them

@@ -13,19 +13,37 @@ with flipped bytes is "damaged"), then the contents (a file without the trailer
 or without the entries a training run writes is "not a training checkpoint of
 this engine"); both are a CheckpointError naming the file.
 
+A checkpoint belongs to the run folder it sits in: each run has a run id
+(random, made when the run starts, kept across resumes) that its config.json
+and every checkpoint it writes carry, and a file named ckpt_NNNNNN.pt holds
+step NNNNNN. `check_belongs` refuses a checkpoint of another run copied into a
+folder, or a renamed one, naming the file, before anything uses it (resume,
+sample.py, the evaluation). Files written before run ids existed carry none and
+are accepted in a folder whose config.json has none either.
+
 Writes go to a hidden temp file in the same folder (its name carries the
 writing process's token), are fsynced and renamed over the final name (atomic
 on POSIX): a run killed mid-save leaves the previous checkpoints intact, and a
 failed write (a full disk) removes its temp file and raises RunFileError.
 Old checkpoints are rotated away only after the new one is complete.
+
+Under FSDP a checkpoint is a folder `run_dir/ckpt_{step:06d}/` of shards with the
+same guarantees (engine.sharded_checkpoint); the functions here list, verify,
+load and rotate both kinds. `python -m engine.checkpoint export RUN` writes a
+sharded checkpoint as one file.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import pathlib
 import random
 import re
+import secrets
+import shutil
 import struct
+import sys
 
 import numpy as np
 import torch
@@ -34,7 +52,7 @@ from engine.errors import UserInputError
 from engine.fileio import atomic_write, os_reason
 from engine.run_errors import RunFileError
 
-CKPT_RE = re.compile(r"^ckpt_(\d{6,})\.pt$")
+CKPT_RE = re.compile(r"^ckpt_(\d{6,})(\.pt)?$")  # a file ckpt_NNNNNN.pt, or a sharded folder ckpt_NNNNNN
 TMP_PREFIX = ".ckpt_"
 TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 2  # 1: no checksum trailer
@@ -43,6 +61,7 @@ _TRAILER = struct.Struct("<16sQ32s")
 # What every training checkpoint holds, and the type of each entry.
 REQUIRED = {"version": int, "step": int, "model": dict, "optimizer": dict, "train_loader": dict,
             "val_loader": dict, "rng": dict, "train_config": dict, "model_config": dict}
+WEIGHTS = ("model", "optimizer")  # the entries a sharded checkpoint keeps in its shards
 
 
 class CheckpointError(UserInputError):
@@ -55,25 +74,48 @@ class CheckpointError(UserInputError):
         super().__init__(f"{path}: {what} ({reason})")
 
 
-def checkpoint_name(step: int) -> str:
-    return f"ckpt_{step:06d}.pt"
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    return f"ckpt_{step:06d}" if sharded else f"ckpt_{step:06d}.pt"
 
 
 def checkpoint_step(path) -> int:
     return int(CKPT_RE.match(pathlib.Path(path).name).group(1))
 
 
+def is_sharded(path) -> bool:
+    """Whether `path` names a sharded checkpoint (a folder ckpt_NNNNNN; not yet verified)."""
+    path = pathlib.Path(path)
+    m = CKPT_RE.match(path.name)
+    return bool(m) and not m.group(2) and path.is_dir()
+
+
 def list_checkpoints(run_dir) -> list[pathlib.Path]:
-    """Checkpoints in `run_dir`, oldest step first; temp files and others ignored."""
+    """Checkpoints in `run_dir` (files and sharded folders), oldest step first;
+    temp files and others ignored."""
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = []
     for p in run_dir.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+        if m and (p.is_file() if m.group(2) else p.is_dir()):
+            found.append((int(m.group(1)), p.name, p))
+    return [p for _, _, p in sorted(found)]
+
+
+def remove_checkpoint(path) -> None:
+    path = pathlib.Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def rotate(run_dir, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0: all)."""
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            remove_checkpoint(old)
 
 
 def latest_checkpoint(run_dir) -> pathlib.Path | None:
@@ -82,9 +124,10 @@ def latest_checkpoint(run_dir) -> pathlib.Path | None:
 
 
 def resolve_checkpoint(path) -> pathlib.Path:
-    """A checkpoint file, or a run folder -> its latest checkpoint (not yet verified)."""
+    """A checkpoint (file or sharded folder), or a run folder -> its latest
+    checkpoint (not yet verified)."""
     path = pathlib.Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         latest = latest_checkpoint(path)
         if latest is None:
             raise UserInputError(f"resume: {path} holds no checkpoint (ckpt_NNNNNN.pt)")
@@ -126,6 +169,12 @@ def _write_checkpoint(f, state: dict) -> None:
     f.write(_TRAILER.pack(TRAILER_MAGIC, out.size, out.sha.digest()))
 
 
+def write_state_file(dest, state: dict, tmp_prefix: str | None = None) -> None:
+    """Write `state` atomically as `dest` with its checksum trailer (OSError or
+    RuntimeError when it cannot)."""
+    atomic_write(dest, lambda f: _write_checkpoint(f, state), tmp_prefix=tmp_prefix, tmp_suffix=TMP_SUFFIX)
+
+
 def save_checkpoint(run_dir, step: int, state: dict, keep: int = 0, token: str = "") -> pathlib.Path:
     """Write `state` atomically as run_dir/ckpt_{step:06d}.pt with its checksum
     trailer; then keep the last `keep` checkpoints (0 keeps all). `token` names
@@ -135,21 +184,24 @@ def save_checkpoint(run_dir, step: int, state: dict, keep: int = 0, token: str =
     prefix = f"{TMP_PREFIX}{step:06d}.{token + '.' if token else ''}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(dest, lambda f: _write_checkpoint(f, state), tmp_prefix=prefix, tmp_suffix=TMP_SUFFIX)
+        write_state_file(dest, state, tmp_prefix=prefix)
     except (OSError, RuntimeError) as e:
         latest = latest_checkpoint(run_dir)
         raise RunFileError(f"checkpoint: could not write {dest} ({os_reason(e)}); the earlier checkpoints "
                            f"are intact (latest: {latest or 'none'})") from None
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+    rotate(run_dir, keep)
     return dest
 
 
 def verify_checksum(path) -> None:
     """Raise CheckpointError unless the file ends in a trailer whose checksum and
-    size match the bytes before it."""
+    size match the bytes before it (a sharded folder: unless every file matches
+    its manifest)."""
     path = pathlib.Path(path)
+    if is_sharded(path):
+        from engine.sharded_checkpoint import verify
+        verify(path)
+        return
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -177,10 +229,17 @@ def verify_checksum(path) -> None:
         raise CheckpointError(path, "sha256 mismatch: its bytes changed after it was written", damaged=True)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", weights: bool = True) -> dict:
     """Load and check a checkpoint written by save_checkpoint; a run folder means its
-    latest checkpoint. Raises CheckpointError (a UserInputError) naming the file."""
+    latest checkpoint. Raises CheckpointError (a UserInputError) naming the file.
+
+    A sharded checkpoint gives its state without "model" and "optimizer" (see
+    engine.sharded_checkpoint.read_train_state); weights=False checks a file
+    for everything but those two."""
     path = resolve_checkpoint(path)
+    if is_sharded(path):
+        from engine.sharded_checkpoint import read_train_state
+        return read_train_state(path)
     verify_checksum(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -190,14 +249,47 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                               damaged=False) from None
     if not isinstance(state, dict):
         raise CheckpointError(path, f"it holds a {type(state).__name__}, not a dict", damaged=False)
-    problems = [k for k, kind in REQUIRED.items()
-                if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    problems = [k for k, kind in REQUIRED.items() if (weights or k not in WEIGHTS)
+                and (not isinstance(state.get(k), kind) or isinstance(state.get(k), bool))]
     if problems:
         raise CheckpointError(path, f"missing or malformed: {', '.join(problems)}", damaged=False)
+    if not isinstance(state.get("run_id", ""), (str, type(None))):
+        raise CheckpointError(path, "malformed: run_id", damaged=False)
     if state["version"] != FORMAT_VERSION or state["step"] < 0:
         raise CheckpointError(path, f"format version {state['version']}, step {state['step']}; this engine "
                               f"writes version {FORMAT_VERSION}", damaged=False)
     return state
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+def folder_run_id(folder) -> str | None:
+    """The run id in `folder`'s config.json; None where there is none (no config.json,
+    an older run, or a file that is not a run's config)."""
+    try:
+        data = json.loads((pathlib.Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def check_belongs(path, state: dict) -> None:
+    """Refuse a checkpoint that is not where its run wrote it: a file named
+    ckpt_NNNNNN.pt must hold step NNNNNN, and a checkpoint in a folder whose
+    config.json names a run must be of that run. UserInputError naming the file."""
+    path = pathlib.Path(path)
+    match = CKPT_RE.match(path.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise UserInputError(f"{path}: its name says step {int(match.group(1))} but it holds step "
+                             f"{state['step']}: renamed or copied; refused (move it out of {path.parent})")
+    folder_id = folder_run_id(path.parent)
+    if folder_id is not None and state.get("run_id") != folder_id:
+        theirs = f"run {state['run_id']}" if state.get("run_id") else "no run id"
+        raise UserInputError(f"{path}: a checkpoint of another run ({theirs}; this folder's config.json is "
+                             f"run {folder_id}): refused; move it out of {path.parent}")
 
 
 def load_newest(ckpts) -> tuple[pathlib.Path | None, dict | None, list[tuple[pathlib.Path, UserInputError]]]:
@@ -220,7 +312,7 @@ def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
     abandoned ones); a damaged file named explicitly is refused, naming the
     newest valid one beside it."""
     given = pathlib.Path(path)
-    if given.is_dir():
+    if given.is_dir() and not is_sharded(given):
         ckpts = list_checkpoints(given)
         if not ckpts:
             raise UserInputError(f"resume: {given} holds no checkpoint (ckpt_NNNNNN.pt)")
@@ -228,6 +320,7 @@ def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
         if candidate is None:
             raise UserInputError(f"resume: no valid checkpoint in {given}: {skipped[0][1]}"
                                  + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+        _refuse_foreign(candidate, state)
         for _, e in skipped:
             log(f"resume: skipping {e}")
         if skipped:
@@ -235,11 +328,20 @@ def load_for_resume(path, log=print) -> tuple[pathlib.Path, dict]:
         return candidate, state
     file = resolve_checkpoint(given)
     try:
-        return file, load_checkpoint(file)
+        state = load_checkpoint(file)
     except CheckpointError as e:
         valid = newest_valid_checkpoint(file.parent, exclude=file)
         hint = f"; the newest valid checkpoint beside it is {valid}: --resume {valid}" if valid else ""
         raise UserInputError(f"resume: {e}{hint}") from None
+    _refuse_foreign(file, state)
+    return file, state
+
+
+def _refuse_foreign(path, state) -> None:
+    try:
+        check_belongs(path, state)
+    except UserInputError as e:
+        raise UserInputError(f"resume: {e}") from None
 
 
 def newest_valid_checkpoint(run_dir, exclude=None) -> pathlib.Path | None:
@@ -292,3 +394,65 @@ def set_rng_state(state: dict) -> None:
         cuda_states = [s.cpu() for s in state["cuda"]]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def export(source, out=None) -> pathlib.Path:
+    """Write a sharded checkpoint (a run folder's newest valid one, or the folder
+    given) as one checkpoint file, weights and optimizer state whole: sample.py,
+    the evaluation and any world size resume from it. `out` defaults to
+    RUN/exported/ckpt_NNNNNN.pt."""
+    from engine.config import GPTConfig
+    from engine.model import GPT
+    from engine.optim import param_groups
+    from engine.sharded_checkpoint import restore_tensors
+    source = pathlib.Path(source)
+    if source.is_dir() and not is_sharded(source):
+        found, state, skipped = load_newest(list_checkpoints(source))
+        if found is None:
+            raise UserInputError(f"export: {source} holds no valid checkpoint"
+                                 + (f": {skipped[0][1]}" if skipped else ""))
+    else:
+        found, state = source, load_checkpoint(source)
+    if not state.get("sharded"):
+        raise UserInputError(f"export: {found} is a single-file checkpoint already")
+    train_config = state["train_config"]
+    model = GPT(GPTConfig.from_dict({**dict(state["model_config"]), "backend": "torch"}))
+    optimizer = torch.optim.AdamW(param_groups(model, float(train_config["weight_decay"])),
+                                  lr=float(train_config["max_lr"]), betas=tuple(train_config["betas"]), eps=1e-8)
+    restore_tensors(found, model, optimizer, state["sharded_files"])
+    whole = {k: v for k, v in state.items() if k not in ("sharded", "sharded_files")}
+    whole.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+    dest = pathlib.Path(out) if out else found.parent / "exported" / checkpoint_name(checkpoint_step(found))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_state_file(dest, whole)
+    except (OSError, RuntimeError) as e:
+        raise RunFileError(f"export: could not write {dest} ({os_reason(e)})") from None
+    return dest
+
+
+def main(argv=None) -> int:
+    """python -m engine.checkpoint export RUN [--out FILE]"""
+    parser = argparse.ArgumentParser(prog="python -m engine.checkpoint", allow_abbrev=False,
+                                     description="Work with training checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = sub.add_parser("export", allow_abbrev=False,
+                             help="write a sharded checkpoint (an FSDP run's) as one checkpoint file")
+    command.add_argument("source", metavar="SOURCE",
+                         help="a run folder (its newest valid checkpoint) or a sharded checkpoint folder ckpt_NNNNNN")
+    command.add_argument("--out", metavar="FILE", help="the file to write (default: RUN/exported/ckpt_NNNNNN.pt)")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.source, args.out)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return RunFileError.exit_status
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

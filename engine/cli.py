@@ -1,4 +1,6 @@
-"""train.py's command line and TOML files, generated from TrainConfig.
+"""The command lines: train.py's flags and TOML files, generated from TrainConfig,
+and the model flags sample.py and the evaluation share. Nothing here imports torch,
+so every tool answers --help and refuses a bad flag at once.
 
 Every field is a flag with the same name (`batch_size` -> `--batch-size`) and a
 TOML key with the same name; flags override the file. A flag's text and a TOML
@@ -14,8 +16,9 @@ import re
 import sys
 import tomllib
 
+from engine.config import BACKENDS, INFERENCE_DTYPES
 from engine.errors import UserInputError
-from engine.train_config import CHOICES, TrainConfig, resume_safe_fields
+from engine.train_config import TrainConfig, resume_safe_fields
 
 # argparse takes "-1e-3" for an option; a value that parses as a number is a value.
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -70,10 +73,16 @@ def convert(name: str, value):
     converters = {"int?": lambda v: _as_number(v, True, int), "float?": lambda v: _as_number(v, True, float),
                   "int": lambda v: _as_number(v, False, int), "float": lambda v: _as_number(v, False, float),
                   "bool": _as_bool, "str": _as_str, "pair": _as_pair}
-    value = converters[kind](value)
-    if name in CHOICES and value not in CHOICES[name]:
-        raise ValueError(f"expected one of {', '.join(CHOICES[name])}, got {value!r}")
-    return value
+    return converters[kind](value)  # allowed values are TrainConfig's to check, once
+
+
+def add_model_flags(parser) -> None:
+    """--device, --dtype and --backend, as sample.py and the evaluation take them."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *INFERENCE_DTYPES),
+                        help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="op backend; auto: triton on CUDA, torch elsewhere")
 
 
 class _Parser(argparse.ArgumentParser):

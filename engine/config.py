@@ -46,13 +46,22 @@ class Fusions:
         wanted = set() if text == "none" else {t.strip() for t in text.split(",") if t.strip()}
         unknown = sorted(wanted - set(cls.names()))
         if unknown or not (wanted or text == "none"):
-            raise ValueError(f"fusions {text!r}: expected all, none or a comma-separated list of "
+            raise ValueError(f"{text!r} is not all, none or a comma-separated list of "
                              f"{', '.join(cls.names())}")
         return cls(**{name: name in wanted for name in cls.names()})
 
     def text(self) -> str:
         on = [name for name in self.names() if getattr(self, name)]
         return "all" if len(on) == len(self.names()) else ",".join(on) or "none"
+
+
+# Precisions, by name, declared once. A run trains in one of TRAIN_DTYPES (bf16:
+# autocast over fp32 weights; bf16-params: the weights themselves in bf16); a loaded
+# model runs in one of INFERENCE_DTYPES; the AUTOCAST_DTYPES names mean autocast
+# over fp32 weights (engine.step maps each name to its torch dtype).
+TRAIN_DTYPES = ("fp32", "bf16", "bf16-params")
+INFERENCE_DTYPES = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = ("bf16", "fp16")
 
 
 @dataclass
@@ -98,7 +107,7 @@ class GPTConfig:
         try:
             Fusions.parse(self.fusions)
         except ValueError as e:
-            raise ValueError(f"GPTConfig.{e}") from None
+            raise ValueError(f"GPTConfig.fusions: {e}") from None
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
 

@@ -29,7 +29,7 @@ WARMUP_STEPS = 3
 
 
 def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp: bool,
-                   profile: bool = False) -> tuple[bool, str]:
+                   profile: bool = False, fsdp: bool = False) -> tuple[bool, str]:
     """(use graphs?, reason). `on` raises UserInputError where graphs cannot be used;
     `auto` returns False with the reason, for one log line."""
     if mode == "off":
@@ -41,6 +41,8 @@ def graph_decision(mode: str, device_type: str, backend: str, compile: bool, ddp
         reason = f"the backend is {backend}; the captured step is built for the triton backend"
     elif compile:
         reason = "compile is on; torch.compile manages its own graphs"
+    elif fsdp:
+        reason = "FSDP is on; its all-gathers and reduce-scatters run from hooks a captured graph would freeze"
     elif ddp:
         reason = "DDP is on; its gradient all-reduce hooks are not captured"
     elif profile:

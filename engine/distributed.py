@@ -1,8 +1,16 @@
-"""Data-parallel training under `torchrun`: process group, rank 0 as the master.
+"""Data-parallel training under `torchrun`: process group, rank 0 as the master,
+and the model replicated (DDP) or sharded (FSDP2), both PyTorch's own.
 
 `torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE;
 without them the run is a single process. CUDA runs use NCCL and one GPU per
 process (cuda:LOCAL_RANK); CPU runs use gloo (slow, for tests and laptops).
+
+`--parallel` (resolve_parallel): `ddp` replicates the model and all-reduces the
+gradients; `fsdp` shards every parameter, gradient and optimizer state over the
+processes (`fully_shard` on each Block, then on the root, which holds the
+embeddings, ln_f and the LM head tied to the token embedding: the tied pair must
+be one unit). FSDP in a single process runs over a one-process group, so its
+checkpoints are sharded ones too.
 
 Every collective waits at most `ddp_timeout_s` (init_process_group's timeout)
 for the other processes: with gloo a stalled or dead peer then raises an error
@@ -14,9 +22,11 @@ exit ("terminate called without an active exception").
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +35,16 @@ import torch.distributed as dist
 from engine.errors import UserInputError
 
 
+PARALLEL_MODES = ("auto", "ddp", "fsdp")
+
+
 @dataclass(frozen=True)
 class DistInfo:
-    ddp: bool = False
+    ddp: bool = False  # several processes (under DDP or FSDP)
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    parallel: str = "none"  # none | ddp | fsdp (resolve_parallel)
 
     @property
     def master(self) -> bool:
@@ -53,13 +67,24 @@ def env_dist_info() -> DistInfo:
     return DistInfo(ddp=world > 1, rank=rank, local_rank=local, world_size=world)
 
 
-def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
-    """Start the process group if torchrun launched several processes; each
-    collective then waits at most timeout_s seconds.
+def resolve_parallel(mode: str, world_size: int) -> str:
+    """What --parallel means for this launch: `fsdp` when asked for (one process
+    included), else `ddp` for several processes and `none` for one."""
+    if mode not in PARALLEL_MODES:
+        raise UserInputError(f"parallel (--parallel) must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if mode == "fsdp":
+        return "fsdp"
+    return "ddp" if world_size > 1 else "none"
+
+
+def init_distributed(device_type: str, timeout_s: float = 600.0, parallel: str = "auto") -> DistInfo:
+    """Start the process group if torchrun launched several processes, or for
+    FSDP in one process; each collective then waits at most timeout_s seconds.
 
     On CUDA selects this process's GPU first (NCCL needs it before init)."""
     info = env_dist_info()
-    if not info.ddp:
+    info = dataclasses.replace(info, parallel=resolve_parallel(parallel, info.world_size))
+    if info.parallel == "none":
         return info
     if device_type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
@@ -72,8 +97,13 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     else:
         raise UserInputError(f"distributed training on {device_type} is not supported; use cuda or cpu")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            if info.ddp:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:  # FSDP in one process: a group of one, no rendezvous
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timeout)
         except (RuntimeError, TimeoutError, ValueError) as e:
             from engine.run_errors import PeerLost
             raise PeerLost(f"DDP rank {info.rank}: could not join the other {info.world_size - 1} "
@@ -88,13 +118,53 @@ def process_device(device: str, info: DistInfo) -> str:
     return device
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    if not info.ddp:
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, dtype: str = "fp32",
+               compile: bool = False) -> torch.nn.Module:
+    """The model a training step calls: under DDP its wrapper, under FSDP the model
+    itself, sharded in place (shard_model); torch.compile'd where asked."""
+    if info.parallel == "fsdp":
+        return shard_model(model, dtype, compile=compile)
+    if compile:
+        model = torch.compile(model)
+    if info.parallel == "none":
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
     if device.type == "cuda":
         return DDP(model, device_ids=[info.local_rank])
     return DDP(model)
+
+
+def shard_model(model: torch.nn.Module, dtype: str = "fp32", compile: bool = False) -> torch.nn.Module:
+    """FSDP2 over a GPT, in place: each Block a unit (all-gathered for its forward
+    and backward, resharded after), then the root, which keeps the tied token
+    embedding and LM head in one unit. Under dtype bf16 the unsharded weights and
+    the compute are bf16, the sharded master weights and the gradient reduction
+    fp32. With `compile`, each Block is compiled before sharding (FSDP's hooks
+    stay outside the compiled code)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16"
+              else MixedPrecisionPolicy())
+    # FSDP warns when a unit's output is a view, for fear of an in-place op on it
+    # dropping its backward hook; the model never modifies a block's output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for block in model.transformer.h:
+        if compile:
+            block.compile()
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are DTensors (FSDP)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this process; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -165,5 +235,5 @@ def barrier(info: DistInfo) -> None:
 
 
 def destroy(info: DistInfo) -> None:
-    if info.ddp and dist.is_initialized():
+    if info.parallel != "none" and dist.is_initialized():
         dist.destroy_process_group()

@@ -21,26 +21,60 @@ items are counted in the result's "truncated".
 
 Without --data the validation split (10,042 items) is downloaded once into the
 engine's cache folder (`$XDG_CACHE_HOME/gpt2-engine`, else `~/.cache/gpt2-engine`).
+
+`--json OUT` is checked before scoring: a new file in a writable folder, or a
+predictions file of this command (replaced); a read-only file, the --data file
+or any other existing file is refused. The result line is printed before the
+file is written. Exit status: 0 done, 2 bad input, 4 the predictions could not
+be written (the result line stands), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from engine import distributed as dist_lib
-from engine.data import default_cache_dir
-from engine.data.corpus import download as _urlopen
+from engine.cli import add_model_flags
 from engine.errors import UserInputError
-from engine.fileio import atomic_write
-from engine.load import add_model_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.eval", allow_abbrev=False,
+                                description="Evaluate a model on a benchmark.")
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    h = sub.add_parser("hellaswag", allow_abbrev=False,
+                       help="HellaSwag validation accuracy, scored as build-nanogpt does")
+    h.add_argument("--model", required=True, metavar="SOURCE",
+                   help="run folder, checkpoint file (ckpt_NNNNNN.pt) or Hugging Face GPT-2 folder")
+    h.add_argument("--data", metavar="FILE.jsonl",
+                   help="HellaSwag jsonl (default: the validation split, downloaded once into the cache)")
+    h.add_argument("--limit", type=int, metavar="N", help="score only the first N items (default: all)")
+    h.add_argument("--json", metavar="OUT",
+                   help="write acc, acc_norm, n and every prediction to this file (default: none)")
+    h.add_argument("--batch-items", type=int, metavar="N", default=8,
+                   help="items per forward, 4 rows each (default: 8)")
+    add_model_flags(h)
+    return p
+
+
+if __name__ == "__main__":
+    # Parsed before torch is imported below, so that --help and a bad flag answer at
+    # once; main() parses the same arguments again.
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine import distributed as dist_lib  # noqa: E402
+from engine.data import default_cache_dir  # noqa: E402
+from engine.data.corpus import download as _urlopen  # noqa: E402
+from engine.fileio import atomic_write, os_reason  # noqa: E402
+from engine.run_errors import RunFileError  # noqa: E402
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_VAL_FILE = "hellaswag_val.jsonl"
@@ -253,8 +287,12 @@ def evaluate_hellaswag(model, items, tokenizer, device, autocast_ctx=contextlib.
     """
     info = dist_info or dist_lib.DistInfo()
     mine = list(range(info.rank, len(items), info.world_size))
-    scores = score_items(model, [items[i] for i in mine], tokenizer, device, autocast_ctx, batch_items,
-                         progress)
+    # Every process runs as many forwards as the others (an FSDP model all-gathers
+    # its weights in each): a share one item short scores a repeat, then drops it.
+    share = -(-len(items) // info.world_size)
+    padded = [items[i] for i in mine] + [items[0]] * (share - len(mine))
+    report = progress and (lambda done: progress(min(done, len(mine))))
+    scores = score_items(model, padded, tokenizer, device, autocast_ctx, batch_items, report)[:len(mine)]
     rows = [(i, s.ind, s.label, s.pred, s.pred_norm, s.truncated) for i, s in zip(mine, scores)]
     gathered = sorted(row for part in dist_lib.all_gather_objects(rows, info) for row in part)
     n = len(gathered)
@@ -274,36 +312,46 @@ def evaluate_hellaswag(model, items, tokenizer, device, autocast_ctx=contextlib.
 # The command line
 # --------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", allow_abbrev=False,
-                                description="Evaluate a model on a benchmark.")
-    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
-    h = sub.add_parser("hellaswag", allow_abbrev=False,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="HellaSwag validation accuracy, scored as build-nanogpt does")
-    h.add_argument("--model", required=True, metavar="SOURCE",
-                   help="run folder, checkpoint file (ckpt_NNNNNN.pt) or Hugging Face GPT-2 folder")
-    h.add_argument("--data", metavar="FILE.jsonl",
-                   help="HellaSwag jsonl (default: the validation split, downloaded once into the cache)")
-    h.add_argument("--limit", type=int, metavar="N", help="score only the first N items")
-    h.add_argument("--json", metavar="OUT", help="write acc, acc_norm, n and every prediction to this file")
-    h.add_argument("--batch-items", type=int, metavar="N", default=8, help="items per forward (4 rows each)")
-    add_model_flags(h)
-    return p
+def _is_predictions_file(path: pathlib.Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PREDICTIONS_HEAD)) == PREDICTIONS_HEAD
+    except OSError:
+        return False
 
 
-def _check_json_dest(path) -> pathlib.Path:
-    # Checked before scoring, which can take an hour: not after.
+def _check_json_dest(path, data=None) -> pathlib.Path:
+    """Where --json may write, checked before scoring (which can take an hour): a
+    new file in a writable folder, or a predictions file this command wrote
+    before and that is not read-only. Anything else is refused, never replaced."""
     dest = pathlib.Path(path)
+    shown = f"--json {dest}"
     if dest.is_dir():
-        raise UserInputError(f"--json {dest}: is a folder; give a file name")
-    if not dest.parent.is_dir():
-        raise UserInputError(f"--json {dest}: the folder {dest.parent} does not exist")
+        raise UserInputError(f"{shown}: is a folder; give a file name")
+    folder = dest.parent
+    if not folder.is_dir():
+        raise UserInputError(f"{shown}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"{shown}: cannot write into {folder} (permission denied)")
+    if dest.exists():
+        if data and pathlib.Path(data).exists() and dest.resolve() == pathlib.Path(data).resolve():
+            raise UserInputError(f"{shown}: is the --data file; writing the predictions would replace the dataset")
+        if not _is_predictions_file(dest):
+            raise UserInputError(f"{shown}: exists and is not a predictions file of this command; not replaced "
+                                 "(give a new file name)")
+        # Mode bits, not only os.access: a file marked read-only says "keep me",
+        # also to root, whom os.access lets write anything.
+        if not os.access(dest, os.W_OK) or not dest.stat().st_mode & 0o222:
+            raise UserInputError(f"{shown}: is read-only; not replaced")
     return dest
 
 
+PREDICTIONS_HEAD = b'{"acc": '
+
+
 def predictions_json(result: dict) -> str:
-    """{"acc", "acc_norm", "n", "predictions": [...]} with one prediction a line."""
+    """{"acc", "acc_norm", "n", "predictions": [...]} with one prediction a line
+    (it starts with PREDICTIONS_HEAD, by which --json recognises its own files)."""
     head = ", ".join(f"{json.dumps(k)}: {json.dumps(result[k])}" for k in ("acc", "acc_norm", "n"))
     preds = ",\n".join("  " + json.dumps(p) for p in result["predictions"])
     return "{" + head + ', "predictions": [\n' + preds + "\n]}\n"
@@ -314,7 +362,7 @@ def run_hellaswag(args, out=None, err=None) -> dict:
     from engine.tokenizer import tokenizer_for_model
 
     out, err = out or sys.stdout, err or sys.stderr
-    json_dest = _check_json_dest(args.json) if args.json else None
+    json_dest = _check_json_dest(args.json, args.data) if args.json else None
     if args.batch_items < 1:
         raise UserInputError(f"--batch-items {args.batch_items}: must be at least 1")
     device = resolve_device(args.device)
@@ -359,11 +407,16 @@ def run_hellaswag(args, out=None, err=None) -> dict:
             if result["truncated"]:
                 say(f"note: {result['truncated']} item(s) had their context cut from the left to fit the "
                     f"model's block size {model.config.block_size}")
-            if json_dest is not None:
-                atomic_write(json_dest, lambda f: f.write(predictions_json(result).encode()))
+            # The result first: a failed write must not lose an hour of scoring.
             print(f"hellaswag: {result['n']} items | acc {result['acc']:.4f} | acc_norm "
                   f"{result['acc_norm']:.4f} | {seconds:.1f} s"
                   + (f" | predictions: {json_dest}" if json_dest is not None else ""), file=out, flush=True)
+            if json_dest is not None:
+                try:
+                    atomic_write(json_dest, lambda f: f.write(predictions_json(result).encode()))
+                except OSError as e:
+                    raise RunFileError(f"--json {json_dest}: could not write the predictions ({os_reason(e)}); "
+                                       "the result above stands") from None
         return result
     finally:
         dist_lib.destroy(info)
@@ -376,6 +429,9 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -35,7 +35,7 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k, top_p):
         raise ValueError("generate: idx must be a (B, T) tensor of token ids with T >= 1")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:
         raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"generate: top_k must be >= 1, got {top_k}")
@@ -100,7 +100,10 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
             if temperature == 0:
                 next_token = logits.argmax(-1, keepdim=True)
             else:
-                probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+                # Shifted so the largest is 0, in float64: a tiny temperature then
+                # sends the others to -inf (greedy in the limit), never to inf - inf = nan.
+                scaled = (logits.double() - logits.amax(-1, keepdim=True).double()) / temperature
+                probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator)
             if eos_token is not None:
                 next_token = torch.where(finished[:, None], torch.full_like(next_token, eos_token), next_token)

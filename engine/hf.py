@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 
 import torch
 
@@ -84,33 +85,66 @@ def config_from_hf(hf: dict, source: str, **overrides) -> GPTConfig:
         raise UserInputError(f"{source}: {e}") from None
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _read_safetensors(file: pathlib.Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserInputError(f"{file}: reading it needs the safetensors package "
+                             "(pip install safetensors)") from None
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise UserInputError(f"{file}: cannot be read, truncated or damaged ({_first_line(e)})") from None
+
+
+def _read_bin(file: pathlib.Path) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run the
+        # file's code: never relay it.
+        raise UserInputError(f"{file}: refused as unsafe: it holds Python objects besides tensors, which "
+                             "loading would have to execute; use a model.safetensors of this model") from None
+    except Exception as e:
+        raise UserInputError(f"{file}: cannot be read, truncated or damaged ({_first_line(e)})") from None
+
+
+def _read_sharded(index: pathlib.Path, read) -> dict:
+    """A state dict split over several files, as save_pretrained(max_shard_size=...)
+    writes it: the index's weight_map names each tensor's file in the folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserInputError(f"{index}: not a readable index of weight files ({_first_line(e)})") from None
+    state = {}
+    for name in files:
+        file = index.parent / str(name)
+        if pathlib.Path(str(name)).name != name or not file.is_file():
+            raise UserInputError(f"{index}: lists {name!r}, which is not a file in {index.parent}")
+        state.update(read(file))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise UserInputError(f"{index}: {missing[0]} is not in the file it lists ({weight_map[missing[0]]})")
+    return state
+
+
 def _load_state_dict(path: pathlib.Path) -> tuple[dict, pathlib.Path]:
-    st_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
-    if st_file.is_file():
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserInputError(f"{st_file}: reading it needs the safetensors package "
-                                 "(pip install safetensors)") from None
-        try:
-            return load_file(str(st_file)), st_file
-        except Exception as e:  # safetensors raises its own error type for damaged files
-            raise UserInputError(f"{st_file}: cannot be read, truncated or damaged ({e})") from None
-    if bin_file.is_file():
-        try:
-            return torch.load(bin_file, map_location="cpu", weights_only=True), bin_file
-        except Exception as e:
-            raise UserInputError(f"{bin_file}: cannot be read, truncated or damaged ({e})") from None
-    raise UserInputError(f"{path}: no model.safetensors or pytorch_model.bin")
-
-
-def load_pretrained(cls, path, **overrides):
-    """A `cls` (GPT) from a Hugging Face GPT-2 folder, or from this engine's own
-    run folder or checkpoint file (engine.load). `overrides` set GPTConfig fields."""
-    from engine.load import load_engine_model, source_kind
-    if source_kind(path) != "hf":
-        return load_engine_model(cls, path, **overrides)[0]
-    return load_hf_folder(cls, path, **overrides)
+    """The folder's weights and the file they came from: model.safetensors,
+    pytorch_model.bin, or either sharded behind its .index.json."""
+    for name, read in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_bin)):
+        if (path / name).is_file():
+            return read(path / name), path / name
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            return _read_sharded(index, read), index
+    raise UserInputError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded one with its "
+                         ".index.json)")
 
 
 def _check_lm_head(hf_state: dict, hf_config: dict, weights_file) -> None:

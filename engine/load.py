@@ -1,178 +1,21 @@
 """Load a trained model for use: from a run folder, a checkpoint file, or a
-Hugging Face GPT-2 folder.
+Hugging Face GPT-2 folder (engine.sources says which, and reads it).
 
-- a run folder (`train.py --run-dir`): its newest checkpoint that loads; damaged
-  newer ones are skipped and named in the description;
-- a checkpoint file `ckpt_NNNNNN.pt` written by the trainer: its "model"
-  weights, "model_config" and "tokenizer";
-- a Hugging Face GPT-2 folder (config.json and model.safetensors or
-  pytorch_model.bin), through `engine.hf`.
-
-`load_model` is what sample.py and the HellaSwag evaluation use;
-`GPT.from_pretrained` reaches the same code for the first two kinds
-(`engine.hf.load_pretrained` dispatches here).
+`load_model` is what sample.py and the HellaSwag evaluation use; it adds the
+device, the dtype and the backend check to `GPT.from_pretrained`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 
 import torch
 
-from engine import checkpoint as ckpt_lib
-from engine.config import BACKENDS, GPTConfig
+from engine.config import INFERENCE_DTYPES
 from engine.errors import UserInputError
-
-SOURCE_KINDS = ("run", "checkpoint", "hf")
-DTYPES = ("fp32", "bf16", "fp16")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Prefixes a state dict picks up when saved from a wrapped model.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def add_model_flags(parser) -> None:
-    """--device, --dtype and --backend, as sample.py and the evaluation take them."""
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="autocast dtype over fp32 weights; auto: bf16 on CUDA, fp32 elsewhere")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="op backend; auto: triton on CUDA, torch elsewhere")
-
-
-def _read_json(path: pathlib.Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def source_kind(source) -> str:
-    """What `source` is: "run" (a run folder with checkpoints), "checkpoint" (a
-    file) or "hf" (a Hugging Face folder). Raises UserInputError naming the path
-    when it is none of them."""
-    path = pathlib.Path(source)
-    if not path.exists():
-        raise UserInputError(f"{path}: no such file or directory (give a run folder, a checkpoint "
-                             "file ckpt_NNNNNN.pt, or a Hugging Face GPT-2 folder)")
-    if path.is_file():
-        if path.name in HF_WEIGHT_FILES or path.name == "config.json":
-            raise UserInputError(f"{path}: part of a Hugging Face GPT-2 folder; give the folder "
-                                 f"{path.parent}")
-        return "checkpoint"
-    if ckpt_lib.list_checkpoints(path):
-        return "run"
-    config = path / "config.json"
-    if config.is_file():
-        data = _read_json(config)
-        if isinstance(data, dict) and "train" in data and "model" in data:
-            raise UserInputError(f"{path}: a run folder that holds no checkpoint (ckpt_NNNNNN.pt) yet; "
-                                 "the trainer writes one every --checkpoint-interval steps and at the end")
-        return "hf"
-    raise UserInputError(f"{path}: neither a run folder (no ckpt_NNNNNN.pt) nor a Hugging Face GPT-2 "
-                         "folder (no config.json)")
-
-
-def read_checkpoint(source) -> tuple[dict, pathlib.Path, list[str]]:
-    """(checkpoint dict, its file, notes) for a checkpoint file or a run folder.
-    A run folder gives its newest checkpoint that loads; each newer one that does
-    not is named in `notes`."""
-    path = pathlib.Path(source)
-    if path.is_file():
-        return ckpt_lib.load_checkpoint(path), path, []
-    candidates = ckpt_lib.list_checkpoints(path)
-    if not candidates:
-        raise UserInputError(f"{path}: holds no checkpoint (ckpt_NNNNNN.pt)")
-    found, ckpt, skipped = ckpt_lib.load_newest(candidates)
-    notes = [f"skipped {p.name}: {e}" for p, e in skipped]
-    if found is None:
-        raise UserInputError(f"{path}: none of its {len(candidates)} checkpoints loads; newest: {notes[0]}")
-    return ckpt, found, notes
-
-
-def checkpoint_tokenizer_name(ckpt: dict) -> str:
-    """The tokenizer a checkpoint was trained with (older ones: by vocabulary)."""
-    name = ckpt.get("tokenizer")
-    if isinstance(name, str) and name:
-        return name
-    vocab = dict(ckpt.get("model_config") or {}).get("vocab_size")
-    return "bytes" if vocab == 256 else "gpt2"
-
-
-def hf_tokenizer_name(vocab_size: int) -> str:
-    # A Hugging Face GPT-2 folder carries no tokenizer name here: GPT-2 BPE,
-    # except for this engine's byte-level models exported with save_pretrained.
-    return "bytes" if vocab_size == 256 else "gpt2"
-
-
-def source_tokenizer_name(source) -> str:
-    """The tokenizer the model at `source` was trained with: "gpt2" or "bytes".
-    Reads only config.json for a Hugging Face folder."""
-    path = pathlib.Path(source)
-    if source_kind(path) == "hf":
-        data = _read_json(path / "config.json")
-        vocab = data.get("vocab_size") if isinstance(data, dict) else None
-        return hf_tokenizer_name(vocab)
-    ckpt, _, _ = read_checkpoint(path)
-    return checkpoint_tokenizer_name(ckpt)
-
-
-def _strip_wrappers(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
-
-
-def model_from_checkpoint(cls, ckpt: dict, where: str, **overrides):
-    """A `cls` (GPT) built from a trainer checkpoint's model_config with
-    `overrides` (GPTConfig fields: backend, vocab_multiple, dropout, ...) and its
-    weights. The vocabulary padding may differ from the saved model's: the real
-    rows are copied, padded rows keep their init (they are never output)."""
-    try:
-        config = GPTConfig.from_dict({**dict(ckpt["model_config"]), **overrides})
-    except (TypeError, ValueError) as e:
-        raise UserInputError(f"{where}: model_config: {e}") from None
-    model = cls(config)
-    saved = {_strip_wrappers(k): v for k, v in dict(ckpt["model"]).items()}
-    ours = model.state_dict()
-    vocab = config.vocab_size
-    missing = []
-    for key, dest in ours.items():
-        if key == "lm_head.weight":
-            continue  # tied to the token embedding
-        src = saved.get(key)
-        if not isinstance(src, torch.Tensor):
-            missing.append(key)
-            continue
-        if key == "transformer.wte.weight":
-            src, dest = src[:vocab], dest[:vocab]
-        if tuple(src.shape) != tuple(dest.shape):
-            raise UserInputError(f"{where}: {key} has shape {tuple(src.shape)}, its model_config "
-                                 f"implies {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(src)
-    unexpected = sorted(set(saved) - set(ours))
-    if missing or unexpected:
-        what = (f"missing {', '.join(missing[:3])}" if missing else
-                f"unexpected {', '.join(unexpected[:3])}")
-        raise UserInputError(f"{where}: its weights do not fit its model_config ({what})")
-    return model
-
-
-def load_engine_model(cls, source, **overrides):
-    """(model, tokenizer name, description) from a run folder or a checkpoint file."""
-    ckpt, path, notes = read_checkpoint(source)
-    model = model_from_checkpoint(cls, ckpt, str(path), **overrides)
-    step = ckpt.get("step")
-    what = f"checkpoint {path}" + (f" (step {step})" if isinstance(step, int) else "")
-    if notes:
-        what += " [" + "; ".join(notes) + "]"
-    return model, checkpoint_tokenizer_name(ckpt), what
+from engine.hf import load_hf_folder
+from engine.model import GPT
+from engine.sources import hf_tokenizer_name, load_engine_model, source_kind
+from engine.step import TORCH_DTYPES, autocast_factory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -213,9 +56,8 @@ def autocast_context(dtype: str, device: torch.device):
     over fp32 weights."""
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype not in DTYPES:
-        raise UserInputError(f"--dtype {dtype}: choose one of auto, {', '.join(DTYPES)}")
-    from engine.step import autocast_factory
+    if dtype not in INFERENCE_DTYPES:
+        raise UserInputError(f"--dtype {dtype}: choose one of auto, {', '.join(INFERENCE_DTYPES)}")
     return autocast_factory(dtype, device.type)
 
 
@@ -234,16 +76,14 @@ def load_model(source, *, device="cpu", backend: str = "auto", dtype: str = "fp3
     fp16); for mixed precision keep fp32 and use `autocast_context`.
     Raises UserInputError (one line naming the path) for anything it cannot load.
     """
-    from engine.model import GPT
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    if dtype not in DTYPES:
-        raise UserInputError(f"load_model: dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in INFERENCE_DTYPES:
+        raise UserInputError(f"load_model: dtype {dtype!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
     resolved = resolve_backend_for(backend, device)
     kind = source_kind(source)
 
     def build(backend_name):
         if kind == "hf":
-            from engine.hf import load_hf_folder
             model = load_hf_folder(GPT, source, backend=backend_name)
             return (model, hf_tokenizer_name(model.config.vocab_size),
                     f"Hugging Face GPT-2 folder {source}")

@@ -23,7 +23,9 @@ from torch.profiler import record_function
 
 from engine.config import Fusions, GPTConfig
 from engine.errors import UserInputError
+from engine.hf import load_hf_folder, save_pretrained
 from engine.ops import AutoOps, get_ops
+from engine.sources import load_engine_model, source_kind
 
 
 class LayerNorm(nn.Module):
@@ -204,14 +206,17 @@ class GPT(nn.Module):
         cache = self.transformer.h[0].attn.kv_cache if len(self.transformer.h) else None
         return cache.length if cache is not None else 0
 
-    def forward(self, idx, targets=None, return_logits: bool = True):
+    def forward(self, idx, targets=None, return_logits: bool = True, check_targets: bool = True):
         """Token ids (B, T) -> (logits (B, T, vocab_size) or None, loss or None).
 
         With targets, the loss is the mean cross-entropy over positions whose target
         is not -100. return_logits=False lets the triton backend skip materialising
-        the (B*T, vocab) logits (fused linear + cross-entropy). Token ids are not
+        the (B*T, vocab) logits (fused linear + cross-entropy). Input ids are not
         range-checked here (that would be a host sync per call): the data loaders,
-        generate() and the evaluation check the ids they feed in.
+        generate() and the evaluation check the ids they feed in. A target outside
+        the vocabulary is an error on every backend, as in F.cross_entropy; on the
+        triton backend that check is a host sync, which check_targets=False skips
+        (the trainer does: its loaders checked the ids).
         """
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise UserInputError(f"GPT.forward: idx must be a 2-D (B, T) tensor of token ids, got "
@@ -237,7 +242,8 @@ class GPT(nn.Module):
         logits = loss = None
         if targets is not None:
             loss = self.ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
-                                                 targets.reshape(B * T).long(), num_classes=V)
+                                                 targets.reshape(B * T).long(), num_classes=V,
+                                                 check_targets=check_targets)
         if return_logits or targets is None:
             # Padded vocabulary rows are never part of the output, so never sampled.
             logits = self.lm_head(x)[..., :V]
@@ -252,9 +258,10 @@ class GPT(nn.Module):
                         block.mlp.c_fc.weight, block.mlp.c_proj.weight]
         return weights
 
-    def forward_backward(self, idx, targets, *, grad_scale: float = 1.0, autocast=contextlib.nullcontext):
-        """One training micro-step: loss = self(idx, targets)[1] under `autocast()`
-        (a zero-argument callable giving a context), then
+    def forward_backward(self, idx, targets, *, grad_scale: float = 1.0, autocast=contextlib.nullcontext,
+                         check_targets: bool = True):
+        """One training micro-step: loss = self(idx, targets, check_targets=...)[1]
+        under `autocast()` (a zero-argument callable giving a context), then
         `loss.backward(gradient=grad_scale)`, outside autocast; returns the loss,
         detached. Parameters' gradients accumulate into .grad as with autograd.
 
@@ -269,7 +276,7 @@ class GPT(nn.Module):
         """
         with self.ops.training_step(grad_scale, self.weight_copies):
             with record_function("forward"), autocast():
-                _, loss = self(idx, targets, return_logits=False)
+                _, loss = self(idx, targets, return_logits=False, check_targets=check_targets)
         with record_function("backward"):
             loss.backward(torch.full_like(loss, grad_scale))
         return loss.detach()
@@ -277,12 +284,13 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "GPT":
         """Load a GPT-2 checkpoint directory in Hugging Face format (config.json and
-        model.safetensors or pytorch_model.bin). `overrides` set GPTConfig fields
-        such as backend or vocab_multiple."""
-        from engine.hf import load_pretrained
-        return load_pretrained(cls, path, **overrides)
+        model.safetensors or pytorch_model.bin), or this engine's run folder or
+        checkpoint file. `overrides` set GPTConfig fields such as backend or
+        vocab_multiple."""
+        if source_kind(path) == "hf":
+            return load_hf_folder(cls, path, **overrides)
+        return load_engine_model(cls, path, **overrides)[0]
 
     def save_pretrained(self, path) -> None:
         """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads."""
-        from engine.hf import save_pretrained
         save_pretrained(self, path)

@@ -18,6 +18,9 @@ Semantics both op sets share, where PyTorch's own ops differ:
   never reads as a diverged step.
 - causal attention with fewer queries than keys aligns the mask to the end of the
   keys (decoding with a KV cache); SDPA's is_causal aligns it to the start.
+- `linear_cross_entropy` refuses a target outside [0, num_classes) that is not
+  ignore_index, as F.cross_entropy does; on the triton backend that check costs
+  a host sync, and `check_targets=False` skips it for targets already checked.
 """
 from __future__ import annotations
 
@@ -121,7 +124,8 @@ class TorchOps:
         return contextlib.nullcontext()
 
     @staticmethod
-    def linear_cross_entropy(x, weight, targets, num_classes, ignore_index=-100):
+    def linear_cross_entropy(x, weight, targets, num_classes, ignore_index=-100, check_targets=True):
+        # F.cross_entropy checks the targets itself, whatever check_targets says.
         logits = F.linear(x, weight)[..., :num_classes].float().reshape(-1, num_classes)
         targets = targets.reshape(-1)
         total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
@@ -235,15 +239,15 @@ class TritonOps:
                                proj_compute_weight=self._copy(proj_weight, dtype),
                                accumulate_grad=self._accumulating())
 
-    def linear_cross_entropy(self, x, weight, targets, num_classes, ignore_index=-100):
+    def linear_cross_entropy(self, x, weight, targets, num_classes, ignore_index=-100, check_targets=True):
         dtype = _autocast_dtype(x) or x.dtype
         accumulate = self._accumulating()
         with torch.autocast(x.device.type, enabled=False):
-            # The loaders check target ids on the CPU: the kernel's own check would
-            # sync with the host once per call.
+            # check_targets costs a host sync per call: the trainer turns it off,
+            # its loaders having checked the ids on the CPU.
             return self._k.linear_cross_entropy(
                 x.to(dtype), weight, targets, ignore_index=ignore_index, num_classes=num_classes,
-                check_targets=False, compute_weight=self._copy(weight, dtype),
+                check_targets=check_targets, compute_weight=self._copy(weight, dtype),
                 grad_output=self._step.grad_scale if accumulate else None, accumulate_grad=accumulate,
                 one_pass=self.fusions.cross_entropy)
 
@@ -305,6 +309,11 @@ def get_ops(backend: str, fusions: Fusions = Fusions()):
 
 def fused_adamw(param_groups, *, lr: float, betas, eps: float, weight_decay: float):
     """The Triton FusedAdamW (one launch per group, fp32 moments, lr and step on the
-    device); see gpt2_kernels/adamw.py."""
-    from gpt2_kernels import FusedAdamW  # deferred: Triton is optional outside Linux
-    return FusedAdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    device); see gpt2_kernels/adamw.py. Over DTensor parameters (FSDP) its sharded
+    form, which updates each process's shards and keeps its state as DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    from gpt2_kernels import FusedAdamW, ShardedFusedAdamW  # deferred: Triton is optional outside Linux
+    sharded = any(isinstance(p, DTensor) for group in param_groups for p in group["params"])
+    cls = ShardedFusedAdamW if sharded else FusedAdamW
+    return cls(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

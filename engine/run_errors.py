@@ -9,7 +9,7 @@ prints it (no traceback) and exits with `exit_status`:
     4    a run file could not be written: disk full, permissions (RunFileError)
     5    DDP: another process stalled past --ddp-timeout-s, crashed or was killed (PeerLost)
     130  SIGINT (Ctrl-C), 143 SIGTERM: stopped after a step, checkpoint written (Interrupted),
-         or aborted at once by a second signal (RunAborted)
+         or during set-up with nothing written, or aborted at once by a second signal (RunAborted)
 """
 from __future__ import annotations
 
@@ -74,6 +74,20 @@ class Interrupted(RunStopped):
         super().__init__(message)
         self.signum = signum
         self.exit_status = 128 + signum
+
+
+    @classmethod
+    def during_setup(cls, signum: int, resumable: str, replaced: list[str]):
+        """A signal before the first step. A new run has written nothing (set-up
+        removes what it wrote); `resumable` is the --resume a resumed run can be
+        continued with; `replaced`, the files --overwrite had already deleted."""
+        if resumable:
+            where = f"the run can continue: python train.py --resume {resumable}"
+        elif replaced:
+            where = f"--overwrite had removed the previous run's files ({', '.join(replaced)}); nothing else written"
+        else:
+            where = "nothing was written"
+        return cls(signum, f"interrupted by {signal_name(signum)} during set-up, before the first step: {where}")
 
 
 class RunAborted(KeyboardInterrupt):

@@ -1,4 +1,9 @@
-"""What a run leaves to read: the log line per step, metrics.csv and loss.png.
+"""What a run leaves to read: log.txt, the log line per step, metrics.csv and loss.png.
+
+`RunLog.line` prints a line and appends it to the run folder's log.txt (flushed
+line by line, so a crash loses nothing printed; a resumed run appends). Each
+step's line says where the run is: `step i/N`, the wall time since this
+invocation started and the time left at its mean pace so far.
 
 `RunLog` keeps the history of the whole run (on resume, the rows of the earlier
 steps are read back from metrics.csv, so the plot shows the run from step 0),
@@ -15,6 +20,7 @@ import csv
 import io
 import math
 import pathlib
+import time
 
 from engine.fileio import atomic_write, os_reason
 from engine.run_errors import RunFileError
@@ -23,9 +29,16 @@ CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec", "val
               "hellaswag_acc_norm", "skipped")
 
 
-def format_step_line(row: dict) -> str:
-    line = (f"step {row['step']:5d} | loss {row['loss']:.6f} | lr {row['lr']:.4e} | "
-            f"norm {row['grad_norm']:.4f} | dt {row['dt_ms']:.2f}ms | tok/sec {row['tokens_per_sec']:.2f}")
+def clock(seconds: float) -> str:
+    """h:mm:ss."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_step_line(row: dict, max_steps: int, elapsed_s: float, eta_s: float) -> str:
+    line = (f"step {row['step']:5d}/{max_steps} | loss {row['loss']:.6f} | lr {row['lr']:.4e} | "
+            f"norm {row['grad_norm']:.4f} | dt {row['dt_ms']:.2f}ms | tok/sec {row['tokens_per_sec']:.2f} | "
+            f"elapsed {clock(elapsed_s)} | eta {clock(eta_s)}")
     if row.get("skipped"):
         line += " | skipped (non-finite: the weights did not change)"
     return line
@@ -46,12 +59,31 @@ def _write_failed(path, e: OSError) -> RunFileError:
 
 
 class RunLog:
-    def __init__(self, run_dir, *, master: bool, log=print, token: str = ""):
+    def __init__(self, run_dir, *, master: bool, max_steps: int, log=print, token: str = ""):
         self.run_dir = pathlib.Path(run_dir)
         self.master = master
+        self.max_steps = max_steps
         self.log = log if master else (lambda *a, **k: None)
         self.token = token
         self.history: list[dict] = []
+        self._started = time.perf_counter()
+        self._first_step = 0
+
+    @property
+    def log_path(self) -> pathlib.Path:
+        return self.run_dir / "log.txt"
+
+    def line(self, text: str, echo: bool = True) -> None:
+        """Print `text` (unless echo is False: already printed) and append it to log.txt."""
+        if not self.master:
+            return
+        if echo:
+            self.log(text)
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise _write_failed(self.log_path, e) from None
 
     def _atomic(self, path: pathlib.Path, data: bytes) -> None:
         try:
@@ -66,6 +98,7 @@ class RunLog:
     def start(self, first_step: int, earlier_csv=None) -> None:
         """Keep the rows of steps before `first_step` (a resumed run), read from
         `earlier_csv` (the checkpoint's folder's metrics.csv) or this folder's; drop the rest."""
+        self._started, self._first_step = time.perf_counter(), first_step
         source = pathlib.Path(earlier_csv) if earlier_csv is not None else self.csv_path
         kept = []
         if first_step > 0 and source.is_file():
@@ -94,7 +127,10 @@ class RunLog:
         self.history.append(row)
         if not self.master:
             return
-        self.log(format_step_line(row))
+        elapsed = time.perf_counter() - self._started
+        done = row["step"] + 1 - self._first_step
+        eta = elapsed / done * (self.max_steps - row["step"] - 1) if done > 0 else 0.0
+        self.line(format_step_line(row, self.max_steps, elapsed, eta))
         try:
             with open(self.csv_path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(self._csv_row(row))
@@ -134,5 +170,5 @@ class RunLog:
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
         self._atomic(path, buf.getvalue())
-        self.log(f"loss curve: {path}")
+        self.line(f"loss curve: {path}")
         return path

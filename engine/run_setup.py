@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from dataclasses import dataclass
 
@@ -17,17 +18,6 @@ from engine.errors import UserInputError
 from engine.fileio import atomic_write, os_reason
 from engine.run_dir import RunFolder, create_auto_folder
 from engine.run_errors import RunFileError
-
-
-def resolve_device(name: str) -> str:
-    mps_ok = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("device (--device) cuda: no CUDA GPU is available; use --device cpu")
-    if name == "mps" and not mps_ok:
-        raise UserInputError("device (--device) mps: MPS is not available; use --device cpu")
-    return name
 
 
 def resolve_dtype(name: str, device_type: str) -> str:
@@ -50,12 +40,14 @@ class RunData:
     tokenizer_reason: str
     corpus_note: str  # what the default corpus is, when no --data was given
     data_path: str
+    data_hash: str  # engine.data.fingerprint: lets a resumed run find its data at a new path
     train_loader: object
     val_loader: object
 
 
 def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     from engine.data import build_loader, resolve_default_corpus
+    from engine.data.fingerprint import content_hash
     from engine.tokenizer import load_tokenizer, tokenizer_for_model
     # A run that continues a trained model takes that model's tokenizer, and fails
     # here, before any training, when it cannot be loaded: "auto" never falls back
@@ -63,7 +55,7 @@ def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     if cfg.resume:
         tokenizer, reason = tokenizer_for_model("auto", cfg.tokenizer, f"--resume {cfg.resume}")
     elif cfg.init_from:
-        from engine.load import source_tokenizer_name
+        from engine.sources import source_tokenizer_name
         tokenizer, reason = tokenizer_for_model(cfg.tokenizer, source_tokenizer_name(cfg.init_from),
                                                 f"--init-from {cfg.init_from}")
     else:
@@ -75,9 +67,13 @@ def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
     common = dict(rank=info.rank, world_size=info.world_size, tokenizer=tokenizer,
                   val_fraction=cfg.val_fraction, seed=cfg.seed, pin_memory=device_type == "cuda",
                   requested_tokenizer=cfg.tokenizer)
-    return RunData(tokenizer, reason, note, str(data_path),
-                   build_loader(data_path, cfg.batch_size, cfg.seq_len, split="train", **common),
-                   build_loader(data_path, cfg.batch_size, cfg.seq_len, split="val", **common))
+    train = build_loader(data_path, cfg.batch_size, cfg.seq_len, split="train", **common)
+    val = build_loader(data_path, cfg.batch_size, cfg.seq_len, split="val", **common)
+    try:
+        data_hash = content_hash(data_path)
+    except OSError as e:
+        raise UserInputError(f"{data_path}: cannot read it ({e.strerror or e})") from None
+    return RunData(tokenizer, reason, note, str(data_path), data_hash, train, val)
 
 
 def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str):
@@ -111,68 +107,87 @@ def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str
     return model
 
 
-def claim_run_dir(cfg, resume_path, info: dist_lib.DistInfo, token: str, log=print):
+def claim_run_dir(cfg, resume_path, info: dist_lib.DistInfo, token: str):
     """(folder path, RunFolder held by rank 0 or None): rank 0 chooses, creates and
     locks the folder (engine.run_dir); every rank gets the same folder, or the
-    same error."""
+    same error. Nothing in it changes yet (RunFolder.start_writing does that)."""
     path = error = folder = None
     if info.master:
         try:
+            made = []
             if cfg.run_dir != "auto":
                 path = pathlib.Path(cfg.run_dir)
             elif resume_path is not None:
                 path = resume_path.parent
             else:
-                path = create_auto_folder()
-            folder = RunFolder(path, token)
+                path, made = create_auto_folder()
+            folder = RunFolder(path, token, created=made)
             folder.claim()
             here = resume_path is not None and resume_path.parent.resolve() == path.resolve()
-            folder.check_free(resuming_here=here, overwrite=cfg.overwrite, log=log)
+            folder.check_free(resuming_here=here, overwrite=cfg.overwrite)
         except UserInputError as e:
             error = str(e)
             if folder is not None:
-                folder.release()
+                folder.release(remove_if_unused=True)
     path, error = dist_lib.broadcast_object((str(path), error), info)
     if error:
         raise UserInputError(error)
     return pathlib.Path(path), folder
 
 
-def write_config_json(run_dir: pathlib.Path, cfg, model_config, token: str) -> None:
-    config = json.dumps({"train": cfg.to_dict(), "model": model_config.to_dict()}, indent=2)
+def write_config_json(run_dir: pathlib.Path, cfg, model_config, token: str, run_id: str | None) -> None:
+    """The run's configuration, and its run id: what makes the folder's checkpoints
+    recognisably its own (engine.checkpoint.check_belongs)."""
+    config = json.dumps({"run_id": run_id, "train": cfg.to_dict(), "model": model_config.to_dict()}, indent=2)
     try:
         atomic_write(run_dir / "config.json", lambda f: f.write(config.encode()), tmp_prefix=f".config.json.{token}.")
     except OSError as e:
         raise RunFileError(f"{run_dir / 'config.json'}: could not write ({os_reason(e)})") from None
 
 
-def header_lines(t, graph_reason: str, optimizer_lines: list[str], resume_path) -> list[str]:
-    """The log's first lines: what this run uses, and why where it was chosen."""
-    info, cfg, c = t.dist, t.cfg, t.model_config
-    if t.optimizer_kind == "triton":
-        optimizer = "triton FusedAdamW"
-    else:
-        optimizer = "torch AdamW" + (" (fused)" if any(g.get("fused") for g in t.optimizer.param_groups) else "")
-    source = (f"from {resume_path}" if resume_path else f"from {cfg.init_from}" if cfg.init_from
-              else f"preset {cfg.model}")
+def describe_optimizer(kind: str, optimizer, parallel: str = "none") -> str:
+    if kind == "triton":
+        return "triton FusedAdamW" + (" on each process's shards" if parallel == "fsdp" else "")
+    return "torch AdamW" + (" (fused)" if any(g.get("fused") for g in optimizer.param_groups) else "")
+
+
+def thread_line(device_type: str) -> str:
+    """How many threads torch's CPU ops use, and why it matters on a shared machine."""
+    threads, cores = torch.get_num_threads(), os.cpu_count()
+    omp = os.environ.get("OMP_NUM_THREADS")
+    line = f"cpu threads: {threads} of {cores} cores" + (f" (OMP_NUM_THREADS={omp})" if omp else "")
+    if device_type == "cpu" and threads > 1:
+        # torch's threads wait for each other: on a machine busy with other work one
+        # thread can be several times faster.
+        line += "; on a busy machine OMP_NUM_THREADS=1 is often faster"
+    return line
+
+
+def header_lines(cfg, info: dist_lib.DistInfo, *, device, dtype: str, backend: str, optimizer: str,
+                 optimizer_lines: list[str], model, source: str, data: RunData, accum: int,
+                 graphs: tuple[bool, str], run_dir, resumed) -> list[str]:
+    """The log's first lines: what this run uses, and why where it was chosen.
+    `resumed` is (checkpoint path, step) for a resumed run, else None."""
+    c = model.config
+    parallel = f" ({info.parallel.upper()}, world size {info.world_size})" if info.parallel != "none" else ""
     lines = [
-        f"device: {t.device}{f' (DDP, world size {info.world_size})' if info.ddp else ''} | dtype: {t.dtype} "
-        f"(residual stream {c.residual_dtype}) | "
-        f"backend: {t.backend} | optimizer: {optimizer}",
+        f"device: {device}{parallel} | dtype: {dtype} (residual stream {c.residual_dtype}) | "
+        f"backend: {backend} | optimizer: {optimizer}",
+        thread_line(torch.device(device).type),
         f"model: {source}: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} block_size={c.block_size} "
-        f"vocab={c.vocab_size} (padded {c.padded_vocab_size}) | {t.raw_model.num_parameters():,} parameters",
+        f"vocab={c.vocab_size} (padded {c.padded_vocab_size}) | {model.num_parameters():,} parameters",
         *optimizer_lines,
-        f"tokenizer: {t.tokenizer.name} ({t.data.tokenizer_reason})",
-        f"corpus: {t.data.corpus_note or t.data.data_path}",
-        f"train data: {t.train_loader.description}",
-        f"val data: {t.val_loader.description}",
+        f"tokenizer: {data.tokenizer.name} ({data.tokenizer_reason})",
+        f"corpus: {data.corpus_note or data.data_path}",
+        f"train data: {data.train_loader.description}",
+        f"val data: {data.val_loader.description}",
         f"total batch: {cfg.total_batch_size:,} tokens = {cfg.batch_size} x {cfg.seq_len} x "
-        f"{info.world_size} process(es) x {t.accum} accumulation step(s)",
-        f"cuda graphs: {'on' if t.use_graphs else 'off'} ({graph_reason})",
+        f"{info.world_size} process(es) x {accum} accumulation step(s)",
+        f"cuda graphs: {'on' if graphs[0] else 'off'} ({graphs[1]})",
     ]
-    if t.dtype == "bf16-params" and t.optimizer_kind == "torch":
+    if dtype == "bf16-params" and optimizer.startswith("torch"):
         lines.append("note: with bf16-params, torch's AdamW keeps its moments in bf16 (the parameters' dtype); "
                      "--optimizer triton keeps them in fp32")
-    lines.append(f"run folder: {t.run_dir}" + (f" | resumed from {resume_path} at step {t.step}" if resume_path
-                                              else ""))
+    lines.append(f"run folder: {run_dir}" + (f" | resumed from {resumed[0]} at step {resumed[1]}" if resumed
+                                            else ""))
     return lines

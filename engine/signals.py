@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 from engine.run_errors import RunAborted, signal_name
@@ -72,8 +73,18 @@ def abort_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def ignore_stop_signals_in_worker():
+def ignore_stop_signals_in_worker(parent_pid: int | None = None):
     """Pool initializer: workers leave SIGINT/SIGTERM to their parent, which
-    stops them (Pool.terminate) and cleans up."""
+    stops them and cleans up. Given the parent's pid, on Linux a worker is also
+    killed when its parent dies, so a SIGKILLed parent leaves no orphans."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)

@@ -11,8 +11,8 @@ benchmark all call `train_step`:
 A bare model in one process runs each micro-batch as its own micro-step
 (GPT.forward_backward, the loss's gradient 1 / accum known before the forward), so
 that its kernels can add the gradients into .grad and read the optimizer's bf16
-weight copies; a model wrapped in DDP or torch.compile goes through its wrapper and
-autograd. Both give the same gradients.
+weight copies; a model wrapped in DDP, sharded by FSDP or compiled goes through its
+wrapper and autograd. Both give the same gradients.
 
 A step whose loss or gradient norm is NaN or infinite never reaches the weights:
 the optimizer skips it on the device (a `found_inf` flag, as torch's GradScaler
@@ -28,8 +28,10 @@ import contextlib
 import torch
 from torch.profiler import record_function
 
+from engine.config import AUTOCAST_DTYPES
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_factory(dtype: str, device_type: str, cache_enabled: bool = True):
@@ -38,7 +40,7 @@ def autocast_factory(dtype: str, device_type: str, cache_enabled: bool = True):
     needs cache_enabled=False: autocast's cache of cast weights would hold tensors
     of the capture that replays never refresh."""
     if dtype in AUTOCAST_DTYPES:
-        return lambda: torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype],
+        return lambda: torch.autocast(device_type=device_type, dtype=TORCH_DTYPES[dtype],
                                       cache_enabled=cache_enabled)
     return contextlib.nullcontext
 
@@ -63,11 +65,42 @@ def optimizer_step_if_finite(optimizer, finite: torch.Tensor) -> None:
         optimizer.step()
 
 
+@contextlib.contextmanager
+def gradient_sync(model, sync: bool):
+    """Around one micro-batch's forward and backward: reduce the gradients over the
+    processes only when `sync` (the last micro-batch), so a step reduces once.
+    DDP all-reduces unless inside `no_sync()`; FSDP reduce-scatters unless told
+    `set_requires_gradient_sync(False)` (it then accumulates unsharded gradients
+    until the synced backward); a single process has nothing to reduce."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor that may be a DTensor (the norm of FSDP's
+    sharded gradients is one): the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _forward_backward(model):
     """The model's own micro-step (GPT.forward_backward), where the step may use
-    it: a bare model in a single process. A wrapped one (DDP, torch.compile)
-    runs forward and backward through its wrapper."""
+    it: a bare model in a single process. A wrapped or sharded one (DDP, FSDP,
+    torch.compile) runs forward and backward through its wrapper, whose hooks
+    reduce the gradients."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    if hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync"):
         return None
     if not callable(getattr(type(model), "forward_backward", None)):
         return None
@@ -80,9 +113,10 @@ def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_cli
     int64 on the model's device). Returns (mean loss, global grad norm before
     clipping) as 0-d fp32 device tensors; reading them is the caller's host sync.
 
-    `model` may be wrapped in DDP: the gradients are all-reduced once, after the
-    last micro-batch's backward. `all_reduce(t)` (in place, mean over ranks) makes
-    the logged loss the global one. grad_clip <= 0 means no clipping.
+    `model` may be wrapped in DDP or sharded by FSDP: the gradients are reduced
+    once, in the last micro-batch's backward (gradient_sync). `all_reduce(t)` (in
+    place, mean over ranks) makes the logged loss the global one. grad_clip <= 0
+    means no clipping.
     """
     accum = xs.size(0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -90,16 +124,17 @@ def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_cli
     # the captured graph and FusedAdamW's launch table rely on.
     optimizer.zero_grad(set_to_none=False)
     loss = torch.zeros((), dtype=torch.float32, device=xs.device)
-    no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce before the last backward
     forward_backward = _forward_backward(model)
     for i in range(accum):
-        last = i == accum - 1
         if forward_backward is not None:
-            loss += forward_backward(xs[i], ys[i], grad_scale=1.0 / accum, autocast=autocast).float() / accum
+            # The loaders checked the ids: no per-call host sync for it here.
+            loss += forward_backward(xs[i], ys[i], grad_scale=1.0 / accum, autocast=autocast,
+                                     check_targets=False).float() / accum
             continue
-        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()):
+        with gradient_sync(model, sync=i == accum - 1):
             with record_function("forward"), autocast():
-                _, micro_loss = model(xs[i], ys[i], return_logits=False)
+                # The loaders checked the ids: no per-call host sync for it here.
+                _, micro_loss = model(xs[i], ys[i], return_logits=False, check_targets=False)
             micro_loss = micro_loss / accum
             loss += micro_loss.detach().float()
             with record_function("backward"):
@@ -111,6 +146,7 @@ def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_cli
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm(grads)
+    norm = full_value(norm)  # under FSDP: the norm over every shard of every process
     finite = torch.isfinite(loss) & torch.isfinite(norm)
     with record_function("optimizer_step"):
         optimizer_step_if_finite(optimizer, finite)

@@ -33,6 +33,15 @@ def _as_int_list(ids) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (JSON escapes such as "\ud83d" make them): replaced by
+        # U+FFFD, as tiktoken's encode does, so both tokenizers take any str.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocab 256, no end-of-text token, never unavailable."""
 
@@ -41,10 +50,10 @@ class ByteTokenizer:
     eot_token = None
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(_utf8(text))
 
     def encode_batch(self, texts, num_threads: int = 8) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
+        return [list(_utf8(t)) for t in texts]
 
     def decode_bytes(self, ids) -> bytes:
         ids = _as_int_list(ids)
@@ -174,7 +183,7 @@ def load_tokenizer(name: str = "auto"):
 def tokenizer_for_model(requested: str, model_tokenizer: str, source: str):
     """(tokenizer, reason) for a run that starts from a trained model: `requested`
     is the run's --tokenizer (auto | gpt2 | bytes), `model_tokenizer` the one the
-    model was trained with (`engine.load.source_tokenizer_name`, or a checkpoint's
+    model was trained with (`engine.sources.source_tokenizer_name`, or a checkpoint's
     "tokenizer" entry), `source` names the model in messages (--init-from X,
     --resume Y).
 
@@ -199,7 +208,7 @@ def tokenizer_for_model(requested: str, model_tokenizer: str, source: str):
             f"{source} was trained with the gpt2 tokenizer, whose BPE files cannot be loaded{why}; set "
             "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 cache (the byte-level tokenizer "
             "cannot stand in for it)") from cause
-    return tok, f"{tok.name} tokenizer (the one {source} was trained with)"
+    return tok, f"the one {source} was trained with"
 
 
 def check_encodable(text: str, what: str) -> None:

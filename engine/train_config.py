@@ -15,17 +15,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from engine.config import BACKENDS, PRESETS, Fusions
+from engine.config import BACKENDS, PRESETS, RESIDUAL_DTYPES, TRAIN_DTYPES, Fusions
 from engine.errors import UserInputError
+from engine.tokenizer import TOKENIZER_NAMES
 
 CHOICES = {
+    "model": ("auto", *PRESETS),
     "backend": BACKENDS,
     "device": ("auto", "cpu", "cuda", "mps"),
-    "dtype": ("auto", "fp32", "bf16", "bf16-params"),
-    "residual_dtype": ("auto", "fp32", "bf16"),
+    "dtype": ("auto", *TRAIN_DTYPES),
+    "residual_dtype": ("auto", *RESIDUAL_DTYPES),
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
-    "tokenizer": ("auto", "gpt2", "bytes"),
+    "tokenizer": ("auto", *TOKENIZER_NAMES),
+    "parallel": ("auto", "ddp", "fsdp"),
 }
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
@@ -74,8 +77,7 @@ class TrainConfig:
     init_from: str = _f("", "start from a Hugging Face GPT-2 checkpoint folder (empty: random init)")
     compile: bool = _f(False, "torch.compile the model (for comparison)", resume_safe=True)
     fusions: str = _f("all", "what the triton backend fuses: all, none, or a comma-separated list of "
-                      "epilogues, cross_entropy, grad_accumulation, bf16_weights (README: Precision and "
-                      "fusions)", resume_safe=True)
+                      f"{', '.join(Fusions.names())} (README, Main command: --fusions)", resume_safe=True)
     # --- data
     data: str = _f("", "text file, folder, or token shards (empty: the default corpus)")
     tokenizer: str = _f("auto", "tokenizer: auto | gpt2 | bytes", "gpt2 when its files load, else bytes")
@@ -89,6 +91,9 @@ class TrainConfig:
     warmup_steps: int | None = _f(None, "linear warm-up steps", _auto_text("warmup_steps"))
     max_lr: float | None = _f(None, "peak learning rate", _auto_text("max_lr"))
     min_lr: float | None = _f(None, "final learning rate of the cosine decay", "max_lr * 0.1")
+    lr_decay_steps: int | None = _f(None, "steps the cosine decays over; min_lr after them. A resumed run keeps "
+                                    "its value, so steps added by a larger --max-steps run at min_lr; giving it "
+                                    "with --resume re-plans the cosine", "max_steps", resume_safe=True)
     weight_decay: float = _f(0.1, "AdamW weight decay (parameters with dim >= 2 only)")
     grad_clip: float = _f(1.0, "clip the global grad norm at this (0: no clipping)")
     betas: tuple = _f((0.9, 0.95), "AdamW betas")
@@ -103,8 +108,11 @@ class TrainConfig:
                         "triton FusedAdamW on CUDA+triton, torch fused AdamW on CUDA, torch AdamW elsewhere",
                         resume_safe=True)
     cuda_graphs: str = _f("auto", "auto | on | off: capture the whole step in a CUDA graph",
-                          "on where possible (CUDA, triton backend, no compile, no DDP), else off with the reason",
-                          resume_safe=True)
+                          "on where possible (CUDA, triton backend, no compile, no DDP/FSDP), else off with the "
+                          "reason", resume_safe=True)
+    parallel: str = _f("auto", "auto | ddp | fsdp: how the processes of torchrun share the model: ddp replicates "
+                       "it, fsdp shards weights, gradients and optimizer state over them (FSDP2; sharded "
+                       "checkpoints)", "ddp under torchrun, a single process otherwise", resume_safe=True)
     # --- output
     run_dir: str = _f("auto", "folder for checkpoints, metrics.csv, loss.png",
                       "the resumed run's folder, else runs/<date-time>", resume_safe=True)
@@ -120,6 +128,8 @@ class TrainConfig:
     checkpoint_interval: int | None = _f(None, "checkpoint every this many steps and at the end (0: never)",
                                          _auto_text("checkpoint_interval"), resume_safe=True)
     keep_checkpoints: int = _f(3, "keep the last K checkpoints (0: all)", resume_safe=True)
+    checkpoint_async: bool = _f(False, "with --parallel fsdp: write each checkpoint in the background (a snapshot "
+                                "of its step) while training goes on", resume_safe=True)
     overwrite: bool = _f(False, "replace the run already in --run-dir (deletes its checkpoints, metrics.csv, "
                          "config.json, loss.png); without it such a folder is refused", resume_safe=True)
     max_bad_steps: int = _f(3, "a step whose loss or grad norm is NaN/inf is skipped (the weights do not "
@@ -128,7 +138,9 @@ class TrainConfig:
     ddp_timeout_s: float = _f(600.0, "DDP: seconds a collective waits for the other processes before the "
                               "job stops (exit 5)", resume_safe=True)
     seed: int = _f(1337, "random seed (model init, data order, sampling)")
-    resume: str = _f("", "continue from a checkpoint file, or a run folder's latest checkpoint",
+    resume: str = _f("", "continue from a checkpoint (a file, or a sharded checkpoint folder), or a run "
+                     "folder's newest valid checkpoint; auto: --run-dir's newest checkpoint if it has one, else "
+                     "start the run there (so torchrun --max-restarts can replay the same command)",
                      resume_safe=True)
     profile: bool = _f(False, "profile a few steps (torch.profiler) and write a trace to the run folder",
                        resume_safe=True)
@@ -136,7 +148,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("model", "init_from", "data", "run_dir", "resume", "hellaswag", "fusions", *CHOICES):
+        for name in ("init_from", "data", "run_dir", "resume", "hellaswag", "fusions", *CHOICES):
             if not isinstance(getattr(self, name), str):
                 raise UserInputError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():
@@ -147,11 +159,9 @@ class TrainConfig:
             Fusions.parse(self.fusions)
         except ValueError as e:
             raise UserInputError(f"{flag('fusions')}: {e}") from None
-        if self.model != "auto" and self.model not in PRESETS:
-            raise UserInputError(f"{flag('model')} must be auto or one of {', '.join(PRESETS)}, "
-                                 f"got {self.model!r}")
         positive = ("n_layer", "n_head", "n_embd", "vocab_multiple", "batch_size", "seq_len",
-                    "total_batch_size", "max_steps", "eval_batches", "log_interval", "max_bad_steps")
+                    "total_batch_size", "max_steps", "lr_decay_steps", "eval_batches", "log_interval",
+                    "max_bad_steps")
         non_negative = ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval",
                         "keep_checkpoints", "seed")
         for name in positive + non_negative:
@@ -177,7 +187,7 @@ class TrainConfig:
                 raise UserInputError(f"{flag(name)} must be >= 0, got {value}")
         if self.ddp_timeout_s <= 0:
             raise UserInputError(f"{flag('ddp_timeout_s')} must be > 0, got {self.ddp_timeout_s}")
-        for name in ("compile", "profile", "overwrite"):
+        for name in ("compile", "profile", "overwrite", "checkpoint_async"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.max_lr is not None and self.max_lr <= 0:
@@ -195,15 +205,22 @@ class TrainConfig:
                 and self.warmup_steps > self.max_steps):
             raise UserInputError(f"{flag('warmup_steps')} ({self.warmup_steps}) must be <= max_steps "
                                  f"({self.max_steps})")
-        if self.init_from and self.resume:
+        if self.resume == "auto" and self.run_dir == "auto":
+            raise UserInputError("--resume auto needs --run-dir: the folder whose newest checkpoint a restarted "
+                                 "job continues")
+        if (self.warmup_steps is not None and self.lr_decay_steps is not None
+                and self.warmup_steps > self.lr_decay_steps):
+            raise UserInputError(f"{flag('warmup_steps')} ({self.warmup_steps}) must be <= lr_decay_steps "
+                                 f"({self.lr_decay_steps})")
+        if self.init_from and self.resume and self.resume != "auto":
             raise UserInputError("--init-from and --resume exclude each other: a resumed run "
                                  "continues from its checkpoint's weights")
         if self.batch_size and self.seq_len and self.total_batch_size:
             accumulation_steps(self.total_batch_size, self.batch_size, self.seq_len, 1)
 
     def resolved(self, device_type: str, world_size: int = 1) -> "TrainConfig":
-        """A copy with every auto number filled in from AUTO_DEFAULTS for this device,
-        after checking that total_batch_size divides by batch_size*seq_len*world_size."""
+        """A copy with every auto number filled in from AUTO_DEFAULTS for this device
+        (total_batch_size: one micro-batch per process)."""
         table = AUTO_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
         values = {name: default for name, default in table.items()
                   if getattr(self, name) in (None, "auto")}
@@ -215,8 +232,14 @@ class TrainConfig:
             cfg.total_batch_size = cfg.batch_size * cfg.seq_len * world_size
         if cfg.min_lr is None:
             cfg.min_lr = cfg.max_lr * 0.1
-        accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, world_size)
+        if cfg.lr_decay_steps is None:
+            cfg.lr_decay_steps = cfg.max_steps
         return dataclasses.replace(cfg)  # runs __post_init__ on the resolved values
+
+    def accumulation(self, world_size: int) -> int:
+        """Gradient-accumulation steps of this resolved config on world_size processes;
+        a clear error when total_batch_size is not a multiple of B*T*world_size."""
+        return accumulation_steps(self.total_batch_size, self.batch_size, self.seq_len, world_size)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

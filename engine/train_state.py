@@ -6,6 +6,8 @@ geometry, schedule, seed, ...). A field the user gave that is resume-safe
 (engine.train_config.resume_safe_fields) replaces the stored value; one that
 is not, and differs, is refused in one line naming it. `resume`, `run_dir`,
 `overwrite` and `profile` describe this invocation, never the stored run.
+The data may move: `--data NEWPATH` is accepted when its content hash
+(engine.data.fingerprint) equals the one the checkpoint recorded.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 from engine import checkpoint as ckpt_lib
+from engine.data.fingerprint import content_hash
 from engine.errors import UserInputError
 from engine.train_config import TrainConfig, resume_safe_fields
 
@@ -41,15 +44,44 @@ def _same(name: str, given, stored) -> bool:
     return given == stored
 
 
-def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path) -> TrainConfig:
+def _moved_data(cfg: TrainConfig, explicit: frozenset[str], state: dict, path, log) -> str | None:
+    """The run's data at a new path (--data NEWPATH whose content hash is the run's),
+    or None when it stays where it was; a run whose data is gone says what to do."""
+    stored = state["train_config"].get("data")
+    if not stored:
+        return None
+    if "data" not in explicit or not cfg.data or _same("data", cfg.data, stored):
+        if not os.path.exists(stored):
+            raise UserInputError(f"resume: the run's data {stored} is no longer there (moved or deleted?); give "
+                                 "--data NEWPATH: data with the same content (checked by its hash) continues the run")
+        return None
+    recorded = state.get("data_hash")
+    if not recorded:
+        raise UserInputError(f"resume: --data {cfg.data}: the run's data is {stored}, and {path} predates content "
+                             f"hashes, so data elsewhere cannot be recognised as the same; put it back at {stored}")
+    try:
+        now = content_hash(cfg.data)
+    except OSError as e:
+        raise UserInputError(f"resume: --data {cfg.data}: cannot read it ({e.strerror or e})") from None
+    if now != recorded:
+        raise UserInputError(f"resume: --data {cfg.data}: not the run's data (its content hash differs from that "
+                             f"of {stored}); a resumed run keeps its data")
+    log(f"resume: the run's data has moved: {stored} -> {cfg.data} (same content hash)")
+    return cfg.data
+
+
+def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path, log=print) -> TrainConfig:
     """The configuration a resumed run continues with (see the module docstring)."""
     stored = state["train_config"]
     safe = set(resume_safe_fields())
+    moved = _moved_data(cfg, explicit, state, path, log)
     values, conflicts = {}, []
     for f in dataclasses.fields(TrainConfig):
         name, given = f.name, getattr(cfg, f.name)
         if name in PER_INVOCATION or name not in stored:
             values[name] = given
+        elif name == "data" and moved:
+            values[name] = moved
         elif name not in explicit:
             values[name] = stored[name]
         elif name in safe:
@@ -66,6 +98,9 @@ def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path
         raise UserInputError(
             f"resume: {given_text} would change the run in {path}, which has {stored_text}; a resumed run "
             f"keeps its model, data and schedule: drop these flags (it may change only {allowed})")
+    if "lr_decay_steps" not in stored and "lr_decay_steps" not in explicit:
+        # A checkpoint from before lr_decay_steps existed: its cosine spanned its max_steps.
+        values["lr_decay_steps"] = stored.get("max_steps")
     values["init_from"] = ""  # the weights come from the checkpoint
     try:
         return TrainConfig(**values)
@@ -73,40 +108,84 @@ def resumed_config(cfg: TrainConfig, explicit: frozenset[str], state: dict, path
         raise UserInputError(f"resume: {path}: {e}") from None
 
 
-def training_state(trainer, step: int) -> dict:
-    """Everything a checkpoint holds: weights, optimizer, loaders, RNG, configs."""
-    return {
+def auto_resume(cfg: TrainConfig, log=print) -> TrainConfig:
+    """--resume auto: the run folder's newest checkpoint if it holds one, else a
+    fresh run there (replacing what an attempt that wrote no checkpoint left), so
+    that torchrun --max-restarts can replay one command."""
+    if ckpt_lib.list_checkpoints(cfg.run_dir):
+        return dataclasses.replace(cfg, resume=cfg.run_dir)
+    log(f"resume auto: no checkpoint in {cfg.run_dir} yet: starting the run there")
+    return dataclasses.replace(cfg, resume="", overwrite=True)
+
+
+def schedule_note(stored: dict, cfg: TrainConfig, step: int) -> str | None:
+    """What a resumed run's new max_steps does to its learning rate, in one line
+    (None when max_steps is unchanged)."""
+    old = stored.get("max_steps")
+    if not isinstance(old, int) or cfg.max_steps == old:
+        return None
+    decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else cfg.max_steps
+    head = f"resume: max_steps {old} -> {cfg.max_steps}"
+    if decay == stored.get("lr_decay_steps", old):
+        if cfg.max_steps <= decay:
+            return f"{head}; the learning rate keeps its schedule (cosine over {decay} steps)"
+        return (f"{head}: the learning rate keeps its schedule, so steps {max(step, decay)}..{cfg.max_steps - 1} "
+                f"run at its floor min_lr (the cosine ends at step {decay}); --lr-decay-steps {cfg.max_steps} "
+                f"re-plans the cosine over {cfg.max_steps} steps instead")
+    return (f"{head}: --lr-decay-steps {decay} re-plans the cosine over {decay} steps (it was "
+            f"{stored.get('lr_decay_steps', old)}): the learning rate from step {step} on follows the new curve")
+
+
+def training_state(step: int, *, cfg: TrainConfig, model, optimizer, loaders, tokenizer_name: str,
+                   run_id: str | None, data_hash, world_size: int, bad_streak: int, weights: bool = True) -> dict:
+    """Everything a checkpoint holds: weights, optimizer, loaders (train, val), RNG,
+    configs, the run's identity. weights=False leaves out the weights and the
+    optimizer state (a sharded checkpoint keeps those in its shards)."""
+    train_loader, val_loader = loaders
+    state = {
         "version": ckpt_lib.FORMAT_VERSION,
         "step": step,
-        "model": trainer.raw_model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "train_loader": trainer.train_loader.state_dict(),
-        "val_loader": trainer.val_loader.state_dict(),
+        "train_loader": train_loader.state_dict(),
+        "val_loader": val_loader.state_dict(),
         "rng": ckpt_lib.rng_state(),
-        "train_config": trainer.cfg.to_dict(),
-        "model_config": trainer.model_config.to_dict(),
-        "tokenizer": trainer.tokenizer.name,
-        "world_size": trainer.dist.world_size,
-        "bad_streak": trainer.bad_streak,
+        "train_config": cfg.to_dict(),
+        "model_config": model.config.to_dict(),
+        "tokenizer": tokenizer_name,
+        "run_id": run_id,
+        "data_hash": data_hash,
+        "world_size": world_size,
+        "bad_streak": bad_streak,
     }
+    if weights:
+        state["model"] = model.state_dict()
+        state["optimizer"] = optimizer.state_dict()
+    return state
 
 
-def restore(trainer, state: dict, path) -> None:
-    """Load a checkpoint's state into a freshly built trainer; a state that does not
-    fit is 'not a training checkpoint of this engine', never a KeyError."""
-    if state.get("tokenizer") not in (None, trainer.tokenizer.name):
+def restore(state: dict, path, *, model, optimizer, loaders, tokenizer_name: str, dist) -> tuple[int, int]:
+    """Load a checkpoint's state into a freshly built model, optimizer and loaders
+    (train, val) of a run whose processes `dist` describes (a single-file
+    checkpoint into FSDP shards, a sharded one into any); returns (step, bad_streak). A state that does not fit is 'not a
+    training checkpoint of this engine', never a KeyError."""
+    if state.get("tokenizer") not in (None, tokenizer_name):
         raise UserInputError(f"resume: {path} was trained with the {state['tokenizer']} tokenizer, "
-                             f"this run uses {trainer.tokenizer.name}")
+                             f"this run uses {tokenizer_name}")
     try:
-        trainer.raw_model.load_state_dict(state["model"])
-        # Keep this run's learning-rate objects (device tensors when capturable):
-        # load_state_dict would replace them with the saved ones.
-        lrs = [g["lr"] for g in trainer.optimizer.param_groups]
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        for g, lr in zip(trainer.optimizer.param_groups, lrs):
-            g["lr"] = lr
-        trainer.train_loader.load_state_dict(state["train_loader"])
-        trainer.val_loader.load_state_dict(state["val_loader"])
+        if state.get("sharded"):
+            from engine.sharded_checkpoint import restore_tensors
+            restore_tensors(state["sharded"], model, optimizer, state["sharded_files"])
+        elif dist.parallel == "fsdp":
+            _restore_full_into_sharded(model, optimizer, state, master=dist.master)
+        else:
+            model.load_state_dict(state["model"])
+            # Keep this run's learning-rate objects (device tensors when capturable):
+            # load_state_dict would replace them with the saved ones.
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.load_state_dict(state["optimizer"])
+            for g, lr in zip(optimizer.param_groups, lrs):
+                g["lr"] = lr
+        for loader, key in zip(loaders, ("train_loader", "val_loader")):
+            loader.load_state_dict(state[key])
         ckpt_lib.set_rng_state(state["rng"])
     except UserInputError:
         raise
@@ -114,8 +193,40 @@ def restore(trainer, state: dict, path) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ckpt_lib.CheckpointError(path, f"its state does not fit this model: {type(e).__name__}: {first}",
                                        damaged=False) from None
-    trainer.step = int(state["step"])
-    trainer.bad_streak = int(state.get("bad_streak", 0))
+    return int(state["step"]), int(state.get("bad_streak", 0))
+
+
+def _restore_full_into_sharded(model, optimizer, state: dict, master: bool) -> None:
+    """A single-file checkpoint into an FSDP model and optimizer: rank 0's copy is
+    broadcast and each process keeps its shards (the others need not hold it)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    model_state = optimizer_state = {}
+    if master:
+        model_state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
+        optimizer_state = _optimizer_state_by_name(model, optimizer, state["optimizer"])
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    # Two calls, not set_state_dict: given an empty model state (the other ranks'),
+    # set_state_dict takes it for an optimizer-only load and skips the weights' broadcast.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def _optimizer_state_by_name(model, optimizer, saved: dict) -> dict:
+    """torch's optimizer state dict (parameters by position) keyed by parameter
+    name instead, as set_state_dict takes it; positions follow the optimizer's groups."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    positions = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(positions) != len(ordered):
+        raise ValueError(f"the checkpoint's optimizer has {len(positions)} parameters, this model {len(ordered)}")
+    name_of = dict(zip(positions, ordered))
+    return {"state": {name_of[i]: value for i, value in saved["state"].items()},
+            "param_groups": [dict(group, params=[name_of[i] for i in group["params"]])
+                             for group in saved["param_groups"]]}
 
 
 def set_aside_later_checkpoints(run_dir: pathlib.Path, step: int, log=print) -> None:
@@ -132,7 +243,13 @@ def set_aside_later_checkpoints(run_dir: pathlib.Path, step: int, log=print) -> 
     log(f"resume: moved {len(later)} later checkpoint(s) of the abandoned steps to {aside}")
 
 
-def weights_are_finite(model: torch.nn.Module) -> bool:
-    """One host sync: every parameter finite (checked before a checkpoint is written)."""
-    flags = [torch.isfinite(p).all() for p in model.parameters()]
-    return bool(torch.stack(flags).all()) if flags else True
+def weights_are_finite(model: torch.nn.Module, dist_info=None) -> bool:
+    """One host sync: every parameter finite (checked before a checkpoint is written).
+    Sharded parameters are checked shard by shard, and the processes agree."""
+    from engine import distributed as dist_lib
+    flags = [torch.isfinite(dist_lib.local_tensor(p)).all() for p in model.parameters()]
+    finite = torch.stack(flags).all() if flags else torch.tensor(True)
+    if dist_info is not None and dist_info.parallel == "fsdp":
+        bad = (~finite).to(torch.int64).reshape(1).to(next(model.parameters()).device)
+        finite = dist_lib.all_reduce_max(bad, dist_info)[0] == 0
+    return bool(finite)

@@ -7,14 +7,19 @@ whole step replayed as a CUDA graph), with build-nanogpt's warm-up + cosine
 learning rate. One log line and CSV row per step (engine.run_log), the val loss
 every eval_interval steps, samples every sample_interval steps, checkpoints every
 checkpoint_interval steps, a loss-curve PNG at the end. Under torchrun the model
-is wrapped in DDP and rank 0 logs and writes every file.
+is wrapped in DDP, or sharded by FSDP (--parallel fsdp: sharded checkpoints,
+written by every rank, optionally in the background); rank 0 logs and writes
+every other file. Every rank runs the same forwards (evaluation and sampling
+included), so none waits alone in a collective.
 
 Faults end a run in one line with its own exit status (engine.run_errors):
 max_bad_steps skipped non-finite steps in a row, SIGINT/SIGTERM (between steps,
 with a checkpoint: engine.signals), a failed write, a stalled DDP peer. Under
 DDP every rank decides at the same step, so all exit alike and none waits in a
 collective. Resumes take the checkpoint's configuration (engine.train_state);
-one process at a time holds a run folder (engine.run_dir).
+one process at a time holds a run folder (engine.run_dir). `--resume auto`
+continues the run folder's newest checkpoint, or starts the run there, so that
+torchrun's --max-restarts can replay the same command after a lost worker.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import gc
 import math
 import os
 import pathlib
+import signal
 import time
 
 import torch
@@ -37,13 +43,14 @@ from engine.optim import configure_optimizer, lr_at, resolve_optimizer, set_lr
 from engine.run_dir import new_token
 from engine.run_errors import Interrupted, PeerLost, RunFileError, RunFinished, TrainingDiverged, signal_name
 from engine.run_log import RunLog
-from engine.run_setup import (build_model, claim_run_dir, header_lines, load_data, resolve_device,
+from engine.load import resolve_device
+from engine.run_setup import (build_model, claim_run_dir, describe_optimizer, header_lines, load_data,
                               resolve_dtype, resolve_residual_dtype, write_config_json)
-from engine.signals import StopSignals
+from engine.signals import StopSignals, abort_on_sigterm
 from engine.step import autocast_factory, train_step
-from engine.train_config import TrainConfig, accumulation_steps
-from engine.train_state import (explicit_fields, restore, resumed_config, set_aside_later_checkpoints,
-                                training_state, weights_are_finite)
+from engine.train_config import TrainConfig
+from engine.train_state import (auto_resume, explicit_fields, restore, resumed_config, schedule_note,
+                                set_aside_later_checkpoints, training_state, weights_are_finite)
 
 __all__ = ["Trainer", "TrainingDiverged", "resolve_device", "resolve_dtype", "train"]
 
@@ -61,39 +68,64 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, log=print, explicit=None):
-        self._log = log if dist_lib.env_dist_info().master else (lambda *a, **k: None)
+        self._print = log if dist_lib.env_dist_info().master else (lambda *a, **k: None)
+        self._early_lines: list[str] = []  # logged before the run folder (and its log.txt) exists
+        self._log = self._log_early
         self.token = new_token()  # names this process's temp files
         self.folder = None
         resume_path = state = None
+        if cfg.resume == "auto":
+            cfg = auto_resume(cfg, log=self._log)
         if cfg.resume:
             resume_path, state = ckpt_lib.load_for_resume(cfg.resume, log=self._log)
-            cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path)
+            cfg = resumed_config(cfg, explicit_fields(cfg, explicit), state, resume_path, log=self._log)
+            note = schedule_note(state["train_config"], cfg, state["step"])
+            if note:
+                self._log(note)
             if state["step"] >= cfg.max_steps:
                 raise RunFinished(f"{resume_path.parent}: this run is finished (step {state['step']} of "
                                   f"max_steps {cfg.max_steps}); give --max-steps N with N > {state['step']} "
                                   "to train further")
-        device_type = resolve_device(cfg.device)
+        device_type = resolve_device(cfg.device).type
         if device_type == "cuda":
             # As build-nanogpt: fp32 matmuls (--dtype fp32, and those autocast leaves
             # in fp32) on TF32 tensor cores. Process-wide, as torch's switch is.
             torch.set_float32_matmul_precision("high")
         self.ddp_timeout_s = cfg.ddp_timeout_s
-        self.dist = dist_lib.init_distributed(device_type, cfg.ddp_timeout_s)
+        self.dist = dist_lib.init_distributed(device_type, cfg.ddp_timeout_s, cfg.parallel)
+        self._async_save = None  # the sharded checkpoint being written in the background
+        self._unstarted_files: list[pathlib.Path] = []  # written by set-up for a run not yet begun
+        self.replaced_previous_run: list[str] = []  # what --overwrite deleted
         try:
-            self._setup(cfg, device_type, resume_path, state)
+            with abort_on_sigterm():  # SIGTERM during set-up ends it as Ctrl-C does
+                self._setup(cfg, device_type, resume_path, state)
         except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                for path in self._unstarted_files:
+                    path.unlink(missing_ok=True)
             self._teardown(ok=False)
             lost = self._peer_lost(e)
             if lost is not None:
                 raise lost from None
+            if isinstance(e, KeyboardInterrupt):
+                resumable = "" if self._unstarted_files else cfg.resume
+                raise Interrupted.during_setup(getattr(e, "signum", signal.SIGINT), resumable,
+                                               self.replaced_previous_run) from None
             raise
 
     def _setup(self, cfg: TrainConfig, device_type: str, resume_path, state):
         info = self.dist
         self.device = torch.device(dist_lib.process_device(device_type, info))
         self.device_type = self.device.type
-        self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
-        self.accum = accumulation_steps(cfg.total_batch_size, cfg.batch_size, cfg.seq_len, info.world_size)
+        try:
+            self.cfg = cfg = cfg.resolved(self.device_type, info.world_size)
+        except UserInputError as e:
+            if resume_path is None or cfg.total_batch_size is None:
+                raise
+            raise UserInputError(f"resume: {resume_path} trains on {cfg.total_batch_size:,} tokens per step, "
+                                 f"which {info.world_size} process(es) cannot split ({e}); resume with a "
+                                 "number of processes that divides it") from None
+        self.accum = cfg.accumulation(info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device_type)
         self.cfg = cfg = dataclasses.replace(
             cfg, residual_dtype=resolve_residual_dtype(cfg.residual_dtype, self.dtype, self.device_type))
@@ -105,7 +137,7 @@ class Trainer:
         except RuntimeError as e:
             raise UserInputError(str(e)) from None
 
-        self.run_dir, self.folder = claim_run_dir(cfg, resume_path, info, self.token, log=self._log)
+        self.run_dir, self.folder = claim_run_dir(cfg, resume_path, info, self.token)
         self.data = load_data(cfg, info, self.device_type)
         self.tokenizer, self.train_loader, self.val_loader = (self.data.tokenizer, self.data.train_loader,
                                                               self.data.val_loader)
@@ -124,23 +156,53 @@ class Trainer:
                                  f"but the model's vocabulary has {self.model_config.vocab_size}")
 
         self.use_graphs, graph_reason = graph_decision(cfg.cuda_graphs, self.device_type, self.backend,
-                                                       cfg.compile, info.ddp, profile=cfg.profile)
+                                                       cfg.compile, info.ddp, profile=cfg.profile,
+                                                       fsdp=info.parallel == "fsdp")
+        # Sharded first (FSDP replaces the parameters with DTensors), then the optimizer over them.
+        self.model = dist_lib.wrap_model(self.raw_model, info, self.device, self.dtype, compile=cfg.compile)
         optimizer_lines = []  # printed with the header lines below
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.max_lr, betas=cfg.betas,
                                              weight_decay=cfg.weight_decay, device=self.device,
                                              kind=self.optimizer_kind, capturable=self.use_graphs,
                                              weight_copies=self._bf16_weight_copies(),
                                              log=optimizer_lines.append)
-        model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model = dist_lib.wrap_model(model, info, self.device)
+        self.checkpoint_group = None  # the async saves' own gloo group
+        if cfg.checkpoint_async:
+            if info.parallel == "fsdp":
+                from engine.sharded_checkpoint import checkpoint_group
+                self.checkpoint_group = checkpoint_group()
+            else:
+                optimizer_lines.append("note: --checkpoint-async applies to sharded checkpoints (--parallel fsdp); "
+                                       "this run writes single-file checkpoints in the training loop")
 
         self.step = self.bad_streak = 0
         self.last_checkpoint = None  # (step, path): the newest checkpoint this run can go back to
+        # A resumed run keeps its identity (None for one from before run ids).
+        self.run_id = state.get("run_id") if state is not None else ckpt_lib.new_run_id()
         if state is not None:
-            restore(self, state, resume_path)
+            self.step, self.bad_streak = restore(state, resume_path, model=self.raw_model, optimizer=self.optimizer,
+                                                 loaders=(self.train_loader, self.val_loader),
+                                                 tokenizer_name=self.tokenizer.name, dist=info)
+            if state.get("world_size", info.world_size) != info.world_size:
+                optimizer_lines.append(f"resume: the checkpoint was written by {state['world_size']} process(es); "
+                                       f"continuing at {info.world_size} at the same place of the data stream")
             self.last_checkpoint = (self.step, resume_path)
-            if info.master:
-                set_aside_later_checkpoints(self.run_dir, self.step, log=self._log)
+            if self.raw_model.weight_copies is not None:
+                # The masters were loaded in place: their bf16 copies are made again
+                # from them, as a run that never stopped holds them.
+                self.raw_model.weight_copies.refresh()
+        # Every input has been checked: only from here on does the run change files.
+        if self.folder is not None:
+            self.replaced_previous_run = self.folder.replaces
+            self.folder.start_writing(log=self._log)
+        # log.txt too is written only now; what was logged before goes into it first.
+        self.run_log = RunLog(self.run_dir, master=info.master, max_steps=cfg.max_steps, log=self._print,
+                              token=self.token)
+        for text in self._early_lines:
+            self.run_log.line(text, echo=False)
+        self._log = self.run_log.line
+        if state is not None and info.master:
+            set_aside_later_checkpoints(self.run_dir, self.step, log=self._log)
         # What checkpoints store: the values this run resolved, so that a resume
         # elsewhere (another folder, device or tiktoken cache) continues the same run.
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(self.data.data_path),
@@ -154,23 +216,37 @@ class Trainer:
                                             cfg.seq_len, self.device,
                                             autocast_factory(self.dtype, self.device_type, False),
                                             cfg.grad_clip, log=self._log)
-        for line in header_lines(self, graph_reason, optimizer_lines, resume_path):
+        source = (f"from {resume_path}" if resume_path else f"from {cfg.init_from}" if cfg.init_from
+                  else f"preset {cfg.model}")
+        for line in header_lines(
+                cfg, info, device=self.device, dtype=self.dtype, backend=self.backend,
+                optimizer=describe_optimizer(self.optimizer_kind, self.optimizer, info.parallel), optimizer_lines=optimizer_lines,
+                model=self.raw_model, source=source, data=self.data, accum=self.accum,
+                graphs=(self.use_graphs, graph_reason), run_dir=self.run_dir,
+                resumed=(resume_path, self.step) if resume_path else None):
             self._log(line)
 
-        self.run_log = RunLog(self.run_dir, master=info.master, log=self._log, token=self.token)
         self._pending: list[tuple] = []
         self._evals_at: dict[int, dict] = {}
         self.signals = StopSignals()  # inactive; run() installs the handlers
-        if info.master:
-            write_config_json(self.run_dir, cfg, self.model_config, self.token)
         elsewhere = resume_path is not None and resume_path.parent.resolve() != self.run_dir.resolve()
+        if info.master and (resume_path is None or elsewhere):
+            # Until the first step these hold nothing that is not elsewhere too.
+            self._unstarted_files = [self.run_dir / "config.json", self.run_log.csv_path, self.run_log.log_path]
+        if info.master:
+            write_config_json(self.run_dir, cfg, self.model_config, self.token, self.run_id)
         self.run_log.start(self.step, earlier_csv=resume_path.parent / "metrics.csv" if elsewhere else None)
 
     def _bf16_weight_copies(self) -> bool:
         """Whether the step's matmuls read optimizer-kept bf16 copies: bf16 autocast
-        on the triton backend with that fusion on, in one process (GPT.forward_backward)."""
-        return (self.dtype == "bf16" and self.backend == "triton" and not self.dist.ddp
+        on the triton backend with that fusion on, in one process and not compiled
+        (the step's GPT.forward_backward; engine.step)."""
+        return (self.dtype == "bf16" and self.backend == "triton" and self.dist.parallel == "none"
                 and not self.cfg.compile and Fusions.parse(self.model_config.fusions).bf16_weights)
+
+    def _log_early(self, text: str) -> None:
+        self._print(text)
+        self._early_lines.append(text)
 
     @property
     def history(self) -> list[dict]:
@@ -180,11 +256,14 @@ class Trainer:
     def lr(self, step: int) -> float:
         c = self.cfg
         return lr_at(step, max_lr=c.max_lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps,
-                     max_steps=c.max_steps)
+                     max_steps=c.lr_decay_steps)
 
-    def train_step(self, step: int):
-        """One optimizer step; returns (loss, grad norm) as device tensors (no host sync)."""
-        set_lr(self.optimizer, self.lr(step))
+    def take_step(self, step: int):
+        """One optimizer step (engine.step.train_step, or its CUDA graph) at step
+        `step`'s learning rate; returns (lr, loss, grad norm), the last two as device
+        tensors (no host sync)."""
+        lr = self.lr(step)
+        set_lr(self.optimizer, lr)
         with torch.profiler.record_function("data_loading"):
             batches = [self.train_loader.next_batch() for _ in range(self.accum)]
             xs = torch.stack([x for x, _ in batches])
@@ -192,15 +271,16 @@ class Trainer:
         if self.graphed is not None:
             loss, norm = self.graphed.step(xs, ys)
             # the graph's output buffers are overwritten by the next replay
-            return loss.clone(), norm.clone()
+            return lr, loss.clone(), norm.clone()
         self.model.train()
         if self.device_type == "cuda":
             xs, ys = xs.pin_memory(), ys.pin_memory()  # so the copies below are asynchronous
         xs = xs.to(self.device, non_blocking=True)
         ys = ys.to(self.device, non_blocking=True)
-        return train_step(self.model, self.optimizer, xs, ys, grad_clip=self.cfg.grad_clip,
-                          autocast=self.autocast,
-                          all_reduce=lambda t: dist_lib.all_reduce_mean(t, self.dist))
+        loss, norm = train_step(self.model, self.optimizer, xs, ys, grad_clip=self.cfg.grad_clip,
+                                autocast=self.autocast,
+                                all_reduce=lambda t: dist_lib.all_reduce_mean(t, self.dist))
+        return lr, loss, norm
 
     def _flush(self, keep_newest: bool = False):
         """Read the pending steps' loss and norm (one host sync), log them, and stop
@@ -273,9 +353,8 @@ class Trainer:
         self._log(line)
 
     def sample(self, step: int) -> list[str]:
-        """A few continuations of a fixed prompt, logged; rank 0 only."""
-        if not self.dist.master:
-            return []
+        """A few continuations of a fixed prompt, logged by rank 0. Every rank
+        generates them (the same forwards: an FSDP model's all-gathers need all)."""
         texts = run_evals.samples(self.raw_model, self.tokenizer, self.device, self.autocast,
                                   seed=self.cfg.seed + step)
         for i, t in enumerate(texts):
@@ -286,14 +365,17 @@ class Trainer:
         """Write ckpt_{step:06d}.pt (step = steps completed); rank 0 writes, every rank
         learns the outcome. Never from non-finite weights."""
         self._flush()  # a diverged run raises here, so it is never saved
-        if not weights_are_finite(self.raw_model):
+        if not weights_are_finite(self.raw_model, self.dist):
             raise TrainingDiverged(f"training diverged: the weights are not finite at step {step}; no checkpoint "
                                    f"written. Last good checkpoint: {self._last_good()}")
+        if self.dist.parallel == "fsdp":
+            return self._save_sharded(step)
         path = error = None
         if self.dist.master:
             try:
-                path = ckpt_lib.save_checkpoint(self.run_dir, step, training_state(self, step),
-                                                keep=self.cfg.keep_checkpoints, token=self.token)
+                path = ckpt_lib.save_checkpoint(self.run_dir, step, self._training_state(step),
+                                                keep=self.cfg.keep_checkpoints,
+                                                token=self.token)
             except RunFileError as e:
                 error = str(e)
         path, error = dist_lib.broadcast_object((path and str(path), error), self.dist)
@@ -302,6 +384,41 @@ class Trainer:
         self.last_checkpoint = (step, pathlib.Path(path))
         self._log(f"checkpoint: {path}")
         return pathlib.Path(path)
+
+    def _training_state(self, step: int, weights: bool = True) -> dict:
+        return training_state(step, cfg=self.cfg, model=self.raw_model, optimizer=self.optimizer,
+                              loaders=(self.train_loader, self.val_loader), tokenizer_name=self.tokenizer.name,
+                              run_id=self.run_id, data_hash=self.data.data_hash, world_size=self.dist.world_size,
+                              bad_streak=self.bad_streak, weights=weights)
+
+    def _save_sharded(self, step: int) -> pathlib.Path:
+        """Every rank writes its shards of ckpt_{step:06d}/ (engine.sharded_checkpoint);
+        with --checkpoint-async a snapshot is written in the background while
+        training goes on (one save in flight at a time)."""
+        from engine import sharded_checkpoint as sharded
+        self.wait_for_checkpoint()
+        token = dist_lib.broadcast_object(self.token, self.dist)  # rank 0's names the temp folder
+        job = sharded.SaveJob(self.run_dir, step, self.dist.rank, self.dist.world_size, token,
+                              self._training_state(step, weights=False) if self.dist.master else None,
+                              keep=self.cfg.keep_checkpoints, group=self.checkpoint_group)
+        tensors = sharded.tensors_state(self.raw_model, self.optimizer)
+        if self.checkpoint_group is not None:
+            self._async_save = sharded.AsyncSave(job, sharded.cpu_snapshot(tensors))
+            return job.final
+        job.write(tensors)
+        path = job.finish()
+        self.last_checkpoint = (step, path)
+        self._log(f"checkpoint: {path}")
+        return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (every
+        rank alike: its outcome, or its RunFileError, is the same on all)."""
+        pending, self._async_save = self._async_save, None
+        if pending is not None:
+            path = pending.wait()
+            self.last_checkpoint = (pending.job.step, path)
+            self._log(f"checkpoint: {path}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict]:
@@ -356,7 +473,7 @@ class Trainer:
         if info is not None:
             dist_lib.destroy(info)
         if self.folder is not None:
-            self.folder.release()
+            self.folder.release(remove_if_unused=not ok)
             self.folder = None
 
     def _stop_requested(self) -> int:
@@ -366,8 +483,10 @@ class Trainer:
 
     def _stop(self, signum: int):
         self._flush()
+        self.wait_for_checkpoint()
         if self.cfg.checkpoint_interval > 0 and (self.last_checkpoint or (None,))[0] != self.step:
             self.save_checkpoint(self.step)
+            self.wait_for_checkpoint()
         if self.last_checkpoint and self.last_checkpoint[0] == self.step:
             where = f"wrote {self.last_checkpoint[1]}; continue with: python train.py --resume {self.run_dir}"
         else:
@@ -392,9 +511,7 @@ class Trainer:
                 self._flush()
                 self.sample(step)
                 self._reset_clock()
-            lr = self.lr(step)
-            loss, norm = self.train_step(step)
-            self._pending.append((step, lr, loss, norm))
+            self._pending.append((step, *self.take_step(step)))
             self.step = step + 1
             if (step + 1) % cfg.log_interval == 0 or last:
                 # On CUDA a step's line is printed once the next step is queued, so
@@ -407,15 +524,14 @@ class Trainer:
             if signum:
                 self._stop(signum)
         self._flush()
+        self.wait_for_checkpoint()
 
     def _profile(self):
         from engine.profiling import profile_training
 
         def run_step(i):
             step = min(self.step, self.cfg.max_steps - 1)
-            lr = self.lr(step)
-            loss, norm = self.train_step(step)
-            self._pending.append((step, lr, loss, norm))
+            self._pending.append((step, *self.take_step(step)))
             self.step += 1
             self._flush()
 

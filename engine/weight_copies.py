@@ -28,6 +28,10 @@ class WeightCopies:
 
     def __init__(self, params, optimizer=None):
         params = list(params)
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(p, DTensor) for p in params):
+            raise TypeError("WeightCopies: the parameters are sharded (DTensors); under FSDP the "
+                            "mixed-precision policy makes the bf16 weights, not these copies")
         for i, p in enumerate(params):
             if p.dtype != torch.float32:
                 raise TypeError(f"WeightCopies: parameter {i} is {p.dtype}; copies are of float32 "

@@ -6,7 +6,7 @@ so after this import `gpt2_kernels.linear_gelu` is the function: reach a module
 itself with `importlib.import_module("gpt2_kernels.linear_gelu")` or
 `from gpt2_kernels.linear_gelu import name`.
 """
-from gpt2_kernels.adamw import FusedAdamW
+from gpt2_kernels.adamw import FusedAdamW, ShardedFusedAdamW
 from gpt2_kernels.attention import flash_attention, flash_attention_qkvpacked
 from gpt2_kernels.embedding import embedding
 from gpt2_kernels.layernorm import add_layer_norm, layer_norm
@@ -17,6 +17,7 @@ from gpt2_kernels.mlp import mlp
 
 __all__ = [
     "FusedAdamW",
+    "ShardedFusedAdamW",
     "add_layer_norm",
     "embedding",
     "flash_attention",

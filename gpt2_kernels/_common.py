@@ -14,10 +14,24 @@ names the argument and what was expected, e.g.
   first one's dtype.
 - ``check_device(op, arg, device)``: CUDA, or CPU under Triton's working interpreter.
 - ``check_dtype(op, arg, dtype, dtypes)``: a dtype argument (e.g. ``out_dtype``).
-- ``check_real(op, arg, value, *, at_least=, below=)`` and
-  ``check_int(op, arg, value, *, at_least=, at_most=)``: Python scalars.
+- ``check_real(op, arg, value, *, at_least=, below=)``,
+  ``check_int(op, arg, value, *, at_least=, at_most=)`` (returns a Python int)
+  and ``check_bool(op, arg, value)``: scalars.
+- ``check_dropout_p(op, dropout_p)``: the one rule for a dropout probability
+  (below).
 - ``dropout_seed(op, device, dropout_p, seed)``: the one seed rule of every
   kernel with dropout (below).
+- ``contiguous(t)``: a parameter vector the kernels index as flat memory
+  (LayerNorm's weight and bias, the GELU matmul's bias), copied where its
+  strides are anything else: a slice, an expanded (stride 0) tensor.
+
+Autograd:
+
+- ``once_differentiable(op)``: the decorator for every kernel's backward: a
+  backward asked to build a graph (``create_graph=True``, double backward)
+  raises one error naming the op, also when the loss is linear in the kernel's
+  output (where torch's own ``once_differentiable`` lets it through with a
+  silently wrong, zero, second-order term).
 
 Gradients: ``grad_buffer(param, accumulate)`` is the one rule of the kernels
 whose backward can add a parameter's gradient into its existing ``.grad``
@@ -37,6 +51,10 @@ Running kernels:
   nearest even under the interpreter as on the GPU.
 - ``interpreter_problem()``: why this Triton's interpreter cannot run here, or None.
 
+Dropout probability: a finite real p with 0 <= p < 1 whose float32 rounding is
+below 1 too (the kernels compare and scale in float32: p = 1 - 1e-8 rounds to
+1.0 there, dropping everything and scaling by 1 / 0), so p <= 1 - 2**-24.
+
 Dropout seeds: a kernel with dropout draws its mask from Philox keyed by a seed
 that lives in a (1,) int64 tensor on the inputs' device and is read inside the
 kernel, never on the host. A caller may pass one (the same seed, the same mask);
@@ -48,10 +66,12 @@ Constants: ``FLOAT_DTYPES`` (what the kernels compute in) and
 ``SMEM_BUDGET_BYTES`` (the shared memory a tile configuration may plan for).
 """
 import contextlib
+import functools
 import math
 import numbers
 import os
 import re
+import struct
 from typing import TypeVar
 
 import torch
@@ -247,13 +267,69 @@ def check_real(op: str, arg: str, value, *, at_least: float | None = None,
 
 
 def check_int(op: str, arg: str, value, *, at_least: int | None = None,
-              at_most: int | None = None) -> None:
-    """A Python int (not a bool) within the bounds."""
+              at_most: int | None = None) -> int:
+    """A Python or numpy integer (not a bool) within the bounds, returned as a
+    Python int: what a kernel launch takes (Triton refuses numpy scalars)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {arg} must be an int, got {type(value).__name__}")
+    value = int(value)
     if (at_least is not None and value < at_least) or (at_most is not None and value > at_most):
         raise ValueError(f"{op}: {arg} is {value}; expected an int "
                          f"{_bounds_text(at_least, at_most=at_most)}")
+    return value
+
+
+def check_bool(op: str, arg: str, value) -> None:
+    """A Python bool: a string such as "no" would otherwise read as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {arg} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_dropout_p(op: str, dropout_p) -> None:
+    """A dropout probability the kernels can use: 0 <= p < 1, also once rounded
+    to float32 (their precision), so that 1 / (1 - p) stays finite."""
+    check_real(op, "dropout_p", dropout_p, at_least=0.0, below=1.0)
+    if struct.unpack("f", struct.pack("f", dropout_p))[0] >= 1.0:
+        raise ValueError(f"{op}: dropout_p {dropout_p!r} rounds to 1.0 in float32, the kernels' "
+                         "precision (1 / (1 - p) would be infinite); the largest usable p is 1 - 2**-24")
+
+
+def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` as a kernel indexes a parameter vector, flat from its first element:
+    itself when contiguous, else a contiguous copy (autograd maps the gradient
+    back to the original's strides, summing over an expanded dimension)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def once_differentiable(op: str):
+    """Decorator for an autograd Function's backward that refuses to build a
+    graph of the gradients (create_graph=True), in one line naming the op.
+
+    torch.autograd.function.once_differentiable marks the gradients lazily, and
+    only when an incoming gradient itself requires grad: it assumes the backward
+    is linear in the forward's inputs. A kernel's gradient depends on its inputs
+    (LayerNorm, GELU, softmax are not linear), so when the loss is linear in the
+    output (the incoming gradient a constant, as in a gradient penalty on
+    y.sum()) torch's version returns plain tensors and the second-order term
+    through the kernel is silently dropped. Marking every gradient lazily is not
+    enough either: autograd.grad(..., inputs) never runs a marking node that has
+    no path to those inputs. So the backward refuses when it runs with a graph
+    being built -- which is exactly when, and only when, second-order gradients
+    can be asked for -- and the first-order backward is untouched."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if torch.is_grad_enabled():  # autograd turns grad mode on only for create_graph=True
+                raise RuntimeError(
+                    f"{op}: cannot differentiate twice: its backward is once-differentiable, so a "
+                    "gradient through it cannot be taken with create_graph=True (double backward); "
+                    "use the PyTorch op (backend torch) for second-order gradients")
+            return backward(ctx, *grad_outputs)
+        return wrapper
+    return decorate
 
 
 def dropout_seed(op: str, device: torch.device, dropout_p: float, seed):
@@ -275,11 +351,14 @@ def dropout_seed(op: str, device: torch.device, dropout_p: float, seed):
 
 def grad_buffer(param: torch.Tensor | None, accumulate: bool) -> torch.Tensor | None:
     """The `.grad` a backward may add `param`'s gradient into, or None (then the
-    gradient goes to autograd): with `accumulate`, an existing .grad of the
-    parameter's shape, dtype and device."""
-    if not accumulate or param is None:
+    gradient goes to autograd): with `accumulate`, the existing .grad of a leaf
+    parameter, of its shape, dtype and device and contiguous (the kernels index
+    it as flat memory). A tensor computed from a parameter (a contiguous copy
+    of a strided one) has no .grad of its own: its gradient goes to autograd."""
+    if not accumulate or param is None or not param.is_leaf:
         return None
     g = param.grad
-    if g is None or g.shape != param.shape or g.dtype != param.dtype or g.device != param.device:
+    if (g is None or g.shape != param.shape or g.dtype != param.dtype or g.device != param.device
+            or not g.is_contiguous()):
         return None
     return g

@@ -35,7 +35,14 @@ one flat buffer per (device, dtype), so zeroing them all is one launch.
 Capturable by design: the learning rate and the step counters live in device
 tensors that the kernel reads, bias corrections are computed on the device,
 and `step()` reads nothing back from the device, so a CUDA graph can capture it.
+
+DTensor parameters (FSDP2 shards them over processes): `ShardedFusedAdamW`
+hands each process's local shards and their gradients to a FusedAdamW and shows
+its state as DTensors laid out like the parameters (views of the same flat
+buffers), which torch.distributed.checkpoint saves and reshards.
 """
+import collections
+import numbers
 import struct
 
 import torch
@@ -279,23 +286,34 @@ class _FlatGradients:
         for p in params:
             buckets.setdefault((p.device, p.dtype), []).append(p)
         self.buffers = []
-        self.views = []  # (param, its view)
+        self.slices = []  # (param, its flat buffer, offset)
         for (device, dtype), members in buckets.items():
             offsets, total = _aligned_offsets([p.numel() for p in members])
             flat = torch.zeros(total, device=device, dtype=dtype)
             self.buffers.append(flat)
-            self.views += [(p, flat[off:off + p.numel()].view(p.shape))
-                           for p, off in zip(members, offsets)]
+            self.slices += [(p, flat, off) for p, off in zip(members, offsets)]
+        self.views = [self._view(p, flat, off) for p, flat, off in self.slices]
+
+    @staticmethod
+    def _view(p, flat, off):
+        return flat[off:off + p.numel()].view(p.shape)
 
     def zero(self):
         """Zero every gradient: one launch per buffer. A parameter whose .grad
-        is some other tensor gets its (zeroed) view back; one without a
+        is no longer its view of the buffer -- another tensor assigned to
+        p.grad, or the view's storage swapped by `p.grad.data = t` -- gets a
+        fresh (zeroed) view back, so no stale gradient survives; one without a
         gradient keeps None, as torch's zero_grad(set_to_none=False) does."""
         for flat in self.buffers:
             flat.zero_()
-        for p, view in self.views:
-            if p.grad is not None and p.grad is not view:
-                p.grad = view
+        for i, (p, flat, off) in enumerate(self.slices):
+            g, view = p.grad, self.views[i]
+            address = flat.data_ptr() + off * flat.element_size()
+            if g is None or (g is view and g.data_ptr() == address):
+                continue
+            if view.data_ptr() != address:
+                view = self.views[i] = self._view(p, flat, off)
+            p.grad = view
 
 
 def _table_rows(key, params, offsets, first_blocks, copied=frozenset()):
@@ -383,22 +401,55 @@ def _as_float(value) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else value
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _validate_hyper(lr, betas, eps, weight_decay):
+    """torch.optim.AdamW's checks, plus the types the launch takes: lr a real
+    number or a one-element floating tensor (read on the device at every step);
+    betas, eps and weight_decay real numbers, since they are kernel arguments
+    fixed at launch (and baked into a captured graph)."""
     if isinstance(lr, torch.Tensor):
-        raise TypeError("FusedAdamW: lr must be a Python number, not a Tensor "
-                        "(the optimizer keeps its own device copy)")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"FusedAdamW: a Tensor lr must hold one floating-point value, got "
+                             f"{_describe(lr)}")
+        lr_value = lr.item()
+    elif _is_real(lr):
+        lr_value = lr
+    else:
+        raise TypeError(f"FusedAdamW: lr must be a number or a one-element Tensor, got {type(lr).__name__}")
+    if not 0.0 <= lr_value:
+        raise ValueError(f"Invalid learning rate: {lr_value}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected two values")
+    for name, value in (("betas[0]", betas[0]), ("betas[1]", betas[1]), ("eps", eps),
+                        ("weight_decay", weight_decay)):
+        if not _is_real(value):
+            raise TypeError(f"FusedAdamW: {name} must be a real number, got {type(value).__name__} "
+                            "(betas, eps and weight_decay are fixed per launch; only lr may be a Tensor)")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas}; expected two values")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _found_inf_flag(found_inf, device):
+    """The device flag step() reads for optimizer.found_inf: a tensor of one
+    element (as GradScaler sets it), copied to the parameters' device as
+    float32; a Python number is decided on the host instead (True: skip)."""
+    if isinstance(found_inf, torch.Tensor):
+        if found_inf.numel() != 1:
+            raise ValueError(f"FusedAdamW: found_inf must hold one value, got {_describe(found_inf)}")
+        return found_inf.to(device, torch.float32).reshape(())
+    if isinstance(found_inf, numbers.Real):
+        return found_inf != 0  # NaN != 0 too: anything but an exact 0 skips
+    raise TypeError(f"FusedAdamW: found_inf must be a one-element tensor or a number, got "
+                    f"{type(found_inf).__name__}")
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -423,24 +474,34 @@ class FusedAdamW(torch.optim.Optimizer):
     - ``zero_grad(set_to_none=False)`` zeroes every gradient in one launch:
       the first such call makes the gradients views of one flat buffer per
       (device, dtype), which autograd then accumulates into in place, so their
-      addresses never change (what a CUDA graph needs). ``zero_grad()`` (or
-      ``set_to_none=True``) sets them to None, as torch does, and drops that buffer.
+      addresses never change (what a CUDA graph needs). A gradient replaced
+      since (``p.grad = t``, ``p.grad.data = t``, a hook) is used by ``step()``
+      as it is, and the next such ``zero_grad`` gives the parameter its zeroed
+      view back. ``zero_grad()`` (or ``set_to_none=True``) sets them to None,
+      as torch does, and drops that buffer.
     - Capturable: ``step()`` reads nothing from the device. The learning rate is
-      copied from ``group["lr"]`` (a Python float, so schedulers work) into a
-      device tensor with ``fill_`` whenever it changed; while a CUDA graph is
-      being captured that copy is skipped, and you change the lr of a captured
-      step by calling ``set_lr()`` (or ``sync_lr()`` after a scheduler) before
-      replaying. Run one eager step (and one ``zero_grad(set_to_none=False)``)
-      before capturing: it compiles the kernel and builds the table and the
-      flat gradients. betas/eps/weight_decay are baked into a captured graph.
+      copied from ``group["lr"]`` into a device tensor: a Python float with
+      ``fill_`` whenever it changed (so schedulers work), a one-element tensor
+      (as torch.optim.AdamW takes it) at every step, so changing it in place
+      works too. While a CUDA graph is being captured a float lr is not copied:
+      you change the lr of a captured step by calling ``set_lr()`` (or
+      ``sync_lr()`` after a scheduler) before replaying. Run one eager step (and
+      one ``zero_grad(set_to_none=False)``) before capturing: it compiles the
+      kernel and builds the table and the flat gradients. betas, eps and
+      weight_decay must be real numbers (tensors are refused at construction:
+      they are kernel arguments, baked into a captured graph).
     - ``state_dict()``/``load_state_dict()`` use torch.optim.AdamW's format
       ('step', 'exp_avg', 'exp_avg_sq' per parameter) so either optimizer can
       resume from the other's checkpoint. As in torch, the state dict holds
       references to the live state tensors (views into the flat buffers).
-    - Skipping on the device: while ``optimizer.found_inf`` is set to a tensor (as
-      torch's GradScaler sets it for torch's fused AdamW), ``step()`` leaves
-      weights, moments and step counts untouched wherever that tensor is nonzero,
-      with no host sync (the training step uses it for non-finite steps).
+    - Skipping on the device: while ``optimizer.found_inf`` is set to a
+      one-element tensor (as torch's GradScaler sets it for torch's fused AdamW),
+      ``step()`` leaves weights, moments and step counts untouched unless it is
+      exactly 0 (any other value, NaN included, skips), with no host sync (the
+      training step uses it for non-finite steps). A Python number is accepted
+      and decided on the host.
+    - ``copy.deepcopy`` and pickling give an independent optimizer with the same
+      state (the flat buffers are rebuilt around it).
     """
 
     supports_found_inf = True
@@ -453,6 +514,20 @@ class FusedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # -- construction -----------------------------------------------------------------
+    def __setstate__(self, state):
+        # Pickling (and deepcopy) keeps torch's part: defaults, param_groups and the
+        # per-parameter state. The flat buffers that state was made of are rebuilt
+        # here and the restored values copied into them.
+        super().__setstate__(state)
+        restored, self.state = self.state, collections.defaultdict(dict)
+        self._group_buffers, self._flat_grads = [], None
+        for group in self.param_groups:
+            buffers = self._build_buffers(group)
+            for p in group["params"]:
+                for name, value in self.state[p].items():
+                    value.copy_(restored[p][name])
+            self._group_buffers.append(buffers)
+
     def add_param_group(self, param_group):
         _refuse_repeated_params(param_group, self.param_groups)
         super().add_param_group(param_group)
@@ -496,9 +571,10 @@ class FusedAdamW(torch.optim.Optimizer):
         found_inf, or a parameter without a gradient, leaves both unchanged).
         What the matmuls of a mixed-precision step read instead of casting the
         fp32 master weights in every micro-step. The copies live at fixed
-        addresses (one buffer per group); they are not part of state_dict(): a
-        change to a parameter's values outside step() (loading weights) must be
-        followed by copying them again."""
+        addresses (one buffer per group); they are not part of state_dict() and
+        load_state_dict() keeps them; a change to a parameter's values outside
+        step() (loading weights) must be followed by copying them again. A
+        deepcopy or unpickled optimizer keeps no copies (ask it for new ones)."""
         where = {id(p): (i, slot) for i, group in enumerate(self.param_groups)
                  for slot, p in enumerate(group["params"])}
         copies = []
@@ -535,7 +611,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _push_lr(self, i):
         buffers, lr = self._group_buffers[i], self.param_groups[i]["lr"]
-        if buffers.lr_value != lr:
+        if isinstance(lr, torch.Tensor):
+            # Re-read at every step: schedulers change a tensor lr in place (fill_).
+            buffers.lr.copy_(lr.detach().reshape(()))
+            buffers.lr_value = None
+        elif buffers.lr_value != lr:
             buffers.lr.fill_(lr)
             buffers.lr_value = lr
 
@@ -597,6 +677,11 @@ class FusedAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for i, group in enumerate(self.param_groups):
             buffers = self._group_buffers[i]
+            flag = None if found_inf is None else _found_inf_flag(found_inf, buffers.device)
+            if isinstance(flag, bool):  # a number, decided on the host
+                if flag:
+                    continue
+                flag = None
             key = self._active_key(group)
             if not key:
                 continue
@@ -605,11 +690,11 @@ class FusedAdamW(torch.optim.Optimizer):
             capturing = buffers.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             if not capturing:
                 self._push_lr(i)
-            if found_inf is None:
+            if flag is None:
                 buffers.steps.add_(buffers.active_mask)
             else:
-                flag = found_inf.to(buffers.device, torch.float32).reshape(())
-                buffers.steps.addcmul_(buffers.active_mask, 1.0 - flag)
+                # Only an exact 0 runs the step: 2, -1 or NaN must not move the count.
+                buffers.steps.addcmul_(buffers.active_mask, flag == 0)
             if buffers.n_blocks == 0:
                 continue  # only empty parameters: their steps advanced, nothing else to do
             beta1, beta2 = group["betas"]
@@ -619,13 +704,13 @@ class FusedAdamW(torch.optim.Optimizer):
                 _adamw_kernel[(buffers.n_blocks,)](
                     buffers.table, buffers.block_param,
                     buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
-                    group["params"][buffers.base_slot], flag if found_inf is not None else buffers.lr,
+                    group["params"][buffers.base_slot], flag if flag is not None else buffers.lr,
                     buffers.copies if buffers.copies is not None else buffers.lr,
                     b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
                     group["eps"], group["weight_decay"],
                     TABLE_W=_TABLE_W, BLOCK=block,
                     VEC=_VEC_BYTES // buffers.dtype.itemsize, STATE_ALIGN=_STATE_ALIGN,
-                    HAS_FOUND_INF=found_inf is not None, HAS_COPIES=bool(buffers.copied),
+                    HAS_FOUND_INF=flag is not None, HAS_COPIES=bool(buffers.copied),
                     num_warps=num_warps,
                 )
         return loss
@@ -674,3 +759,125 @@ class FusedAdamW(torch.optim.Optimizer):
                 elif k not in ("params", "param_names"):
                     g[k] = tuple(v) if k == "betas" else v
             buffers.lr_value = None  # force the next step to refresh the device lr
+
+
+# -- DTensor parameters (FSDP2) -------------------------------------------------------
+
+
+def _local(t):
+    """A DTensor's local shard (the tensor itself, not a copy); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like(state, param):
+    """`state`, a tensor shaped like `param`'s local shard, as a DTensor laid out as
+    `param` (the same storage: no copy); unchanged when `param` is no DTensor."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(param, DTensor):
+        return state
+    return DTensor.from_local(state, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+class ShardedFusedAdamW(torch.optim.Optimizer):
+    """FusedAdamW over DTensor parameters (FSDP2's sharded parameters, torch
+    DTensors in general): each process updates its own shard of every parameter
+    with FusedAdamW's kernel, on the local tensors, whose numbers then equal
+    torch.optim.AdamW's on the same DTensors.
+
+    Same arguments, ``set_lr``, ``found_inf`` and state-dict format as FusedAdamW.
+    The state (``exp_avg``, ``exp_avg_sq``) is exposed as DTensors laid out like
+    their parameters, over FusedAdamW's flat buffers, so
+    torch.distributed.checkpoint (``get_state_dict`` / ``set_state_dict``) saves,
+    loads and reshards it as it does torch's AdamW's. The parameters' gradients
+    belong to FSDP, which accumulates into them in place: ``zero_grad`` zeroes or
+    drops them and never makes them views of one flat buffer. A parameter that is
+    a plain tensor is updated as FusedAdamW updates it.
+    """
+
+    supports_found_inf = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        _validate_hyper(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        with torch.no_grad():
+            self._inner = FusedAdamW([dict(group, params=[_local(p) for p in group["params"]])
+                                      for group in self.param_groups], lr=lr, betas=betas, eps=eps,
+                                     weight_decay=weight_decay)
+            for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+                for p, local in zip(group["params"], inner_group["params"]):
+                    self.state[p] = {name: value if name == "step" else _like(value, p)
+                                     for name, value in self._inner.state[local].items()}
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_inner", None) is not None:
+            raise RuntimeError("ShardedFusedAdamW: build a new optimizer to add parameters")
+        super().add_param_group(param_group)
+
+    def bf16_copies(self, params):
+        """Refused: FSDP's mixed-precision policy casts each shard to bf16 before
+        its all-gather, and the local tensors the kernel updates may be
+        re-pointed by FSDP, so a copy kept here would feed no matmul."""
+        raise TypeError("ShardedFusedAdamW: bf16 weight copies are not kept for sharded parameters "
+                        "(under FSDP the mixed-precision policy casts each shard before its all-gather)")
+
+    def set_lr(self, lr, group_index=None):
+        """Set group["lr"] (all groups, or one) and its device copy; no host sync."""
+        self._inner.set_lr(lr, group_index)
+        for i, inner_group in enumerate(self._inner.param_groups):
+            self.param_groups[i]["lr"] = inner_group["lr"]
+
+    def sync_lr(self):
+        """Copy every group["lr"] (e.g. set by a scheduler) into the device tensors."""
+        self._sync_groups()
+        self._inner.sync_lr()
+
+    def _sync_groups(self):
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            for name in ("lr", "betas", "eps", "weight_decay"):
+                inner_group[name] = group[name]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_groups()
+        # FSDP may re-point a parameter's local tensor (at its lazy init, after a
+        # load): hand the kernel the current ones, their gradients as theirs.
+        handed = []
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            local_params = []
+            for p in group["params"]:
+                local = _local(p)
+                local.grad = None if p.grad is None else _local(p.grad)
+                local_params.append(local)
+                handed.append(local)
+            inner_group["params"] = local_params
+        found_inf = getattr(self, "found_inf", None)
+        try:
+            if found_inf is not None:
+                self._inner.found_inf = found_inf
+            self._inner.step()
+        finally:
+            self._inner.__dict__.pop("found_inf", None)
+            for local in handed:
+                local.grad = None
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict in torch.optim.AdamW's format whose tensors are
+        DTensors laid out like the parameters (what set_state_dict hands over), or
+        local shards."""
+        local_state = {pid: {name: _local(value) if isinstance(value, torch.Tensor) else value
+                             for name, value in st.items()}
+                       for pid, st in state_dict["state"].items()}
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            inner_group["params"] = [_local(p) for p in group["params"]]
+        self._inner.load_state_dict({"state": local_state, "param_groups": state_dict["param_groups"]})
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            for name, value in inner_group.items():
+                if name != "params":
+                    group[name] = value

@@ -44,11 +44,11 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from gpt2_kernels._common import (
     FLOAT_DTYPES,
     SMEM_BUDGET_BYTES,
+    check_dropout_p,
     check_real,
     check_same_device,
     check_same_dtype,
@@ -56,6 +56,7 @@ from gpt2_kernels._common import (
     dropout_seed,
     launch_autotuned,
     on_device,
+    once_differentiable,
     pick,
 )
 
@@ -723,7 +724,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("flash_attention")
     def backward(ctx, do):
         q, k, v, o, lse, seed = ctx.saved_tensors
         need_dq = ctx.needs_input_grad[0]
@@ -761,7 +762,7 @@ class _FlashAttentionQKVPacked(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("flash_attention_qkvpacked")
     def backward(ctx, do):
         qkv, o, lse, seed = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
@@ -805,7 +806,7 @@ def _check_options(name, arg, q_shape, Tk, causal, sm_scale, dropout_p):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if sm_scale is not None:
         check_real(name, "sm_scale", sm_scale)
-    check_real(name, "dropout_p", dropout_p, at_least=0.0, below=1.0)
+    check_dropout_p(name, dropout_p)
     if Tk == 0 and Tq > 0 and B * H > 0:
         raise ValueError(f"{name}: k has no keys (Tk=0) for Tq={Tq} queries")
     if causal and Tq > Tk:
@@ -827,14 +828,16 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=Non
         sm_scale: score scale; default D ** -0.5.
         dropout_p: probability in [0, 1) of zeroing each attention probability
             after the softmax; the kept ones are scaled by 1 / (1 - dropout_p).
+            The kernels use p in float32, so p must stay below 1 there too
+            (p <= 1 - 2**-24).
         seed: with dropout, the mask's key: an int64 tensor of shape (1,) on
             q's device, read by the kernels on the device (never copied to the
             host). The same seed and inputs give the same mask, forward and
             backward. None (default) draws one per call with
             `torch.randint(..., device=q.device)` from that device's default
             generator, so `torch.manual_seed` makes runs reproducible and a
-            captured CUDA graph draws a new mask on every replay. Ignored when
-            dropout_p is 0.
+            captured CUDA graph draws a new mask on every replay. Checked
+            whatever dropout_p is, and not used when it is 0.
 
     Returns:
         (B, H, Tq, D) in q's dtype, laid out (B, Tq, H, D) in memory. The
@@ -845,8 +848,9 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=Non
         top-left instead). Softmax statistics and all accumulation are fp32.
         float32 inputs use IEEE fp32 dots (no TF32), also on the GPU: exact but
         slower; the fast path is float16/bfloat16. Deterministic: no atomics.
-        The backward is once-differentiable: differentiating the gradients
-        again (after `create_graph=True`) raises.
+        The backward is once-differentiable: a gradient through it taken with
+        create_graph=True (double backward) raises, also when the loss is
+        linear in the output (SDPA allows it).
 
         With dropout_p > 0 the forward and gradients equal SDPA's formula with
         the mask M the seed draws: `((softmax(s) * M) / (1 - dropout_p)) @ v`;

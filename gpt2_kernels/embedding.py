@@ -26,10 +26,9 @@ Token ids are not range-checked (that would be a host sync): an id outside
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from gpt2_kernels._common import (FLOAT_DTYPES, check_dtype, check_int, check_same_device,
-                                  check_tensor, grad_buffer, on_device, round_to)
+from gpt2_kernels._common import (FLOAT_DTYPES, check_bool, check_dtype, check_int, check_same_device,
+                                  check_tensor, grad_buffer, on_device, once_differentiable, round_to)
 
 _ID_DTYPES = (torch.int64, torch.int32)
 # A row lives in one program's registers: widths up to this many features.
@@ -160,7 +159,7 @@ class _Embedding(torch.autograd.Function):
         return _forward(idx, wte, wpe, start, out_dtype)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("embedding")
     def backward(ctx, dx):
         idx, wte, wpe = ctx.saved_tensors
         dwte, dwpe = _backward(dx, idx, wte, wpe, ctx.start, ctx.needs_input_grad[1],
@@ -188,7 +187,8 @@ def embedding(idx: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, start: in
 
     Returns (B, T, C) in out_dtype. The tables' gradients come in their own
     dtypes, summed in fp32 in a fixed order (deterministic). The backward is
-    once-differentiable.
+    once-differentiable: a gradient through it taken with create_graph=True
+    (double backward) raises (PyTorch's ops allow it).
     """
     op = "embedding"
     check_tensor(op, "idx", idx, dtypes=_ID_DTYPES, dim=2, layout="(B, T)")
@@ -196,7 +196,8 @@ def embedding(idx: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, start: in
     check_tensor(op, "wpe", wpe, dtypes=FLOAT_DTYPES, shape=(None, wte.shape[1]),
                  layout="(positions, C) with wte's C", last_stride_one=True)
     check_same_device(op, idx=idx, wte=wte, wpe=wpe)
-    check_int(op, "start", start, at_least=0)
+    start = check_int(op, "start", start, at_least=0)
+    check_bool(op, "accumulate_grad", accumulate_grad)
     if start + idx.shape[1] > wpe.shape[0]:
         raise ValueError(f"{op}: positions {start} .. {start + idx.shape[1] - 1} need {start + idx.shape[1]} "
                          f"rows of wpe; it has {wpe.shape[0]}")
@@ -208,5 +209,5 @@ def embedding(idx: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, start: in
     idx = idx.contiguous()
     with on_device(idx):
         if torch.is_grad_enabled() and (wte.requires_grad or wpe.requires_grad):
-            return _Embedding.apply(idx, wte, wpe, int(start), out_dtype, bool(accumulate_grad))
-        return _forward(idx, wte, wpe, int(start), out_dtype)
+            return _Embedding.apply(idx, wte, wpe, start, out_dtype, accumulate_grad)
+        return _forward(idx, wte, wpe, start, out_dtype)

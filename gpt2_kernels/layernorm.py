@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from gpt2_kernels._common import (FLOAT_DTYPES, check_dtype, check_real, check_same_device,
-                             check_tensor, dropout_seed, grad_buffer, on_device, pick, round_to)
+from gpt2_kernels._common import (FLOAT_DTYPES, check_bool, check_dropout_p, check_dtype, check_real,
+                                  check_same_device, check_tensor, contiguous, dropout_seed,
+                                  grad_buffer, on_device, once_differentiable, pick, round_to)
 
 # A row lives in one program's registers; this many bytes of it at most
 # (16384 fp32 or 32768 fp16/bf16 features).
@@ -421,7 +421,7 @@ class _LayerNormFn(torch.autograd.Function):
         return saved.y.view(x.shape)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("layer_norm")
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -454,7 +454,7 @@ class _AddLayerNormFn(torch.autograd.Function):
         return saved.normalised.view(x.shape), saved.y.view(x.shape)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("add_layer_norm")
     def backward(ctx, dh, dy):
         h2, weight, mean, rstd, seed, bias = ctx.saved_tensors
         need_dx, need_dr, need_dw, need_db = ctx.needs_input_grad[:4]
@@ -514,16 +514,19 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bfloat16, in its own dtype (e.g. bf16 x with fp32 weights), all on one CUDA
     device (CPU only under TRITON_INTERPRET=1). C <= 65536 / x.element_size().
     The last dimension is read with unit stride: a row-strided x is used as it
-    is, anything else copied once with `.contiguous()`.
+    is, anything else copied once with `.contiguous()`; so is a weight or bias
+    that is not contiguous (a slice, or expanded with stride 0).
 
     Returns y: contiguous, x's shape, in `out_dtype` (default: x's dtype), equal to
     `F.layer_norm(x.float(), (C,), weight.float(), bias.float(), eps).to(out_dtype)`:
     statistics and accumulation are fp32 and y is rounded once. The gradients
     come in the dtype of their input (dx in x's, dweight in weight's, dbias in
-    bias's). The backward is once-differentiable.
+    bias's). The backward is once-differentiable: a gradient through it taken
+    with create_graph=True (double backward) raises (PyTorch's op allows it).
     """
     _check_inputs("layer_norm", x, None, weight, bias, eps, out_dtype)
-    return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype or x.dtype)
+    return _LayerNormFn.apply(x, contiguous(weight), contiguous(bias), float(eps),
+                              out_dtype or x.dtype)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -548,7 +551,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     backward; None (default) draws one per call from the device's default
     generator (gpt2_kernels/_common.py: reproducible under torch.manual_seed, fresh on
     every CUDA-graph replay). p = 0 (the default) runs the kernels compiled
-    without dropout: bit-identical to no dropout, seed ignored.
+    without dropout: bit-identical to no dropout; a seed given is still checked,
+    then not used. p must stay below 1 in float32 too (p <= 1 - 2**-24; see
+    gpt2_kernels/_common.py).
 
     Returns (h, y), contiguous with x's shape: h in residual's dtype (x's
     without a residual; with neither a residual nor dropout h is x itself), y
@@ -559,7 +564,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     Backward, in one pass: d(residual) = dh + dLayerNorm(dy) in residual's
     dtype, d(x) = that times keep / (1 - p) in x's dtype (without dropout one
     tensor where the dtypes agree, as with PyTorch's add); dweight and dbias in
-    their own dtypes. The backward is once-differentiable.
+    their own dtypes. The backward is once-differentiable: a gradient through
+    it taken with create_graph=True (double backward) raises (PyTorch's ops
+    allow it).
 
     accumulate_grad: add dweight and dbias into the parameters' existing
     `.grad` in the reduction that sums them, instead of returning them to
@@ -567,8 +574,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     """
     op = "add_layer_norm"
     _check_inputs(op, x, residual, weight, bias, eps, out_dtype, seed)
-    check_real(op, "dropout_p", dropout_p, at_least=0.0, below=1.0)
+    check_dropout_p(op, dropout_p)
+    check_bool(op, "accumulate_grad", accumulate_grad)
     seed = dropout_seed(op, x.device, dropout_p, seed)
     h_dtype = residual.dtype if residual is not None else x.dtype
-    return _AddLayerNormFn.apply(x, residual, weight, bias, float(eps), out_dtype or h_dtype,
-                                 float(dropout_p), seed, bool(accumulate_grad))
+    return _AddLayerNormFn.apply(x, residual, contiguous(weight), contiguous(bias), float(eps),
+                                 out_dtype or h_dtype, float(dropout_p), seed, accumulate_grad)

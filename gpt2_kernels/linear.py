@@ -30,10 +30,9 @@ a gradient delivered this way.
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from gpt2_kernels._common import (FLOAT_DTYPES, check_same_device, check_tensor, dtype_name, grad_buffer,
-                                  on_device)
+from gpt2_kernels._common import (FLOAT_DTYPES, check_bool, check_same_device, check_tensor, contiguous,
+                                  dtype_name, grad_buffer, on_device, once_differentiable)
 from gpt2_kernels._matmul import matmul
 
 # ----------------------------------------------------------------------------- launchers
@@ -99,7 +98,7 @@ class _Linear(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("linear")
     def backward(ctx, dy):
         x2d, w, weight, bias = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -137,7 +136,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Returns (..., N) in x's dtype, contiguous. dx comes in x's dtype, dweight in
     weight's and dbias in bias's, each accumulated in fp32. The backward is
-    once-differentiable.
+    once-differentiable: a gradient through it taken with create_graph=True
+    (double backward) raises (PyTorch's ops allow it).
     """
     op = "linear"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1, layout="(..., in_features)")
@@ -148,8 +148,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                  layout="(out_features,)", optional=True)
     check_compute_weight(op, "compute_weight", compute_weight, weight, x)
     check_same_device(op, x=x, weight=weight, bias=bias, compute_weight=compute_weight)
+    check_bool(op, "accumulate_grad", accumulate_grad)
+    bias = contiguous(bias)  # the epilogue reads it as flat memory
     with on_device(x):  # backward runs on autograd's thread for x's device
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-            return _Linear.apply(x, weight, bias, compute_weight, bool(accumulate_grad))
+            return _Linear.apply(x, weight, bias, compute_weight, accumulate_grad)
         w = compute_copy(weight, compute_weight, x.dtype)
         return matmul(as_rows(x), w.t(), x.dtype, bias=bias).view(*x.shape[:-1], weight.shape[0])

@@ -37,10 +37,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from gpt2_kernels._common import (FLOAT_DTYPES, check_int, check_real, check_same_device,
-                                  check_tensor, grad_buffer, on_device, pick)
+from gpt2_kernels._common import (FLOAT_DTYPES, check_bool, check_int, check_real, check_same_device,
+                                  check_tensor, grad_buffer, on_device, once_differentiable, pick)
 from gpt2_kernels._matmul import EPILOGUE_LSE, lse_block_n, matmul
 from gpt2_kernels.linear import check_compute_weight, compute_copy
 
@@ -272,7 +271,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("linear_cross_entropy")
     def backward(ctx, grad_out):
         dx_saved, dw_saved = ctx.saved_tensors
         dx = dw = None
@@ -297,7 +296,7 @@ def _linear_cross_entropy(x, weight, targets, ignore_index, num_classes, check_t
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
         if bool(bad.any()):
             first = targets[bad][0].item()
-            raise ValueError(f"linear_cross_entropy: targets contains {first}, outside "
+            raise IndexError(f"linear_cross_entropy: targets contains {first}, outside "
                              f"[0, {num_classes}) and not ignore_index ({ignore_index})")
     grad_on = torch.is_grad_enabled()
     compute_dx = grad_on and x.requires_grad
@@ -332,12 +331,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             beyond num_classes are padding.
         targets: (...) or (N,), int64 or int32 class indices; entries equal to
             ignore_index do not count.
-        ignore_index: target value that is skipped (default -100).
+        ignore_index: target value that is skipped (default -100), an int64.
         num_classes: the number of real classes (default V). Logit columns
             >= num_classes are excluded from the softmax and the matching weight
             rows get a zero gradient.
-        check_targets: reject targets outside [0, num_classes) that are not
-            ignore_index. This costs one device reduction and a host sync; it is
+        check_targets: a bool; reject targets outside [0, num_classes) that are not
+            ignore_index (IndexError, as F.cross_entropy raises on the CPU). This
+            costs one device reduction and a host sync; it is
             skipped automatically while a CUDA graph is being captured. With the
             check off, such targets give a meaningless loss (but no bad memory access).
         compute_weight: None, or weight already converted to x's dtype (V, C),
@@ -367,7 +367,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         N == 0) the loss is 0.0 and the gradients are zero, where PyTorch
         returns nan. The gradient is computed during the forward pass when x or
         weight requires grad, so backward is two elementwise scalings (none with
-        grad_output); it is once-differentiable.
+        grad_output); it is once-differentiable: a gradient through it taken
+        with create_graph=True (double backward) raises (PyTorch's ops allow it).
     """
     op = "linear_cross_entropy"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1, layout="(..., C)")
@@ -385,8 +386,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"{tuple(x.shape[:-1])} or ({n},) to match x {tuple(x.shape)}")
     if num_classes is None:
         num_classes = v
-    check_int(op, "num_classes", num_classes, at_least=1, at_most=v)
-    check_int(op, "ignore_index", ignore_index)
+    num_classes = check_int(op, "num_classes", num_classes, at_least=1, at_most=v)
+    # Compared with int64 targets on the device: it must be an int64 itself.
+    ignore_index = check_int(op, "ignore_index", ignore_index, at_least=-2**63, at_most=2**63 - 1)
+    check_bool(op, "check_targets", check_targets)
+    check_bool(op, "accumulate_grad", accumulate_grad)
+    check_bool(op, "one_pass", one_pass)
     check_compute_weight(op, "compute_weight", compute_weight, weight, x)
     check_same_device(op, x=x, compute_weight=compute_weight)
     if grad_output is not None:
@@ -397,4 +402,4 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _linear_cross_entropy(x, weight, targets, ignore_index, num_classes, check_targets,
                                  compute_weight=compute_weight,
                                  grad_output=None if grad_output is None else float(grad_output),
-                                 accumulate_grad=bool(accumulate_grad), one_pass=bool(one_pass))
+                                 accumulate_grad=accumulate_grad, one_pass=one_pass)

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from gpt2_kernels._common import (FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor,
-                                  on_device, pick)
+                                  contiguous, on_device, once_differentiable, pick)
 from gpt2_kernels._matmul import (EPILOGUE_GELU, EPILOGUE_GELU_GRAD, EPILOGUE_NONE, gelu_tanh,
                                   gelu_tanh_grad, matmul)
 
@@ -227,7 +226,7 @@ class _LinearGelu(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("linear_gelu")
     def backward(ctx, dy):
         x2d, weight, bias, pre = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -284,15 +283,18 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x: (..., K), float32, float16 or bfloat16, any strides (viewed as (M, K) with
     M = prod(leading dims); copied only when the leading dims cannot be
     flattened without a copy). weight: (N, K), nn.Linear's (out_features,
-    in_features) layout; bias: (N,) or None. All in x's dtype, on one CUDA
-    device (CPU only under TRITON_INTERPRET=1).
+    in_features) layout, any strides; bias: (N,) or None, copied once with
+    `.contiguous()` where it is not (a slice, or expanded with stride 0). All in
+    x's dtype, on one CUDA device (CPU only under TRITON_INTERPRET=1).
 
     Returns (..., N) in x's dtype, contiguous; empty leading dims give an empty
     result. Accumulation is fp32 throughout and the bias gradient is summed in
     fp32. The forward stores the pre-activation (an (M, N) tensor in x's dtype)
     for the backward; without gradients nothing is stored. On a GPU, fp32 inputs
     use TF32 tensor cores exactly when PyTorch's matmuls would
-    (``torch.backends.cuda.matmul.allow_tf32``). The backward is once-differentiable.
+    (``torch.backends.cuda.matmul.allow_tf32``). The backward is once-differentiable:
+    a gradient through it taken with create_graph=True (double backward) raises
+    (PyTorch's ops allow it).
     """
     op = "linear_gelu"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1, layout="(..., in_features)")
@@ -304,4 +306,4 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                  layout="(out_features,)", optional=True)
     check_same_dtype(op, x=x, weight=weight, bias=bias)
     check_same_device(op, x=x, weight=weight, bias=bias)
-    return _linear_gelu(x, weight, bias, _Plan())
+    return _linear_gelu(x, weight, contiguous(bias), _Plan())

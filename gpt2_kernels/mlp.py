@@ -23,9 +23,9 @@ copy in x's dtype (`fc_compute_weight`, `proj_compute_weight`), and
 `accumulate_grad` adds the parameters' gradients into their existing `.grad`.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
-from gpt2_kernels._common import FLOAT_DTYPES, check_same_device, check_tensor, on_device
+from gpt2_kernels._common import (FLOAT_DTYPES, check_bool, check_same_device, check_tensor, contiguous,
+                                  on_device, once_differentiable)
 from gpt2_kernels._matmul import EPILOGUE_GELU, EPILOGUE_TIMES_GELU_GRAD, matmul
 from gpt2_kernels.linear import as_rows, check_compute_weight, compute_copy, weight_gradients
 
@@ -57,7 +57,7 @@ class _Mlp(torch.autograd.Function):
         return y.view(*x.shape[:-1], proj_weight.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable("mlp")
     def backward(ctx, dy):
         x2d, w1, w2, pre, h, fc_weight, fc_bias, proj_weight, proj_bias = ctx.saved_tensors
         need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
@@ -105,7 +105,8 @@ def mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
     Returns (..., N) in x's dtype. The forward keeps the pre-activation and the
     hidden activation (each (M, H) in x's dtype) for the backward; without
     gradients neither is kept. Gradients come in their inputs' dtypes. The
-    backward is once-differentiable.
+    backward is once-differentiable: a gradient through it taken with
+    create_graph=True (double backward) raises (PyTorch's ops allow it).
     """
     op = "mlp"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_dim=1, layout="(..., C)")
@@ -122,10 +123,13 @@ def mlp(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None,
     check_same_device(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
                       proj_bias=proj_bias, fc_compute_weight=fc_compute_weight,
                       proj_compute_weight=proj_compute_weight)
+    check_bool(op, "accumulate_grad", accumulate_grad)
+    # The epilogues read the biases as flat memory.
+    fc_bias, proj_bias = contiguous(fc_bias), contiguous(proj_bias)
     params = (fc_weight, fc_bias, proj_weight, proj_bias)
     with on_device(x):  # backward runs on autograd's thread for x's device
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-            return _Mlp.apply(x, *params, fc_compute_weight, proj_compute_weight, bool(accumulate_grad))
+            return _Mlp.apply(x, *params, fc_compute_weight, proj_compute_weight, accumulate_grad)
         x2d = as_rows(x)
         y, _, _ = _forward(x2d, compute_copy(fc_weight, fc_compute_weight, x.dtype), fc_bias,
                            compute_copy(proj_weight, proj_compute_weight, x.dtype), proj_bias,

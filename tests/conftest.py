@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# tests/installed/ checks a non-editable install from outside the checkout; `.ci/run`
+# runs it there. Inside the checkout it would import the checkout itself.
+collect_ignore = ["installed"]
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
@@ -18,12 +22,15 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tinyshakespeare() -> Path:
-    """The real corpus (tiny-shakespeare, 1.1 MB): the file TINYSHAKESPEARE names, or
-    ../shared/data/tinyshakespeare.txt beside the checkout; skipped where neither is."""
+    """The real corpus (tiny-shakespeare, 1.1 MB): the file TINYSHAKESPEARE names, else
+    the copy the engine keeps in its cache (`python train.py` downloads it there where
+    there is network); skipped where neither exists."""
+    from engine.data.corpus import default_cache_dir
     env = os.environ.get("TINYSHAKESPEARE")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    path = Path(env) if env else default_cache_dir() / "tinyshakespeare.txt"
     if not path.is_file():
-        pytest.skip(f"tiny-shakespeare not found at {path} (set TINYSHAKESPEARE to its input.txt)")
+        pytest.skip(f"tiny-shakespeare not found at {path} (set TINYSHAKESPEARE to its input.txt, or run "
+                    "`python train.py` once with network)")
     return path
 
 
@@ -41,7 +48,7 @@ def gpt2():
 def _isolate_process_wide_torch_state(request):
     """A test must not leak process-wide switches into the next one: the trainer
     turns on TF32 for fp32 matmuls on CUDA, which would loosen every later fp32
-    check (gpt2_kernels/mlp.py follows that switch). The GPU tests' large buffers are
+    check (gpt2_kernels/linear_gelu.py follows that switch). The GPU tests' large buffers are
     handed back too, since several pytest-xdist workers may share the card."""
     import gc
 

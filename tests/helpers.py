@@ -155,3 +155,75 @@ def _make_aten_recorder():
 
 
 AtenRecorder = _make_aten_recorder()
+
+
+def run_in_group(fn, world_size: int, folder, *args, timeout: float = 180.0) -> list:
+    """fn(rank, world_size, *args) in `world_size` forked processes joined in one
+    gloo process group (rendezvous through a FileStore in `folder`: no ports to
+    collide with other jobs on the machine). Each process sees torchrun's
+    RANK / LOCAL_RANK / WORLD_SIZE. Returns their results in rank order (plain
+    picklable values); a process that fails or hangs fails the caller with its
+    traceback."""
+    import multiprocessing
+    import pickle
+    import queue as queue_lib
+    import secrets
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    store = os.path.join(str(folder), f"store-{secrets.token_hex(4)}")
+    procs = [ctx.Process(target=_group_member, args=(fn, rank, world_size, store, results, args))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    outcome, failures = {}, []
+    try:
+        import time
+        deadline = time.monotonic() + timeout
+        while len(outcome) + len(failures) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue_lib.Empty:
+                failures.append(f"ranks {sorted(set(range(world_size)) - set(outcome))} gave no result within "
+                                f"{timeout:g} s")
+                break
+            if ok:
+                outcome[rank] = pickle.loads(value)
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failures:
+        raise AssertionError("\n".join(sorted(failures)))
+    return [outcome[r] for r in range(world_size)]
+
+
+def _group_member(fn, rank, world_size, store, results, args):
+    import datetime
+    import pickle
+    import traceback
+
+    import torch.distributed as dist
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", store=dist.FileStore(store, world_size), rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+        # Pickled here by plain pickle: the queue's pickler would hand tensors over
+        # as shared memory, which dies with this process.
+        value = pickle.dumps(fn(rank, world_size, *args))
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            results.close()
+            results.join_thread()
+            os._exit(0)  # never back into the parent's pytest

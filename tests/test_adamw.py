@@ -354,7 +354,7 @@ def _check_rows(rows, params, base_slot):
     base = params[base_slot]
     esize = base.element_size()
     vec = 16 // esize
-    for p_off, g_off, p_addr, g_addr, numel, state_off, _, slot, vec_numel in rows:
+    for p_off, g_off, p_addr, g_addr, numel, state_off, _, slot, vec_numel, _copy in rows:
         p = params[slot]
         assert (p_addr, g_addr, numel) == (p.data_ptr(), p.grad.data_ptr(), p.numel())
         assert state_off % 16 == 0
@@ -664,3 +664,127 @@ def test_bf16_copies_are_refused_for_what_the_optimizer_does_not_own():
     opt = FusedAdamW(_groups(bf16), lr=1e-2)
     with pytest.raises(TypeError, match="copies are of float32 parameters$"):
         opt.bf16_copies([bf16[0]])
+
+
+# --- Contracts a torch.optim user relies on ---
+
+@pytest.mark.parametrize("flag", [2.0, -1.0, float("nan"), float("inf"), 1e-30, 1.0, True],
+                         ids=lambda f: repr(f))
+@pytest.mark.parametrize("as_tensor", [True, False], ids=["tensor", "python"])
+def test_any_nonzero_found_inf_skips_and_leaves_the_count(flag, as_tensor):
+    """Only an exact 0 runs the step: 2 must not set the count to -1, -1 must not
+    advance it by 2, NaN must not make it NaN; a Python number works as a tensor does."""
+    params = _leaves(30)
+    opt = _make("fused", params)
+    grads = _grads(31, 2)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.to(DEVICE)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    for p, g in zip(params, grads[1]):
+        p.grad = g.to(DEVICE)
+    opt.found_inf = torch.tensor(float(flag), device=DEVICE) if as_tensor else flag
+    opt.step()
+    for i, p in enumerate(params):
+        assert opt.state[p]["step"].item() == 1, f"param {i}: step {opt.state[p]['step'].item()}"
+        assert torch.equal(p.detach(), before[i]) and torch.equal(opt.state[p]["exp_avg"], moments[i])
+    opt.found_inf = 0.0 if not as_tensor else torch.zeros((), device=DEVICE)
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 2 for p in params)
+    assert not any(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("flag,exc,match", [
+    (torch.zeros(2), ValueError, r"^FusedAdamW: found_inf must hold one value, got \(2,\)"),
+    ("yes", TypeError, "^FusedAdamW: found_inf must be a one-element tensor or a number, got str$"),
+])
+def test_a_malformed_found_inf_is_one_clear_error(flag, exc, match):
+    p = torch.randn(3, device=DEVICE, requires_grad=True)
+    opt = FusedAdamW([p])
+    p.grad = torch.ones(3, device=DEVICE)
+    opt.found_inf = flag
+    with pytest.raises(exc, match=match):
+        opt.step()
+
+
+@pytest.mark.parametrize("replace", ["data", "assign", "hook"])
+def test_a_replaced_gradient_is_used_then_zeroed(replace):
+    """After zero_grad(set_to_none=False) the gradients are views of one buffer; a
+    gradient replaced since (p.grad.data = t, p.grad = t, a hook assigning a new
+    tensor) is what the next step uses, and the next zero_grad clears it too --
+    as torch.optim.AdamW does -- instead of leaving a stale value behind."""
+    ours, ref = _leaves(32), _leaves(32)
+    opt, ref_opt = _make("fused", ours), _make("torch", ref)
+    grads = _grads(33, 3)
+    for params, o in ((ours, opt), (ref, ref_opt)):
+        if replace == "hook":  # swaps in a new tensor after each accumulation
+            params[2].register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad * 2.0))
+        for step in range(3):
+            o.zero_grad(set_to_none=False)
+            for p, g in zip(params, grads[step]):
+                (p * g.to(DEVICE)).sum().backward()
+            if replace == "data":
+                params[1].grad.data = torch.full_like(params[1], 2.0)
+            elif replace == "assign":
+                params[1].grad = torch.full_like(params[1], 2.0)
+            o.step()
+        o.zero_grad(set_to_none=False)
+        assert all(torch.count_nonzero(p.grad) == 0 for p in params), replace
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+    flat = opt._flat_grads.buffers[0]
+    ends = (flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size())
+    assert all(ends[0] <= p.grad.data_ptr() < ends[1] for p in ours), "a gradient left the flat buffer"
+
+
+def test_a_tensor_lr_is_reread_at_every_step():
+    """A one-element tensor lr, as torch.optim.AdamW takes it, changed in place
+    (fill_, as schedulers do with tensor learning rates) between steps."""
+    ours, ref = _leaves(34), _leaves(34)
+    grads = _grads(35, 4)
+    opt = FusedAdamW(ours, lr=torch.tensor(1e-3), betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW(ref, lr=torch.tensor(1e-3), betas=(0.9, 0.95))
+    for s, lr in enumerate([1e-3, 0.5, 1.0, 2e-2]):
+        for params, o in ((ours, opt), (ref, ref_opt)):
+            o.param_groups[0]["lr"].fill_(lr)
+            for p, g in zip(params, grads[s]):
+                p.grad = g.to(DEVICE)
+            o.step()
+    for i, (p, r) in enumerate(zip(ours, ref)):
+        assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"betas": (torch.tensor(0.9), torch.tensor(0.99))}, TypeError,
+     r"^FusedAdamW: betas\[0\] must be a real number, got Tensor"),
+    ({"eps": torch.tensor(1e-8)}, TypeError, "^FusedAdamW: eps must be a real number, got Tensor"),
+    ({"weight_decay": "0.1"}, TypeError, "^FusedAdamW: weight_decay must be a real number, got str"),
+    ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, "^FusedAdamW: a Tensor lr must hold one floating"),
+    ({"lr": "1e-3"}, TypeError, "^FusedAdamW: lr must be a number or a one-element Tensor, got str$"),
+])
+def test_hyperparameters_the_launch_cannot_take_are_refused_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        FusedAdamW([torch.randn(3, device=DEVICE, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(how):
+    """copy.deepcopy (and a pickle round trip) of a model and its optimizer
+    together: the copy continues exactly as the original does, on its own state."""
+    import copy
+    import pickle
+    params = _leaves(36)
+    opt = _make("fused", params)
+    grads = _grads(37, 3)
+    _run(opt, params, grads, range(2))
+    twin_params, twin = (copy.deepcopy((params, opt)) if how == "deepcopy"
+                         else pickle.loads(pickle.dumps((params, opt))))
+    assert twin.param_groups[0]["params"][0] is twin_params[2]
+    _run(opt, params, grads, range(2, 3))
+    _run(twin, twin_params, grads, range(2, 3))
+    for i, (p, q) in enumerate(zip(params, twin_params)):
+        assert torch.equal(p.detach(), q.detach()), f"param {i}"
+        assert torch.equal(opt.state[p]["exp_avg_sq"], twin.state[q]["exp_avg_sq"])
+        assert opt.state[p]["step"].item() == twin.state[q]["step"].item()
+    assert twin._group_buffers[0].exp_avg.data_ptr() != opt._group_buffers[0].exp_avg.data_ptr()

@@ -282,15 +282,20 @@ def test_no_nan(Tq, Tk, causal):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("loss", ["linear", "quadratic"])
 @pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "qkvpacked"])
-def test_double_backward_is_refused(packed):
-    """The backward kernels are not differentiable: a second derivative through
-    them raises instead of being silently wrong."""
+def test_double_backward_is_refused(packed, loss):
+    """The backward kernels are not differentiable: asking for a graph of the
+    gradients raises instead of giving a silently wrong second derivative, also
+    when the loss is linear in the output (which torch's once_differentiable
+    lets through: softmax's curvature would be dropped)."""
     qkv = make_qkv(1, 20, 2, 16, torch.float32, seed=6).requires_grad_()
+    weights = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    name = "flash_attention_qkvpacked" if packed else "flash_attention"
     o = flash_attention_qkvpacked(qkv) if packed else flash_attention(*unpack(qkv))
-    (g,) = torch.autograd.grad((o * o).sum(), qkv, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+    objective = (o * weights).sum() if loss == "linear" else (o * o).sum()
+    with pytest.raises(RuntimeError, match=f"^{name}: cannot differentiate twice"):
+        torch.autograd.grad(objective, qkv, create_graph=True)
 
 
 @pytest.mark.parametrize("B,H,Tq,Tk", [(0, 2, 8, 8), (1, 0, 8, 8), (1, 2, 0, 8), (1, 2, 0, 0)])
@@ -494,6 +499,30 @@ def reference_dropout(q, k, v, causal, mask, p, dtype=torch.float64):
 
 def make_seed(value):
     return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["q,k,v", "qkvpacked"])
+def test_dropout_p_and_seed_rules(packed):
+    """p must stay below 1 in float32, the kernels' precision (1 - 1e-8 would be
+    1.0 there: 1 / (1 - p) infinite); the largest float32 below 1 works. A seed
+    given is checked whatever p is, and is not used at p = 0 -- as documented."""
+    qkv = make_qkv(1, 8, 1, 16, torch.float32, seed=40)
+    q, k, v = unpack(qkv)
+    name = "flash_attention_qkvpacked" if packed else "flash_attention"
+
+    def call(**kw):
+        return flash_attention_qkvpacked(qkv, **kw) if packed else flash_attention(q, k, v, **kw)
+
+    with pytest.raises(ValueError, match=rf"^{name}: dropout_p 0\.99999999 rounds to 1\.0 in float32"):
+        call(dropout_p=1 - 1e-8)
+    p = 1 - 2 ** -24
+    o = call(dropout_p=p, seed=make_seed(4))
+    mask = dropout_mask(make_seed(4), 1, 1, 8, 8, p)
+    assert_close(o, reference_dropout(q, k, v, True, mask, p), 1e-5, "o at p = 1 - 2**-24")
+    with pytest.raises(TypeError, match=f"^{name}: seed has dtype int32"):
+        call(dropout_p=0.0, seed=torch.zeros(1, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(call(dropout_p=0.0, seed=make_seed(5)), call())
+    assert "Checked whatever dropout_p is" in " ".join(flash_attention.__doc__.split())
 
 
 def test_dropout_zero_is_the_plain_path():

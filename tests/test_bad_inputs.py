@@ -1,5 +1,6 @@
 """No traceback reaches a user for any input: a table of bad inputs, each run as
-its own train.py process (exit status 2, one `error:` line naming the culprit).
+its own train.py process (exit status 2, one `error:` line naming the culprit,
+and nothing changed on disk: no input file, and no run folder left behind).
 
 To keep this cheap, one driver process imports train.py's modules once and forks
 a child per case; each child runs train.py as `python train.py ...` would
@@ -8,6 +9,9 @@ traceback by the same code path the interpreter uses), with its own stdout,
 stderr, environment and exit status."""
 import io
 import json
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -78,7 +82,38 @@ def files(tmp_path_factory, corpus):
     data = bytearray((run / "ckpt_000001.pt").read_bytes())
     data[len(data) // 2] ^= 1
     damaged.write_bytes(bytes(data))
+    _planted_runs(d, run, corpus)
+    # shards of the GPT-2 tokenizer, which a --tokenizer bytes run must refuse
+    gpt2_shards = d / "gpt2_shards"
+    gpt2_shards.mkdir()
+    paths = [write_shard(gpt2_shards / f"g_{s}_000000.bin", list(range(300)), 50257) for s in ("train", "val")]
+    write_manifest(gpt2_shards, paths, "gpt2", 50257)
+    # a Hugging Face folder whose pytorch_model.bin carries a pickled object
+    pickled = d / "hf_pickle"
+    pickled.mkdir()
+    from engine.config import GPTConfig
+    from engine.hf import hf_config_dict
+    hf_config = hf_config_dict(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    (pickled / "config.json").write_text(json.dumps(hf_config))
+    torch.save({"payload": pathlib.PurePosixPath("x")}, pickled / "pytorch_model.bin")
     return d
+
+
+def _planted_runs(d, run, corpus):
+    """Folders that hold the real run's files plus what an attacker or an accident
+    put there: another run's checkpoint (valid checksum) as the newest file, a
+    checkpoint renamed to another step, and a run whose data has moved away."""
+    from engine import checkpoint as ckpt_lib
+    state = ckpt_lib.load_checkpoint(run / "ckpt_000001.pt")
+    for name in ("planted", "renamed", "moved"):
+        (d / name).mkdir()
+        for f in ("config.json", "metrics.csv"):
+            shutil.copy2(run / f, d / name / f)
+    shutil.copy2(run / "ckpt_000001.pt", d / "planted" / "ckpt_000001.pt")
+    ckpt_lib.save_checkpoint(d / "planted", 2, {**state, "step": 2, "run_id": "0123456789abcdef"})
+    shutil.copy2(run / "ckpt_000001.pt", d / "renamed" / "ckpt_000005.pt")
+    gone = {**state["train_config"], "data": str(d / "gone.txt"), "max_steps": 5}
+    ckpt_lib.save_checkpoint(d / "moved", 1, {**state, "train_config": gone})
 
 
 def base_args(corpus, run_dir):
@@ -100,7 +135,7 @@ CASES = [
     ("zero batch", lambda f, c, b: b + ["--batch-size", "0"], {}, ["batch_size (--batch-size) must be >= 1"]),
     ("max-bad-steps 0", lambda f, c, b: b + ["--max-bad-steps", "0"], {}, ["max_bad_steps (--max-bad-steps)"]),
     ("ddp timeout 0", lambda f, c, b: b + ["--ddp-timeout-s", "0"], {}, ["ddp_timeout_s (--ddp-timeout-s) must be > 0"]),
-    ("unknown tokenizer", lambda f, c, b: b + ["--tokenizer", "gpt3"], {}, ["--tokenizer: expected one of"]),
+    ("unknown tokenizer", lambda f, c, b: b + ["--tokenizer", "gpt3"], {}, ["tokenizer (--tokenizer) must be one of"]),
     ("bad toml value", lambda f, c, b: b + ["--config", str(f / "bad.toml")], {}, ["bad.toml", "key max_lr"]),
     ("toml is a folder", lambda f, c, b: b + ["--config", str(f / "empty_dir")], {}, ["--config", "is a folder"]),
     ("data missing", lambda f, c, b: b + ["--data", str(f / "nope.txt")], {}, ["nope.txt: no such file"]),
@@ -111,7 +146,7 @@ CASES = [
     ("heads do not divide", lambda f, c, b: b + ["--n-head", "3"], {}, ["model:"]),
     ("warmup over steps", lambda f, c, b: b + ["--warmup-steps", "9"], {}, ["warmup_steps (--warmup-steps) (9)"]),
     ("batch not divisible", lambda f, c, b: b + ["--total-batch-size", "100"], {}, ["total_batch_size"]),
-    ("no cuda", lambda f, c, b: b + ["--device", "cuda"], {}, ["device (--device) cuda: no CUDA GPU"]),
+    ("no cuda", lambda f, c, b: b + ["--device", "cuda"], {}, ["--device cuda: no CUDA GPU"]),
     ("init-from missing", lambda f, c, b: b + ["--init-from", str(f / "nope")], {}, ["nope"]),
     ("init-from a file", lambda f, c, b: b + ["--init-from", str(f / "a_file")], {}, ["a_file"]),
     ("resume missing", lambda f, c, b: ["--resume", str(f / "nope")], {}, ["resume:", "does not exist"]),
@@ -127,7 +162,37 @@ CASES = [
     ("resume and init-from", lambda f, c, b: b + ["--resume", str(f / "run"), "--init-from", "x"], {},
      ["--init-from and --resume exclude each other"]),
     ("bad torchrun environment", lambda f, c, b: b, {"RANK": "3", "WORLD_SIZE": "2"}, ["inconsistent"]),
+    # --overwrite onto a finished run: every input is checked before anything is deleted
+    *[(f"overwrite, then {what}", (lambda extra: lambda f, c, b: b + ["--run-dir", str(f / "run"), "--overwrite",
+                                                                      *extra(f)])(extra), {}, needles)
+      for what, extra, needles in [
+          ("missing data", lambda f: ["--data", str(f / "nope.txt")], ["nope.txt: no such file"]),
+          ("seq-len over block size", lambda f: ["--seq-len", "256"], ["seq_len (--seq-len) 256 exceeds"]),
+          ("missing hellaswag", lambda f: ["--hellaswag", str(f / "nope.jsonl")], ["nope.jsonl: no such file"]),
+          ("missing init-from", lambda f: ["--init-from", str(f / "nowhere")], ["nowhere"]),
+          ("bytes on gpt2 shards", lambda f: ["--data", str(f / "gpt2_shards")], ["gpt2_shards"]),
+          ("pickled init-from", lambda f: ["--init-from", str(f / "hf_pickle")],
+           ["pytorch_model.bin: refused as unsafe"]),
+      ]],
+    ("resume another run's checkpoint", lambda f, c, b: ["--resume", str(f / "planted")], {},
+     ["resume:", "planted/ckpt_000002.pt: a checkpoint of another run (run 0123456789abcdef"]),
+    ("resume a renamed checkpoint", lambda f, c, b: ["--resume", str(f / "renamed")], {},
+     ["resume:", "renamed/ckpt_000005.pt: its name says step 5 but it holds step 1"]),
+    ("resume with the data gone", lambda f, c, b: ["--resume", str(f / "moved")], {},
+     ["resume: the run's data", "gone.txt is no longer there", "give --data NEWPATH"]),
+    ("resume with other data", lambda f, c, b: ["--resume", str(f / "moved"), "--data", str(f / "binary.txt")], {},
+     ["resume: --data", "binary.txt: not the run's data (its content hash differs"]),
 ]
+
+
+def _tree(folder) -> dict:
+    """Every file under `folder`: its size and modification time."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), folder)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def test_bad_inputs_get_one_line_and_exit_2(files, corpus, tmp_path):
@@ -137,6 +202,7 @@ def test_bad_inputs_get_one_line_and_exit_2(files, corpus, tmp_path):
                       "out": str(tmp_path / f"{i}.out"), "err": str(tmp_path / f"{i}.err"),
                       "train_py": str(REPO_ROOT / "train.py")})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
+    before = _tree(files)
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "cases.json")], cwd=tmp_path,
                           env=child_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), capture_output=True,
                           text=True, timeout=600)
@@ -150,4 +216,13 @@ def test_bad_inputs_get_one_line_and_exit_2(files, corpus, tmp_path):
               and all(n in lines[0] for n in needles))
         if not ok:
             failures.append(f"{name}: exit {status}, stderr: {err[-800:]!r}")
+    # Exit 2 means nothing changed: not a file of the inputs (the finished run an
+    # --overwrite named, the folders with planted checkpoints), and no folder left behind.
+    after = _tree(files)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        failures.append(f"refused runs changed these files: {changed}")
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    if left:
+        failures.append(f"refused runs left these folders: {left}")
     assert not failures, "\n".join(failures)

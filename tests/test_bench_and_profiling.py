@@ -147,7 +147,7 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert "error: OutOfMemoryError" in md
     # T=2048: the best peer is sdpa-flash, 4.0 ms against ours 3.0: 1.33x, with its spread.
     best = [line for line in md.splitlines() if line.startswith("| attention-fwdbwd | T=2048 | 3 |")]
-    assert len(best) == 1 and "| sdpa-flash | 4 | 1.33x [1.27-1.40] |" in best[0], md
+    assert len(best) == 1 and "| sdpa-flash | 4 | 1.33x [1.27-1.40] faster |" in best[0], md
     assert "liger: skipped: liger-kernel is not installed" in best[0]
     if HAS_MATPLOTLIB:  # the plots are an optional extra; the tables never are
         assert {"attention_tflops.png", "training_tokens_per_s.png"} <= set(written)
@@ -198,7 +198,7 @@ def test_report_intermediate_writes_keep_tables_and_autotune_choices(tmp_path, m
 @pytest.mark.skipif(ON_GPU, reason="checks the session script's no-CUDA path")
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
-def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
+def test_session_script_records_the_environment_and_fails_without_cuda(tmp_path):
     script = str(ROOT / "bench" / "gpu_session.sh")
     for bad_args in (["everything"], ["--deadline", "soon"], ["--tiktoken-cache", "/no/such/folder"]):
         bad = subprocess.run(["bash", script, *bad_args], cwd=ROOT, capture_output=True, text=True)
@@ -216,6 +216,54 @@ def test_gpu_session_script_records_the_environment_and_fails_without_cuda(tmp_p
     assert "--quick --budget" in proc.stdout and proc.stdout.rstrip().endswith("exit 1")
     assert f"results in {out}" in proc.stdout
     assert not (out / "pytest.log").exists()  # the report phase alone ran
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None,
+                    reason="needs bash and git")
+def test_session_script_dry_run_prepare_and_deadlines(tmp_path):
+    """A tree copied without .git to a machine without network: `prepare` (run where
+    git is) records the commit and the tiktoken cache; the dry run there shows the
+    plan, budgets that stay positive, and what is present; a deadline too short for
+    a phase is refused in one line."""
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "gpu_session.sh", tree / "bench")
+    git = ["git", "-C", str(tree), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    rev = subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cache = tmp_path / "bpe"
+    cache.mkdir()
+    (cache / "0123abcd").write_text("x")
+    script = ["bash", str(tree / "bench" / "gpu_session.sh")]
+    env = child_env(PYTHON=sys.executable, TIKTOKEN_CACHE_DIR="")
+    prep = subprocess.run(script + ["prepare", "--tiktoken-cache", str(cache)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    assert (tree / ".gpu-session" / "commit").read_text().strip() == rev
+    assert (tree / ".gpu-session" / "tiktoken" / "0123abcd").is_file()
+    shutil.rmtree(tree / ".git")
+
+    dry = subprocess.run(script + ["--dry-run", "--deadline", "390"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert f"commit: {rev} (from {tree / '.gpu-session' / 'commit'})" in dry.stdout
+    assert f"tiktoken cache: {tree / '.gpu-session' / 'tiktoken'} (1 files" in dry.stdout
+    assert "(60 s at most)" in dry.stdout and "--quick --budget 260 (320 s at most)" in dry.stdout
+    assert "cuda device:" in dry.stdout and "xdist:" in dry.stdout
+    assert not (tree / "bench" / "results").exists()  # nothing ran
+    given = subprocess.run(script + ["--dry-run", "--commit", "abc1234", "tests", "--deadline", "70"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert "commit: abc1234 (from --commit)" in given.stdout and "(60 s at most)" in given.stdout
+    for phase, deadline, least in (("all", "389", 390), ("tests", "69", 70), ("report", "0", 110)):
+        short = subprocess.run(script + ["--dry-run", "--deadline", deadline, phase], capture_output=True,
+                               text=True, env=env, timeout=60)
+        assert short.returncode == 2 and short.stdout == "", (phase, short.stdout)
+        assert short.stderr.count("\n") == 1 and f"needs at least {least} s" in short.stderr, short.stderr
+    help_text = subprocess.run(script + ["--help"], capture_output=True, text=True, timeout=60).stdout
+    for needed in ("tiktoken", "liger-kernel", "pytest-xdist", "prepare", ".gpu-session"):
+        assert needed in help_text, needed
 
 
 def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
@@ -243,6 +291,16 @@ def test_report_main_keeps_measurements_when_interrupted(tmp_path, monkeypatch):
     assert rows[1]["check"] == "skipped: interrupted" and rows[0]["seconds"] > 0
 
 
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """time.sleep advances a fake time.perf_counter instead of waiting: the timings a
+    test measures are then exact, whatever else the machine is doing."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    return now
+
+
 def _sleeper(seconds: dict):
     """make(variant) -> fn(i) that sleeps seconds[variant] and returns ones."""
     def make(variant):
@@ -256,7 +314,7 @@ def _sleeper(seconds: dict):
     return make
 
 
-def test_measure_case_pairs_each_peer_with_ours_and_records_failures():
+def test_measure_case_pairs_each_peer_with_ours_and_records_failures(fake_clock):
     def make(variant):
         if variant == "crash":
             raise RuntimeError("boom\nsecond line")
@@ -273,7 +331,7 @@ def test_measure_case_pairs_each_peer_with_ours_and_records_failures():
     assert ours.check.startswith("pass") and ours.subject_speedup is None and ours.seconds >= 2e-3
     # The peer sleeps twice as long: ours is ~2x faster, measured in paired rounds.
     assert slow.check.startswith("pass (baseline")
-    assert 1.6 < slow.subject_speedup < 2.4 and slow.subject_speedup_q1 <= slow.subject_speedup_q3
+    assert slow.subject_speedup == pytest.approx(2.0) and slow.subject_speedup_q1 <= slow.subject_speedup_q3
     assert slow.rounds >= 7 and slow.calls_per_round >= 1
     assert rows["wrong"].check.startswith("FAIL") and rows["wrong"].seconds is None
     assert rows["missing"].check == "skipped: no such variant here"
@@ -299,7 +357,7 @@ def test_a_variant_whose_baseline_cannot_run_says_so():
                        "cannot run here (no such variant here)") and r.seconds is None
 
 
-def test_gpu_plan_lists_every_comparison_lazily():
+def test_report_plan_lists_every_comparison_lazily():
     full, quick = cases.gpu_plan(False), cases.gpu_plan(True)
     sections = {s for s, _ in full}
     assert sections == {"layernorm", "linear_gelu", "mlp", "cross_entropy", "adamw", "attention",
@@ -366,23 +424,31 @@ def test_registry_summary_lists_ratios_with_their_spread():
     lines = reg.summary_lines()
     assert lines[0].split()[:4] == ["group", "params", "variant", "ms/call"]
     assert "(subject)" in lines[1] and "9x20" in lines[1] and "200 GB/s" in lines[1]
-    assert "2.00x [1.90-2.10]" in lines[2] and "9x10" in lines[2]
+    assert "2.00x [1.90-2.10] faster" in lines[2] and "9x10" in lines[2]
     peers = reg.peer_lines()
-    assert "torch" in peers[1] and "2.00x [1.90-2.10]" in peers[1]
+    assert "torch" in peers[1] and "2.00x [1.90-2.10] faster" in peers[1]
+    slower = Result("g", "p", "fast-peer", "ours", 5e-4, "pass", {}, rounds=9, calls_per_round=40)
+    slower.set_speedup(Spread(0.5, 0.4, 0.625))  # the peer in half our time: ours 2x slower
+    assert slower.speedup_text() == "2.00x [1.60-2.50] slower"
     only_notes = Registry()  # titled sections alone are worth printing
     only_notes.sections["notes"] = ["a line"]
     assert only_notes
 
 
-def test_timing_blocks_pairs_and_spread():
-    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert time_block(lambda: time.sleep(1e-3), 3, "cpu") >= 1e-3
+def test_timing_blocks_pairs_and_spread(fake_clock):
     calls = []
-    fast = Block(lambda: calls.append("fast") or time.sleep(1e-3), 2)
-    slow = Block(lambda: calls.append("slow") or time.sleep(2e-3), 1)
+
+    def work(name, seconds):
+        calls.append(name)
+        time.sleep(seconds)
+
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert time_block(lambda: work("one", 1e-3), 3, "cpu") == pytest.approx(1e-3)
+    calls.clear()
+    fast = Block(lambda: work("fast", 1e-3), 2)
+    slow = Block(lambda: work("slow", 2e-3), 1)
     mine, theirs = OwnRounds().paired(fast, slow, "cpu", rounds=4)
-    assert len(mine) == len(theirs) == 4
-    assert all(m < t for m, t in zip(mine, theirs))
+    assert mine == pytest.approx([1e-3] * 4) and theirs == pytest.approx([2e-3] * 4)
     # Blocks alternate which goes first: after the warm-up pair, slow opens rounds 0 and 2.
     rounds = "".join("F" if c == "fast" else "S" for c in calls[3:])
     assert rounds == "SFF" + "FFS" + "SFF" + "FFS"

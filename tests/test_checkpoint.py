@@ -40,6 +40,7 @@ def with_trailer(payload: bytes) -> bytes:
                                  hashlib.sha256(payload).digest())
 
 
+@pytest.mark.smoke
 def test_save_then_load_round_trips(tmp_path):
     path = ckpt_lib.save_checkpoint(tmp_path, 7, state(7.0))
     assert path.name == "ckpt_000007.pt"
@@ -215,11 +216,14 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     assert ckpt_lib.load_checkpoint(tmp_path)["step"] == 1
     assert "dead-1" in leftovers[0]  # temp files carry the writing process's token
     # A temp file of another live process is never touched; the next run that claims
-    # the folder (and so knows no other process writes there) removes the dead one's.
+    # the folder (and so knows no other process writes there) removes the dead one's
+    # once it starts writing (a run refused at set-up changes nothing).
     ckpt_lib.save_checkpoint(tmp_path, 3, state(3.0), token="next-2")
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1
     folder = RunFolder(tmp_path, token="next-2")
     folder.claim()
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1
+    folder.start_writing()
     folder.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001.pt", "ckpt_000003.pt"]
 

@@ -85,7 +85,7 @@ MARKED = ["test_marked_a", "TestGroup::test_marked_in_class", "test_marked_last"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fakes CUDA on a machine without it")
-def test_gpu_marked_tests_are_collected_first_where_cuda_is_reported(tmp_path):
+def test_marked_gpu_tests_are_collected_first_where_cuda_is_reported(tmp_path):
     ids = _collected(_run(tmp_path, "--collect-only", "-q", fake_cuda=True))
     assert ids[:3] == MARKED, ids
     assert ids[3:] == ["test_plain_first", "test_plain_gpu_named[gpu]", "test_plain_gpu_named[cpu]",

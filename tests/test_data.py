@@ -1,5 +1,6 @@
 """Data pipeline: text and shard sources, ranks, shuffling, resume, bad input."""
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -67,22 +68,25 @@ def test_targets_are_inputs_shifted(B, T):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_rank_slices_are_disjoint(world_size):
+    """Rank r reads global row i*world_size + r; rows wrap into the next epoch one
+    by one, so the ranks together read every row of an epoch once, whatever
+    their number."""
     B, T, n = 2, 4, 203
+    rows = (n - 1) // (B * T)  # 25 rows of 8 tokens per epoch
     seen = []
     for rank in range(world_size):
         loader = D.TokenLoader([("p", positions(n))], B, T, rank=rank, world_size=world_size)
+        assert loader.rows_per_epoch == rows and loader.tokens_per_epoch == rows * B * T
         assert loader.batches_per_epoch == (n - 1) // (B * T * world_size)
-        for i in range(loader.batches_per_epoch):
+        for i in range(2 * rows // world_size + 1):
             x, _ = loader.next_batch()
-            start = (i * world_size + rank) * B * T
-            np.testing.assert_array_equal(x.numpy().ravel(), positions(B * T, start))
-            seen.append(x.numpy().ravel())
-        # every rank wraps on the same step
-        x, _ = loader.next_batch()
-        assert loader.epoch == 1 and x.numpy().ravel()[0] == rank * B * T
+            epoch, row = divmod(i * world_size + rank, rows)
+            np.testing.assert_array_equal(x.numpy().ravel(), positions(B * T, row * B * T))
+            assert loader.epoch == epoch
+            if epoch == 0:
+                seen.append(x.numpy().ravel())
     seen = np.concatenate(seen)
-    assert len(np.unique(seen)) == len(seen)
-    assert set(seen.tolist()) == set(range(loader.batches_per_epoch * B * T * world_size))
+    assert len(np.unique(seen)) == len(seen) == rows * B * T
 
 
 def test_text_rank_slices_disjoint(tmp_path):
@@ -216,13 +220,36 @@ def test_prepare_command_line(tmp_path, gpt2):
          "--val-fraction", "0.1", "--tokenizer", "gpt2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "prepare:" in r.stderr and "100%" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # into a pipe, each report is a line of its own
+    assert re.match(r"prepare: 100% of \d+\.\d kB, 3 documents, [\d,]+ tokens, [\d,]+ tokens/s", last), last
     assert "train tokens" in r.stdout
     # inputs in the order given: a.txt, the nested folder, b.txt
     stream = expected_stream([files[0], files[2], files[1]], gpt2)
     n_val = int(len(stream) * 0.1)
     np.testing.assert_array_equal(read_split(out, "gpt2", "val")[1], stream[:n_val])
     np.testing.assert_array_equal(read_split(out, "gpt2", "train")[1], stream[n_val:])
+
+
+def test_progress_line_says_documents_tokens_rate_and_time_left():
+    import importlib
+    import io
+    P = importlib.import_module("engine.data.prepare")
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = iter([100.0, 110.0, 130.0]).__next__
+    stream = Terminal()
+    bar = P._Progress(4_000_000, "bytes", True, {"units": 1_000_000, "documents": 7, "tokens": 500}, stream=stream,
+                      clock=clock)
+    bar.update(1_000_000, 40, 2_000_000)  # 10 s in: 1 MB of the 3 MB left, at 0.1 MB/s
+    assert stream.getvalue() == ("\rprepare: 50% of 4.0 MB, 47 documents, 2,000,500 tokens, 200,000 tokens/s, "
+                                 "ETA 0m20s\033[K")
+    bar.update(2_000_000, 3, 10, force=True)
+    assert stream.getvalue().endswith("prepare: 100% of 4.0 MB, 50 documents, 2,000,510 tokens, 66,667 tokens/s\033[K")
+    hub = P._Progress(0, "documents", True, {}, stream=Terminal(), clock=iter([0.0, 1.0]).__next__)
+    hub.update(0, 12, 345, force=True)
+    assert hub.stream.getvalue().startswith("\rprepare: 12 documents, 345 tokens, ")
 
 
 def test_command_line_user_error(tmp_path, capsys):
@@ -268,31 +295,74 @@ def test_shuffle_per_epoch_is_deterministic(tmp_path):
     def run(seed, rank=0):
         loader = D.build_loader(d, 1, 4, seed=seed, rank=rank, world_size=2, tokenizer=None)
         assert loader.shuffle
-        out, orders = [], {}
+        out, orders, epochs = [], {}, []
         for _ in range(3 * loader.batches_per_epoch):
             out.append(loader.next_batch()[0].numpy().ravel())
             orders.setdefault(loader.epoch, loader.state_dict()["order"])
+            epochs.append(loader.epoch)
         assert sorted(orders) == [0, 1, 2]
-        return np.stack(out), list(orders.values())
+        return np.stack(out), list(orders.values()), np.array(epochs)
 
-    a, orders_a = run(seed=1)
-    b, _ = run(seed=1)
+    a, orders_a, epochs_a = run(seed=1)
+    b, _, _ = run(seed=1)
     np.testing.assert_array_equal(a, b)
-    c, _ = run(seed=2)
+    c, _, _ = run(seed=2)
     assert not np.array_equal(a, c)
     # the order changes from epoch to epoch and covers every shard
     assert len({tuple(o) for o in orders_a}) > 1
     assert all(sorted(o) == sorted(orders_a[0]) for o in orders_a)
     # every epoch's tokens are each shard's tokens exactly once across ranks
-    r1, orders_r1 = run(seed=1, rank=1)
+    r1, orders_r1, epochs_r1 = run(seed=1, rank=1)
     assert orders_r1 == orders_a
-    per_epoch = len(a) // 3
-    for e in range(3):
-        both = np.concatenate([a[e * per_epoch:(e + 1) * per_epoch].ravel(),
-                               r1[e * per_epoch:(e + 1) * per_epoch].ravel()])
-        assert len(np.unique(both)) == len(both)
+    for e in range(2):
+        both = np.concatenate([a[epochs_a == e].ravel(), r1[epochs_r1 == e].ravel()])
+        assert len(np.unique(both)) == len(both) == 31 * 4  # every row of the epoch once
     # in-order batches would be contiguous; shuffled ones jump between shards
+    per_epoch = len(a) // 3
     assert not np.array_equal(a[:per_epoch].ravel(), positions(per_epoch * 4))
+
+
+@pytest.mark.parametrize("source", ["text", "shards"])
+def test_resume_at_another_world_size_continues_the_global_stream(tmp_path, source):
+    """Read at 2 processes, saved, continued at 3, saved, continued at 1: the rows
+    the ranks read, in global order, are the rows one process reads, across
+    epoch ends (and shuffles of the shards)."""
+    if source == "text":
+        path = write_text(tmp_path / "r.txt", "".join(chr(97 + (i * 7) % 26) for i in range(300)))
+    else:
+        path = shard_dir(tmp_path, [13, 29, 7, 31, 19])
+    tok = "bytes" if source == "text" else None
+
+    def ranks(world):
+        return [D.build_loader(path, 2, 3, rank=r, world_size=world, tokenizer=tok, seed=3) for r in range(world)]
+
+    (single,) = ranks(1)
+    expected = [x for x, _ in batches(single, 3 * single.rows_per_epoch)]
+    got, state = [], None
+    for world, steps in ((2, 7), (3, 9), (1, len(expected))):
+        loaders = ranks(world)
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        for _ in range(steps):
+            got += [loader.next_batch()[0] for loader in loaders]
+        state = loaders[-1].state_dict()
+        assert state["token_offset"] == len(got) * 2 * 3
+    for i, (want, have) in enumerate(zip(expected, got)):
+        assert want.equal(have), f"global row {i}"
+
+
+def test_loader_state_of_version_1_resumes_at_its_place(tmp_path):
+    """A version-1 state (epoch, batch per rank, world size) continues at the same
+    row of the stream, at any world size."""
+    loader = D.TokenLoader([("p", positions(203))], 2, 4)
+    rows = loader.rows_per_epoch
+    state = dict(loader.state_dict(), version=1, world_size=2, epoch=1, batch=3)
+    del state["token_offset"]
+    loader.load_state_dict(state)
+    x, _ = loader.next_batch()
+    assert loader.epoch == 1 and x.numpy().ravel()[0] == 6 * 8
+    assert loader.state_dict()["token_offset"] == (rows + 7) * 8
 
 
 @pytest.mark.parametrize("source", ["text", "shards"])

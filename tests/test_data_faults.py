@@ -1,8 +1,9 @@
 """Data preparation under faults, in real processes: two prepares into one folder,
 an interrupted prepare, a huge single-line file (bounded memory), and the
-loader refusing what an interrupted prepare leaves."""
+loader refusing what an interrupted prepare leaves. (Resuming: test_data_resume.py.)"""
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -104,8 +105,12 @@ def test_an_interrupted_prepare_leaves_the_folder_as_it_was(one_line_file, tmp_p
     child.proc.send_signal(sig)
     rc, err = child.finish()
     assert rc == 128 + sig, err[-2000:]
-    assert err.strip().splitlines()[-1] == f"prepare: interrupted by {sig.name}; {out} is left as it was"
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no shard, manifest, temp or work folder
+    work = out / ".prepare-work"
+    assert re.fullmatch(rf"prepare: interrupted by {sig.name}; {out} is left as it was; \d+ finished shards are kept "
+                        rf"in {work}: run the same command again to continue", err.strip().splitlines()[-1])
+    # no shard, manifest or temp file in sight; the work so far kept, hidden, to be resumed
+    assert sorted(p.name for p in out.iterdir()) == [".prepare-work", "notes.txt"]
+    assert not [p for p in work.iterdir() if p.name.endswith(".partial")]
 
 
 def test_two_prepares_into_one_folder_never_mix(one_line_file, corpus, tmp_path, gpt2):
@@ -157,3 +162,25 @@ def test_the_loader_refuses_what_an_interrupted_prepare_leaves(corpus, tmp_path)
     D.prepare([corpus], stray, tokenizer="bytes", progress=False, workers=1)
     assert not killed.exists()
     assert D.build_loader(stray, 2, 8, tokenizer="bytes").num_tokens > 100_000
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_redraws_on_a_terminal_and_writes_lines_into_a_log(tty):
+    """A carriage return in a log file runs the reports together: there each report
+    is a line of its own."""
+    import io
+
+    from engine.data.prepare import _Progress
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    stream = Stream()
+    bar = _Progress(2_000_000, "bytes", True, {}, stream=stream)
+    bar.update(1_000_000, 3, 500)
+    bar.update(1_000_000, 2, 500, force=True)
+    bar.close()
+    text = stream.getvalue()
+    assert text.count("prepare: ") == 3 and text.endswith("\n") and "1,000 tokens" in text
+    assert ("\r" in text) == tty and (text.count("\n") == 1) == tty

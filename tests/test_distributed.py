@@ -76,7 +76,7 @@ def test_torchrun_matches_one_process(corpus, tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "DDP, world size 2" in out and "1 accumulation step(s)" in out
-    assert sum(ln.startswith("step     0 |") for ln in out.splitlines()) == 1  # rank 0 logs alone
+    assert sum(ln.startswith("step     0/") for ln in out.splitlines()) == 1  # rank 0 logs alone
 
     ddp_rows = read_csv(tmp_path / "ddp" / "metrics.csv")
     one_rows = read_csv(tmp_path / "single" / "metrics.csv")
@@ -89,7 +89,7 @@ def test_torchrun_matches_one_process(corpus, tmp_path, monkeypatch):
             assert abs(float(a["val_loss"]) - float(b["val_loss"])) <= 1e-5 * float(a["val_loss"])
     assert [r["val_loss"] != "" for r in ddp_rows] == [True, False, False, True]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
-        ["ckpt_000004.pt", "config.json", "loss.png", "metrics.csv"])
+        ["ckpt_000004.pt", "config.json", "log.txt", "loss.png", "metrics.csv"])
 
 
 def launch_ranks(args, cwd, world_size=2):
@@ -129,7 +129,7 @@ def test_a_stalled_rank_ends_the_job_within_the_ddp_timeout(corpus, tmp_path):
     rank0, rank1 = launch_ranks(["--data", str(corpus), "--run-dir", str(tmp_path / "run"), *flags], tmp_path)
     try:
         for line in rank0.stdout:
-            if line.startswith("step     3 |"):
+            if line.startswith("step     3/"):
                 break
         rank1.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
@@ -153,7 +153,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(corpus, tmp_pa
     flags = as_flags(dict(COMMON, max_steps=100_000, eval_interval=0, checkpoint_interval=100_000))
     rank0, rank1 = launch_ranks(["--data", str(corpus), "--run-dir", str(run), *flags], tmp_path)
     for line in rank0.stdout:
-        if line.startswith("step     3 |"):
+        if line.startswith("step     3/"):
             break
     rank1.send_signal(signal.SIGTERM)
     results = [(p.wait(timeout=120), p.communicate()[1]) for p in (rank0, rank1)]

@@ -116,7 +116,7 @@ def test_gpu_graph_replays_draw_fresh_masks(corpus, tmp_path):
                                cuda_graphs="on", dtype="bf16", n_embd=128, n_head=2, seq_len=64,
                                batch_size=4, max_steps=8, max_lr=1e-12), log=quiet)
     for step in range(4):
-        trainer.train_step(step)
+        trainer.take_step(step)
     assert trainer.graphed.captured
     x, y = trainer.train_loader.next_batch()
     xs, ys = x[None], y[None]

@@ -183,11 +183,17 @@ def test_shards_agree_with_one_process(bytes_setup, tmp_path, monkeypatch):
         return [parts[r] for r in sorted(parts)]
 
     monkeypatch.setattr(dist_lib, "all_gather_objects", gather)
+    forwards = []
     for rank in (0, 1, 2):
+        count = []
+        hook = model.register_forward_pre_hook(lambda *args: count.append(1))
         last = evaluate_hellaswag(model, items, tok, "cpu", dist_info=DistInfo(True, rank, rank, 3),
                                   batch_items=2, return_predictions=True)
+        hook.remove()
+        forwards.append(len(count))
     assert [len(parts[r]) for r in (0, 1, 2)] == [3, 2, 2]
     assert last == whole
+    assert forwards == [2, 2, 2]  # the same forwards on every rank (an FSDP model all-gathers in each)
 
 
 def free_port() -> int:
@@ -361,3 +367,44 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(bytes_setup, tmp_path):
     items = load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", make_items(1)))
     with pytest.raises(UserInputError, match="the gpt2 tokenizer has 50,257 ids, the model's vocabulary 256"):
         evaluate_hellaswag(model, items, Wide(), "cpu")
+
+
+def test_json_destination_is_checked_before_scoring_and_the_result_printed_first(bytes_setup, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--json never replaces what is not its own (a read-only file, the --data
+    file, any other file); and a write that fails after scoring costs the file,
+    not the result: the result line is printed first, then one error line (exit 4)."""
+    path, *_ = bytes_setup
+    data = write_jsonl(tmp_path / "hs.jsonl", make_items(3))
+    data_bytes = data.read_bytes()
+    args = ["hellaswag", "--model", str(path), "--data", str(data), "--device", "cpu"]
+    out = tmp_path / "out.json"
+    assert main([*args, "--json", str(out)]) == 0  # a predictions file of this command
+    capsys.readouterr()
+    assert main([*args, "--json", str(out)]) == 0  # replaces it
+    capsys.readouterr()
+    out.chmod(0o444)
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    for dest, needle in [(out, "is read-only; not replaced"),
+                         (data, "is the --data file; writing the predictions would replace the dataset"),
+                         (other, "exists and is not a predictions file of this command; not replaced "
+                                 "(give a new file name)")]:
+        before = dest.read_bytes()
+        assert main([*args, "--json", str(dest)]) == 2, dest
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert lines[-1] == f"error: --json {dest}: {needle}" and not captured.out, captured
+        assert dest.read_bytes() == before
+    assert data.read_bytes() == data_bytes
+
+    def failing_write(dest, write, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("engine.eval.atomic_write", failing_write)
+    fresh = tmp_path / "fresh.json"
+    assert main([*args, "--json", str(fresh)]) == 4
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hellaswag: 3 items | acc ")
+    lines = captured.err.strip().splitlines()
+    assert lines[-1] == (f"error: --json {fresh}: could not write the predictions (Permission denied); "
+                         "the result above stands") and "Traceback" not in captured.err

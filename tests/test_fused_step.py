@@ -164,6 +164,39 @@ def test_train_step_runs_the_models_micro_step_only_for_a_bare_model(monkeypatch
     train_step(Wrapper(model), opt, xs, ys, grad_clip=1.0, autocast=autocast_factory("fp32", DEVICE.type))
     assert not calls
 
+    # FSDP2 shards the model in place: still a GPT, its gradients reduced by hooks
+    # that gradients added inside the kernels would bypass.
+    synced = []
+    monkeypatch.setattr(GPT, "set_requires_gradient_sync", lambda self, on: synced.append(on), raising=False)
+    train_step(model, opt, xs, ys, grad_clip=1.0, autocast=autocast_factory("fp32", DEVICE.type))
+    assert not calls and synced == [False, True]
+
+
+def test_weight_copies_survive_loading_the_optimizer_state():
+    """A resume loads FusedAdamW's state into its buffers: the copies it keeps are
+    still written by its next steps."""
+    model = _model("triton")
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, device=DEVICE, kind="triton",
+                  log=lambda *a: None)
+    opt = configure_optimizer(model, weight_copies=True, **kwargs)
+    xs, ys = _batches(accum=1)
+    step = dict(grad_clip=1.0, autocast=autocast_factory("fp32", DEVICE.type))
+    train_step(model, opt, xs, ys, **step)
+    opt.load_state_dict(opt.state_dict())
+    for _ in range(2):
+        train_step(model, opt, xs, ys, **step)
+        for p in model.matmul_weights():
+            assert torch.equal(model.weight_copies.get(p), p.detach().to(torch.bfloat16))
+
+
+def test_sharded_parameters_get_no_weight_copies():
+    """FSDP's sharded FusedAdamW refuses to keep copies, in one line: under FSDP the
+    mixed-precision policy makes the bf16 weights."""
+    from gpt2_kernels import ShardedFusedAdamW
+    p = torch.nn.Parameter(torch.randn(4, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="^ShardedFusedAdamW: bf16 weight copies are not kept for sharded"):
+        WeightCopies([p], ShardedFusedAdamW([p], lr=1e-3))
+
 
 def test_fusions_are_named_and_checked():
     assert Fusions.parse("all") == Fusions() and Fusions.parse("all").text() == "all"
@@ -171,7 +204,7 @@ def test_fusions_are_named_and_checked():
     assert not any(dataclasses.asdict(off).values()) and off.text() == "none"
     some = Fusions.parse("epilogues, bf16_weights")
     assert some.text() == "epilogues,bf16_weights" and not some.cross_entropy
-    with pytest.raises(ValueError, match="^GPTConfig.fusions 'gelu': expected all, none or a comma-separated"):
+    with pytest.raises(ValueError, match="^GPTConfig.fusions: 'gelu' is not all, none or a comma-separated list of epilogues"):
         GPTConfig(fusions="gelu")
     with pytest.raises(ValueError, match="^GPTConfig.residual_dtype must be one of"):
         GPTConfig(residual_dtype="fp16")

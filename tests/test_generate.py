@@ -92,3 +92,14 @@ def test_bad_arguments(pair, kw, needle):
     kw.setdefault("idx", torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=needle):
         generate(ours, **kw)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=20, top_p=0.9)])
+def test_a_tiny_temperature_samples_the_greedy_tokens(pair, temperature, kw):
+    """logits / 1e-40 overflowed to inf and inf - inf gave a NaN distribution;
+    the limit of a vanishing temperature is greedy decoding."""
+    ours, _ = pair
+    prompt = torch.randint(0, 210, (2, 7), generator=torch.Generator().manual_seed(1))
+    greedy = generate(ours, prompt, max_new_tokens=12, temperature=0)
+    assert torch.equal(generate(ours, prompt, max_new_tokens=12, temperature=temperature, seed=0, **kw), greedy)

@@ -32,6 +32,7 @@ def hf_dir(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.smoke
 def test_load_hf_checkpoint_logits_match(hf_dir):
     path, hf = hf_dir
     ours = GPT.from_pretrained(path, backend="torch").eval()
@@ -42,6 +43,7 @@ def test_load_hf_checkpoint_logits_match(hf_dir):
     assert rel_err(got, expected) <= 1e-5
 
 
+@pytest.mark.smoke
 def test_save_pretrained_loads_in_transformers(tmp_path):
     torch.manual_seed(1)
     ours = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32,
@@ -119,12 +121,47 @@ def test_truncated_pytorch_bin(tmp_path, hf_dir):
         GPT.from_pretrained(tmp_path)
 
 
-def test_refuses_pickled_objects(tmp_path, hf_dir):
-    """weights_only loading: a checkpoint holding an arbitrary object is refused."""
+def test_refuses_pickled_objects_as_unsafe(tmp_path, hf_dir):
+    """weights_only loading: a .bin holding a pickled object is refused as unsafe,
+    in one line that never relays torch's advice to load with weights_only=False."""
+    import pathlib
     path, hf = hf_dir
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    torch.save({"payload": object()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(UserInputError, match="pytorch_model.bin: cannot be read"):
+    torch.save({**hf.state_dict(), "payload": pathlib.PurePosixPath("x")}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserInputError) as info:
+        GPT.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert message == (f"{tmp_path / 'pytorch_model.bin'}: refused as unsafe: it holds Python objects besides "
+                       "tensors, which loading would have to execute; use a model.safetensors of this model")
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_a_sharded_folder_loads(tmp_path, hf_dir, safe):
+    """save_pretrained(max_shard_size=...) splits the weights over several files
+    behind an .index.json: they load as one, equal to the unsharded model."""
+    path, hf = hf_dir
+    if safe:
+        hf.save_pretrained(tmp_path, max_shard_size="100KB")
+        index = tmp_path / "model.safetensors.index.json"
+    else:  # transformers 5 writes only safetensors: the older .bin layout by hand
+        (tmp_path / "config.json").write_text((path / "config.json").read_text())
+        state = hf.state_dict()
+        names = sorted(state)
+        weight_map = {}
+        for i in range(3):
+            part = {k: state[k].clone() for k in names[i::3]}
+            torch.save(part, tmp_path / f"pytorch_model-0000{i + 1}-of-00003.bin")
+            weight_map.update({k: f"pytorch_model-0000{i + 1}-of-00003.bin" for k in part})
+        index = tmp_path / "pytorch_model.bin.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert index.is_file() and len(set(json.loads(index.read_text())["weight_map"].values())) > 1
+    idx = torch.randint(0, 211, (2, 20))
+    with torch.no_grad():
+        assert rel_err(GPT.from_pretrained(tmp_path, backend="torch").eval()(idx)[0], hf(idx).logits) <= 1e-5
+    weight_map = json.loads(index.read_text())["weight_map"]
+    first = sorted(set(weight_map.values()))[0]
+    (tmp_path / first).unlink()
+    with pytest.raises(UserInputError, match=f"^{index}: lists '{first}', which is not a file in"):
         GPT.from_pretrained(tmp_path)
 
 

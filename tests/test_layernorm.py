@@ -394,19 +394,77 @@ def test_no_cast_or_copy_outside_the_kernels():
     assert [t.grad.dtype for t in leaves] == [torch.float16, torch.float32, torch.float32, torch.float32]
 
 
-def test_double_backward_is_refused():
-    """The backward kernels are not differentiable: a second derivative through
-    them raises instead of being silently wrong."""
-    x, r, w, b, _, _ = _make((3,), 17, torch.float32, seed=2, residual=True)
-    xs, rs = _leaf(x), _leaf(r)
-    y = layer_norm(xs, w, b)
-    (gx,) = torch.autograd.grad((y * y).sum(), xs, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
-    h, y = add_layer_norm(xs, rs, w, b)
-    (gr,) = torch.autograd.grad((y * y).sum() + (h * h).sum(), rs, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gr.sum().backward()
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("loss", ["linear", "quadratic"])
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_double_backward_is_refused(op, loss):
+    """The backward kernels are not differentiable: asking for a graph of the
+    gradients raises instead of giving a silently wrong second derivative --
+    also when the loss is linear in the output (a gradient penalty on y.sum()),
+    where torch's once_differentiable lets it through -- while the first-order
+    gradients are unaffected."""
+    x, r, w, b, dy, _ = _make((3,), 17, torch.float32, seed=2, residual=True)
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    xs, rs, ws, bs = leaves
+
+    def objective():
+        if op == "layer_norm":
+            y = layer_norm(xs, ws, bs)
+            return (y * dy).sum() if loss == "linear" else (y * y).sum()
+        h, y = add_layer_norm(xs, rs, ws, bs)
+        return (y * dy + h).sum() if loss == "linear" else (y * y).sum() + (h * h).sum()
+
+    wrt = [xs, ws, bs] if op == "layer_norm" else leaves
+    for inputs in (wrt, [xs]):
+        with pytest.raises(RuntimeError, match=f"^{op}: cannot differentiate twice"):
+            torch.autograd.grad(objective(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"^{op}: cannot differentiate twice"):
+        objective().backward(create_graph=True)
+    (dx,) = torch.autograd.grad(objective(), [xs])
+    assert torch.isfinite(dx).all() and dx.abs().sum() > 0
+
+
+def test_strided_and_expanded_weight_and_bias():
+    """A weight or bias that is a column of a wider tensor (stride 2) or one value
+    expanded (stride 0) is read as the tensor it is -- forward and gradients
+    against float64, the gradients mapped back to the storage they came from."""
+    C = 17
+    x, r, w, b, dy, dh = _make((3,), C, torch.float32, seed=40, residual=True)
+    wide_w = torch.stack([w, torch.full_like(w, 9.0)], dim=1)  # w is column 0
+    wide_b = torch.stack([b, torch.full_like(b, 9.0)], dim=1)
+    one = torch.tensor([1.3], device=DEVICE)
+    rtol = RTOL[torch.float32]
+    for kind, (w_src, b_src, as_w, as_b) in {
+        "column": (wide_w, wide_b, lambda t: t[:, 0], lambda t: t[:, 0]),
+        "expanded": (one, b, lambda t: t.expand(C), lambda t: t),
+    }.items():
+        w_leaf, b_leaf = _leaf(w_src), _leaf(b_src)
+        w_used, b_used = as_w(w_leaf), as_b(b_leaf)
+        assert not w_used.is_contiguous()
+        w64 = as_w(w_src).detach()
+        for op in ("layer_norm", "add_layer_norm"):
+            xs, rs = _leaf(x), _leaf(r)
+            with poisoned_allocations():
+                if op == "layer_norm":
+                    y = layer_norm(xs, w_used, b_used)
+                    h_in = x
+                    torch.autograd.backward([y], [dy])
+                else:
+                    h, y = add_layer_norm(xs, rs, w_used, b_used)
+                    h_in = x + r
+                    torch.autograd.backward([h, y], [dh, dy])
+            y6, dx6, dw6, db6 = _ln_ref64(h_in, w64, as_b(b_src).detach(), dy)
+            assert_close(y, y6, rtol, f"{kind} {op}: y")
+            assert_close(xs.grad, dx6 + (0 if op == "layer_norm" else dh.double()), rtol, f"{kind} {op}: dx")
+            expect_dw = torch.zeros_like(w_src, dtype=torch.float64)
+            expect_db = torch.zeros_like(b_src, dtype=torch.float64)
+            if kind == "column":
+                expect_dw[:, 0], expect_db[:, 0] = dw6, db6
+            else:
+                expect_dw[0], expect_db = dw6.sum(), db6
+            assert_close(w_leaf.grad, expect_dw, rtol, f"{kind} {op}: dweight")
+            assert_close(b_leaf.grad, expect_db, rtol, f"{kind} {op}: dbias")
+            w_leaf.grad = b_leaf.grad = None
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -469,6 +527,34 @@ def test_dropout_forward_and_gradients_for_the_mask_drawn(lead, C, x_dtype, r_dt
         assert grad.dtype == leaf.dtype, name
         assert_close(grad, ref, _TOL_BY_DTYPE[grad.dtype], name)
     assert torch.all(grads[0][~keep] == 0), "a dropped element got a gradient"
+
+
+def test_dropout_p_must_stay_below_one_in_float32():
+    """The kernels compare and scale in float32: p = 1 - 1e-8 would be 1.0 there
+    (everything dropped, 1 / (1 - p) infinite), so it is refused in one line;
+    the largest float32 below 1 works, its rare kept elements scaled by 2**24."""
+    x, r, w, b, _, _ = _make((3,), 17, torch.float32, seed=41, residual=True)
+    with pytest.raises(ValueError, match=r"^add_layer_norm: dropout_p 0\.99999999 rounds to 1\.0 in float32"):
+        add_layer_norm(x, r, w, b, dropout_p=1 - 1e-8)
+    p = 1 - 2 ** -24
+    seed = _seed(3)
+    h, y = add_layer_norm(x, r, w, b, dropout_p=p, seed=seed)
+    keep = _dropout_mask(seed, x.shape, p)
+    assert_close(h, r.double() + x.double() * keep * 2.0 ** 24, RTOL[torch.float32], "h")
+    assert torch.isfinite(y).all()
+
+
+def test_a_seed_is_checked_whatever_dropout_p_is():
+    """One seed rule, as documented: a seed given is checked even at p = 0 (a
+    caller's mistake shows in every run), and there it is not used."""
+    x, r, w, b, _, _ = _make((3,), 17, torch.float32, seed=42, residual=True)
+    for p in (0.0, 0.25):
+        with pytest.raises(TypeError, match="^add_layer_norm: seed has dtype float32; supported: int64"):
+            add_layer_norm(x, r, w, b, dropout_p=p, seed=torch.zeros(1, device=DEVICE))
+    plain = add_layer_norm(x, r, w, b)
+    seeded = add_layer_norm(x, r, w, b, dropout_p=0.0, seed=_seed(5))
+    assert all(torch.equal(a, c) for a, c in zip(plain, seeded))
+    assert "a seed given is still checked, then not used" in " ".join(add_layer_norm.__doc__.split())
 
 
 def test_dropout_zero_is_bit_identical_to_no_dropout():

@@ -202,10 +202,10 @@ def _bad_args():
         ((x, w, t[:3]), {}, ValueError, r"targets has shape \(3,\); expected"),
         ((x, w, t), {"num_classes": 0}, ValueError, "num_classes is 0; expected an int >= 1 and <= 16$"),
         ((x, w, t), {"num_classes": 17}, ValueError, "num_classes is 17"),
-        ((x, w, torch.tensor([0, 1, 16, 2], device=DEVICE)), {}, ValueError, "targets contains 16"),
-        ((x, w, torch.tensor([0, 1, 12, 2], device=DEVICE)), {"num_classes": 12}, ValueError,
+        ((x, w, torch.tensor([0, 1, 16, 2], device=DEVICE)), {}, IndexError, "targets contains 16"),
+        ((x, w, torch.tensor([0, 1, 12, 2], device=DEVICE)), {"num_classes": 12}, IndexError,
          "targets contains 12"),
-        ((x, w, torch.tensor([0, -1, 3, 2], device=DEVICE)), {}, ValueError, "targets contains -1"),
+        ((x, w, torch.tensor([0, -1, 3, 2], device=DEVICE)), {}, IndexError, "targets contains -1"),
         ((x, w, t), {"ignore_index": 1.5}, TypeError, "ignore_index must be an int, got float$"),
         ((x.numpy() if not ON_GPU else None, w, t), {}, TypeError, "x must be a torch.Tensor"),
         ((x, w[:0], t), {}, ValueError, r"weight has shape \(0, 8\); V and C must be positive$"),
@@ -234,6 +234,19 @@ def test_check_targets_off_still_correct_for_valid_targets():
         loss = _lce(x_, w.detach(), t, check_targets=False, chunk_rows=4)
     ref_loss, _, _ = _torch(x, w, t, 64)
     assert_close(loss.detach(), ref_loss, 1e-5, "loss")
+
+
+@pytest.mark.parametrize("bad", [64, 1000, -5])
+def test_check_targets_off_lets_an_out_of_range_target_through(bad):
+    """check_targets=False really skips the check (and its host sync): the call that
+    the check refuses returns, and the kernel's clamped read keeps the loss finite."""
+    x, w, t = _inputs(9, 16, 64, 64, torch.float32, seed=8)
+    t = t.clone()
+    t[3] = bad
+    with pytest.raises(IndexError, match=f"targets contains {bad}, outside"):
+        _lce(x.detach(), w.detach(), t)
+    loss = _lce(x.detach(), w.detach(), t, check_targets=False)
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.gpu
@@ -379,12 +392,58 @@ def test_accumulate_grad_needs_grad_output():
         linear_cross_entropy(x, w, t, accumulate_grad=True)
 
 
-def test_double_backward_is_refused():
+@pytest.mark.parametrize("loss", ["linear", "quadratic"])
+def test_double_backward_is_refused(loss):
+    """Asking for a graph of the gradients raises, also when the objective is
+    linear in the loss (a gradient penalty on the loss itself), where torch's
+    once_differentiable would return the gradient with its second-order term
+    (softmax's curvature) silently missing."""
     x, w, t = _inputs(6, 16, 64, 64, torch.float32, seed=13)
-    loss = linear_cross_entropy(x, w, t)
-    (gx,) = torch.autograd.grad(loss * loss, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    for inputs in ([x], [w], [x, w]):
+        out = linear_cross_entropy(x, w, t)
+        objective = out if loss == "linear" else out * out
+        with pytest.raises(RuntimeError, match="^linear_cross_entropy: cannot differentiate twice"):
+            torch.autograd.grad(objective, inputs, create_graph=True)
+
+
+def _f64_loss(x, w, t, num_classes, ignore_index):
+    logits = x.detach().double() @ w.detach().double().T
+    return F.cross_entropy(logits[:, :num_classes], t, ignore_index=ignore_index)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    """num_classes and ignore_index as numpy integers (what array code hands
+    over) work as the Python ints they equal, instead of failing inside Triton."""
+    np = pytest.importorskip("numpy")
+    x, w, t = _inputs(8, 16, 24, 20, torch.float32, seed=14)
+    t = t.clone()
+    t[t == IGNORE] = 7  # 7 is the ignored class here
+    for num_classes, ignore_index in [(np.int64(20), np.int64(7)), (np.int32(20), np.int16(7))]:
+        loss = linear_cross_entropy(x, w, t, ignore_index=ignore_index, num_classes=num_classes)
+        ref = _f64_loss(x, w, t, 20, 7)
+        assert_close(loss, ref, RTOL[torch.float32], f"{type(num_classes).__name__} loss")
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    ({"ignore_index": -2 ** 63 - 1}, ValueError,
+     r"ignore_index is -9223372036854775809; expected an int >= -9223372036854775808 and <= 9223372036854775807$"),
+    ({"ignore_index": 2 ** 63}, ValueError, "ignore_index is 9223372036854775808; expected an int"),
+    ({"check_targets": "yes"}, TypeError, "check_targets must be a bool, got str 'yes'$"),
+    ({"check_targets": 1}, TypeError, "check_targets must be a bool, got int 1$"),
+])
+def test_arguments_a_launch_cannot_take_are_refused(kwargs, exc, msg):
+    x, w, t = _inputs(4, 8, 16, 16, torch.float32, seed=15)
+    with pytest.raises(exc, match=f"^linear_cross_entropy: {msg}"):
+        linear_cross_entropy(x, w, t, **kwargs)
+
+
+def test_the_int64_extremes_are_usable_ignore_indices():
+    x, w, t = _inputs(6, 8, 16, 16, torch.float32, seed=16, ignore_frac=0.0)
+    t = t.clone()
+    for ignore_index in (-2 ** 63, 2 ** 63 - 1):
+        t[0] = ignore_index
+        loss = linear_cross_entropy(x, w, t, ignore_index=ignore_index)
+        assert_close(loss, _f64_loss(x, w, t, 16, ignore_index), RTOL[torch.float32], str(ignore_index))
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU-without-interpreter message")

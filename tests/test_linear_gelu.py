@@ -250,16 +250,54 @@ def test_bf16_interpreter_upcast():
         assert_close(o, r, 3e-2, name=name)
 
 
+@pytest.mark.parametrize("loss", ["linear", "quadratic"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_double_backward_is_refused(recompute):
-    """The backward is not differentiable: a second derivative through it raises
-    instead of being silently wrong."""
-    x, w, b, _ = _make((3,), 8, 6, torch.float32, seed=16)
-    xs = x.clone().requires_grad_()
-    y = _linear_gelu(xs, w, b, _Plan(recompute=recompute))
-    (gx,) = torch.autograd.grad((y * y).sum(), xs, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+def test_double_backward_is_refused(recompute, loss):
+    """The backward is not differentiable: asking for a graph of the gradients
+    raises instead of giving a silently wrong second derivative, also when the
+    loss is linear in y (the gradient-penalty pattern, which torch's
+    once_differentiable lets through)."""
+    x, w, b, dy = _make((3,), 8, 6, torch.float32, seed=16)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def objective():
+        y = _linear_gelu(xs, ws, b, _Plan(recompute=recompute))
+        return (y * dy).sum() if loss == "linear" else (y * y).sum()
+
+    for inputs in ([xs], [ws], [xs, ws]):
+        with pytest.raises(RuntimeError, match="^linear_gelu: cannot differentiate twice"):
+            torch.autograd.grad(objective(), inputs, create_graph=True)
+    assert torch.autograd.grad(objective(), [xs])[0].abs().sum() > 0
+
+
+def test_strided_and_expanded_bias_and_strided_operands():
+    """A bias that is a column of a wider tensor (stride 2) or one value expanded
+    (stride 0), a transposed weight and a column-sliced x: the values and the
+    gradients (mapped back to the storage they came from) against float64."""
+    x, w, b, dy = _make((5,), 12, 7, torch.float32, seed=17)
+    wide_b = torch.stack([b, torch.full_like(b, 9.0)], dim=1)  # b is column 0
+    one = torch.tensor([0.4], device=DEVICE)
+    wide_x = torch.cat([x, torch.full_like(x, 9.0)], dim=1)  # x is the first 12 columns
+    w_t = w.t().contiguous()  # weight is w_t.t(): a transposed view
+    rtol = RTOL[torch.float32]
+    for kind, (b_src, as_b) in {"column": (wide_b, lambda t: t[:, 0]),
+                                "expanded": (one, lambda t: t.expand(7))}.items():
+        x_leaf, wt_leaf, b_leaf = (t.clone().requires_grad_() for t in (wide_x, w_t, b_src))
+        with poisoned_allocations():
+            y = linear_gelu(x_leaf[:, :12], wt_leaf.t(), as_b(b_leaf))
+            y.backward(dy)
+        y6, dx6, dw6, db6 = _f64_ref(x, w, as_b(b_src), dy)
+        assert_close(y, y6, rtol, f"{kind}: y")
+        expect_dx = torch.zeros_like(wide_x, dtype=torch.float64)
+        expect_dx[:, :12] = dx6
+        assert_close(x_leaf.grad, expect_dx, rtol, f"{kind}: dx")
+        assert_close(wt_leaf.grad, dw6.t(), rtol, f"{kind}: dW")
+        expect_db = torch.zeros_like(b_src, dtype=torch.float64)
+        if kind == "column":
+            expect_db[:, 0] = db6
+        else:
+            expect_db[0] = db6.sum()
+        assert_close(b_leaf.grad, expect_db, rtol, f"{kind}: db")
 
 
 # --- argument checks --------------------------------------------------------

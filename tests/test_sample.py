@@ -13,7 +13,8 @@ from engine import GPT, GPTConfig
 from engine import checkpoint as ckpt_lib
 from engine.errors import UserInputError
 from engine.generate import generate
-from engine.load import load_model, source_tokenizer_name
+from engine.load import load_model
+from engine.sources import source_tokenizer_name
 from engine.tokenizer import TokenizerUnavailableError, get_tokenizer
 from tests.helpers import REPO_ROOT, child_env, rel_err
 
@@ -187,7 +188,18 @@ def test_bad_input_is_one_line(sources, tmp_path, capsys):
     all_damaged = tmp_path / "all_damaged"
     all_damaged.mkdir()
     (all_damaged / "ckpt_000001.pt").write_bytes(b"garbage")
+    planted = tmp_path / "planted"  # a run's folder whose newest checkpoint is another run's
+    planted.mkdir()
+    (planted / "config.json").write_text('{"run_id": "00aa", "train": {}, "model": {}}')
+    write_run(planted, tiny_model(seed=3), step=8)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "ckpt_000009.pt").write_bytes(sources["checkpoint"].read_bytes())
     cases = [
+        ([str(planted)], f"{planted / 'ckpt_000008.pt'}: a checkpoint of another run (no run id; this folder's "
+                         "config.json is run 00aa): refused"),
+        ([str(renamed)], "ckpt_000009.pt: its name says step 9 but it holds step 4"),
+        ([str(renamed / "ckpt_000009.pt")], "ckpt_000009.pt: its name says step 9 but it holds step 4"),
         ([str(tmp_path / "nope")], "nope: no such file or directory"),
         ([str(empty)], "neither a run folder"),
         ([str(unstarted)], "holds no checkpoint (ckpt_NNNNNN.pt) yet"),
@@ -289,3 +301,24 @@ def test_prompt_file_and_empty_prompt(sources, tmp_path):
                            "--temperature", "0", "--device", "cpu"])
     new = generate(model, torch.tensor([[10]]), 6, temperature=0)[0, 1:].tolist()
     assert out.text == tok.decode(new) + "\n" and "prompt: 1 token" in err.text
+
+
+def test_tiny_temperature_and_cpu_allocator_failure(sources, capsys, monkeypatch):
+    """--temperature 1e-40 samples (greedily, its limit) instead of dying on a NaN
+    distribution; the CPU allocator's failure (a RuntimeError, not
+    torch.OutOfMemoryError) is the one out-of-memory line, as on a GPU."""
+    ckpt = str(sources["checkpoint"])
+    common = [ckpt, "--prompt", "To be", "--max-new-tokens", "8", "--num-samples", "1"]
+    rc, greedy, err = sample_main([*common, "--temperature", "0"], capsys)
+    assert rc == 0, err
+    rc, tiny, err = sample_main([*common, "--temperature", "1e-40"], capsys)
+    assert rc == 0 and tiny == greedy, err
+
+    def cannot_allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 629145600000 bytes. Error code 12")
+    monkeypatch.setattr(sys.modules["engine.generate"], "generate", cannot_allocate)
+    rc, out, err = sample_main([ckpt, "--batch", "--num-samples", "200000"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and lines[-1] == "error: out of memory; use fewer --num-samples, no --batch, or a smaller model"
+    assert "Traceback" not in err

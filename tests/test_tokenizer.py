@@ -51,6 +51,7 @@ def offline_tiktoken(monkeypatch, tmp_path):
     yield calls, cache
 
 
+@pytest.mark.smoke
 def test_gpt2_known_ids(gpt2):
     assert isinstance(gpt2, GPT2Tokenizer)
     assert gpt2.name == "gpt2"

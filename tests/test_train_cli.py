@@ -4,6 +4,7 @@ two subprocesses check the real exit status and that no traceback is printed."""
 import dataclasses
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,14 +71,14 @@ def test_help_lists_every_option_with_its_default(capsys):
     (["--batch", "4"], "unrecognized arguments: --batch"),  # no abbreviations
     (["--batch-size", "four"], "--batch-size: expected an integer or auto, got 'four'"),
     (["--batch-size", "3.5"], "--batch-size: expected an integer or auto, got '3.5'"),
-    (["--dtype", "fp16"], "--dtype: expected one of auto, fp32, bf16, bf16-params, got 'fp16'"),
+    (["--dtype", "fp16"], "dtype (--dtype) must be one of auto, fp32, bf16, bf16-params, got 'fp16'"),
     (["--max-lr", "-1e-3"], "max_lr (--max-lr) must be >= 0, got -0.001"),
     (["--seed", "-1"], "seed (--seed) must be >= 0, got -1"),
     (["--seed", str(2 ** 63)], "seed (--seed) must be < 2**63"),
     (["--max-lr"], "argument --max-lr: expected one argument"),
     (["--compile=yes"], "--compile"),
-    (["--residual-dtype", "fp16"], "--residual-dtype: expected one of auto, fp32, bf16, got 'fp16'"),
-    (["--fusions", "epilogues,gelu"], "fusions (--fusions): fusions 'epilogues,gelu': expected all, none or"),
+    (["--residual-dtype", "fp16"], "residual_dtype (--residual-dtype) must be one of auto, fp32, bf16, got 'fp16'"),
+    (["--fusions", "epilogues,gelu"], "fusions (--fusions): 'epilogues,gelu' is not all, none or a comma-separated list of"),
 ])
 def test_malformed_flags_are_one_error_line(argv, needle, capsys):
     rc, _, err = run_main(argv, capsys)
@@ -141,7 +142,7 @@ def test_toml_config_and_flag_precedence(tmp_path):
     ("data = 3\n", "key data: expected a string, got 3"),
     ("betas = [0.9]\n", "key betas: expected two numbers"),
     ("seed = -5\n", "seed (--seed) must be >= 0, got -5"),
-    ("dtype = 'fp16'\n", "key dtype: expected one of"),
+    ("dtype = 'fp16'\n", "dtype (--dtype) must be one of"),
     ("batch_size = [\n", "not valid TOML"),
 ])
 def test_bad_toml(tmp_path, content, needle, capsys):
@@ -167,7 +168,7 @@ def test_run_then_resume_through_the_cli(corpus, tmp_path, capsys):
     rc, out, err = run_main(small_args(corpus, run, "--resume", str(run), "--max-steps", "5",
                                        "--checkpoint-interval", "5"), capsys)
     assert rc == 0, err
-    steps = [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")]
+    steps = [ln.split("|")[0].split()[1].split("/")[0] for ln in out.splitlines() if ln.startswith("step ")]
     assert steps == ["3", "4"]
     assert "resumed from" in out
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -194,7 +195,7 @@ def test_compile_runs_and_its_checkpoint_resumes_without_compile(corpus, tmp_pat
     assert keys and not any("_orig_mod" in k for k in keys), keys[:5]
     rc, out, err = run_main(small_args(corpus, run, "--resume", str(run), "--max-steps", "3"), capsys)
     assert rc == 0, err
-    assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2"]
+    assert [ln.split("|")[0].split()[1].split("/")[0] for ln in out.splitlines() if ln.startswith("step ")] == ["2"]
 
 
 def _subprocess(args, cwd):
@@ -208,11 +209,12 @@ def test_end_to_end_subprocess(corpus, tmp_path):
                                   "--sample-interval", "2", "--checkpoint-interval", "2"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for needle in ("device: cpu", "tokenizer: bytes", "validation loss", "sample 0:", "step     2 |",
+    for needle in ("device: cpu", "tokenizer: bytes", "validation loss", "sample 0:", "step     2/3 |",
                    "checkpoint:", "loss curve:"):
         assert needle in out, needle
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
-        ["ckpt_000002.pt", "ckpt_000003.pt", "config.json", "loss.png", "metrics.csv"])
+        ["ckpt_000002.pt", "ckpt_000003.pt", "config.json", "log.txt", "loss.png", "metrics.csv"])
+    assert (tmp_path / "run" / "log.txt").read_text() == out
 
 
 def test_user_error_subprocess_has_no_traceback(tmp_path):
@@ -242,9 +244,11 @@ def test_resume_alone_continues_as_configured(corpus, tmp_path, capsys):
     assert "tokenizer: bytes" in out and "B=2 T=16" in out and str(corpus) in out
     lrs = [float(ln.split("lr ")[1].split(" |")[0]) for ln in out.splitlines() if ln.startswith("step ")]
     from engine.optim import lr_at
-    # the log prints 5 significant digits
-    assert lrs == pytest.approx([lr_at(s, max_lr=2e-3, min_lr=2e-4, warmup_steps=1, max_steps=5) for s in (3, 4)],
+    # The schedule is kept: the cosine ended at step 3, so the added steps run at
+    # min_lr (the log prints 5 significant digits).
+    assert lrs == pytest.approx([lr_at(s, max_lr=2e-3, min_lr=2e-4, warmup_steps=1, max_steps=3) for s in (3, 4)],
                                 rel=1e-4)
+    assert "resume: max_steps 3 -> 5: the learning rate keeps its schedule" in out
 
 
 def test_resume_skips_a_damaged_latest_checkpoint(corpus, tmp_path, capsys):
@@ -259,5 +263,96 @@ def test_resume_skips_a_damaged_latest_checkpoint(corpus, tmp_path, capsys):
     assert rc == 0, err
     assert f"resume: skipping {latest}: damaged checkpoint (sha256 mismatch" in out
     assert f"resume: using the newest valid checkpoint, {run / 'ckpt_000002.pt'}" in out
-    assert [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")] == ["2", "3", "4"]
+    steps = [ln.split("|")[0].split()[1] for ln in out.splitlines() if ln.startswith("step ")]
+    assert steps == ["2/5", "3/5", "4/5"]
     assert len(list((run / "superseded").glob("*/ckpt_000004.pt"))) == 1  # set aside, not deleted
+
+
+def _step_lines(out):
+    """The log's step lines without their timings: what a continued run must repeat."""
+    return [ln.split(" | dt")[0] for ln in out.splitlines() if ln.startswith("step ")]
+
+
+def test_a_moved_corpus_resumes_when_its_content_is_the_same(corpus, tmp_path, capsys):
+    """After the corpus moved, --resume says where the data went missing and what
+    to do; --data NEWPATH (a moved copy, or a symlink of another name) is accepted
+    because its content hash is the run's, and the run continues exactly as it
+    would have where it was; later checkpoints record the new path."""
+    data = tmp_path / "old" / "corpus.txt"
+    data.parent.mkdir()
+    shutil.copy(corpus, data)
+    first = tmp_path / "first"
+    rc, _, err = run_main(small_args(data, first, "--max-steps", "2", "--checkpoint-interval", "2"), capsys)
+    assert rc == 0, err
+    for name in ("moved", "linked"):
+        shutil.copytree(first, tmp_path / name)
+    rc, out, err = run_main(["--resume", str(first), "--max-steps", "4"], capsys)
+    assert rc == 0, err
+    expected = _step_lines(out)
+    assert len(expected) == 2
+
+    new = tmp_path / "new" / "renamed.txt"
+    new.parent.mkdir()
+    os.replace(data, new)
+    rc, out, err = run_main(["--resume", str(tmp_path / "moved"), "--max-steps", "4"], capsys)
+    assert rc == 2
+    assert_one_error_line(err, f"resume: the run's data {data} is no longer there (moved or deleted?)",
+                          "give --data NEWPATH")
+    link = tmp_path / "link.txt"
+    link.symlink_to(new)
+    for name, path in (("moved", new), ("linked", link)):
+        rc, out, err = run_main(["--resume", str(tmp_path / name), "--max-steps", "4", "--data", str(path)], capsys)
+        assert rc == 0, err
+        assert f"resume: the run's data has moved: {data} -> {path} (same content hash)" in out
+        assert _step_lines(out) == expected, name
+        from engine import checkpoint as ckpt_lib
+        assert ckpt_lib.load_checkpoint(tmp_path / name)["train_config"]["data"] == str(path)
+
+
+def test_an_interrupt_during_set_up_leaves_nothing_behind(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) after set-up has written config.json and metrics.csv but
+    before the first step: a new run removes them again (and the folders it made),
+    so "nothing was written" is true; a resumed run says how to continue, and can."""
+    import signal
+
+    from engine.run_errors import RunAborted
+    from engine.run_log import RunLog
+    start = RunLog.start
+    run = tmp_path / "new" / "run"
+    rc, _, err = run_main(small_args(corpus, tmp_path / "done", "--max-steps", "2", "--checkpoint-interval", "2"),
+                          capsys)
+    assert rc == 0, err
+
+    def interrupted(signum):
+        def patched(self, *args, **kwargs):
+            start(self, *args, **kwargs)
+            if signum == signal.SIGINT:
+                os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt
+            raise RunAborted(signum)  # what SIGTERM raises during set-up
+        return patched
+
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        monkeypatch.setattr(RunLog, "start", interrupted(signum))
+        rc, out, err = run_main(small_args(corpus, run), capsys)
+        assert rc == status and err.strip().splitlines()[-1] == (
+            f"interrupted by {signum.name} during set-up, before the first step: nothing was written")
+        assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(RunLog, "start", interrupted(signal.SIGINT))
+    rc, out, err = run_main(["--resume", str(tmp_path / "done"), "--max-steps", "3"], capsys)
+    assert rc == 130 and err.strip().splitlines()[-1] == (
+        "interrupted by SIGINT during set-up, before the first step: the run can continue: "
+        f"python train.py --resume {tmp_path / 'done'}")
+    monkeypatch.setattr(RunLog, "start", start)
+    rc, out, err = run_main(["--resume", str(tmp_path / "done"), "--max-steps", "3"], capsys)
+    assert rc == 0 and _step_lines(out)[0].startswith("step     2/"), err
+
+
+@pytest.mark.parametrize("command", [["train.py"], ["sample.py"], ["-m", "engine.eval"],
+                                     ["-m", "engine.eval", "hellaswag"]])
+def test_help_answers_without_importing_torch(command):
+    """--help is read before torch is imported (which takes seconds, more on a busy machine)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported and not [m for m in imported if m == "torch" or m.startswith("torch.")], "torch was imported"

@@ -19,8 +19,8 @@ from engine.run_errors import RunFinished
 from engine.trainer import Trainer, TrainingDiverged, train
 from tests.helpers import DEVICE, ON_GPU, rel_err
 
-LOG_LINE = re.compile(r"^step +\d+ \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \| norm \d+\.\d{4} \| "
-                      r"dt \d+\.\d{2}ms \| tok/sec \d+\.\d{2}$")
+LOG_LINE = re.compile(r"^step +\d+/40 \| loss \d+\.\d{6} \| lr \d\.\d{4}e[-+]\d+ \| norm \d+\.\d{4} \| "
+                      r"dt \d+\.\d{2}ms \| tok/sec \d+\.\d{2} \| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$")
 
 
 
@@ -75,7 +75,7 @@ def test_lr_schedule_min_lr_defaults_to_a_tenth():
     (dict(max_lr=-1.0), r"max_lr \(--max-lr\) must be >= 0"),
     (dict(max_lr=1e-3, min_lr=1e-2), r"min_lr \(--min-lr\) .* must be <= max_lr"),
     (dict(betas=(0.9, 1.5)), r"betas \(--betas\) must be two numbers"),
-    (dict(model="gpt5"), r"model \(--model\) must be auto or one of"),
+    (dict(model="gpt5"), r"model \(--model\) must be one of auto, gpt2"),
     (dict(batch_size=4, seq_len=32, total_batch_size=1000),
      r"total_batch_size \(--total-batch-size\) 1000 is not divisible by .* = 128"),
     (dict(max_steps=5, warmup_steps=6), r"warmup_steps \(--warmup-steps\) \(6\) must be <= max_steps"),
@@ -88,9 +88,9 @@ def test_config_validation_names_the_field(kwargs, message):
 
 def test_total_batch_divisibility_includes_world_size():
     cfg = TrainConfig(batch_size=4, seq_len=32, total_batch_size=128)
-    assert cfg.resolved("cpu", world_size=1).total_batch_size == 128
+    assert cfg.resolved("cpu", world_size=1).accumulation(1) == 1
     with pytest.raises(UserInputError, match=r"4 \* 32 \* 2 = 256"):
-        cfg.resolved("cpu", world_size=2)
+        cfg.resolved("cpu", world_size=2).accumulation(2)
 
 
 def test_auto_defaults_follow_the_device():
@@ -180,6 +180,7 @@ def test_a_non_finite_step_never_reaches_the_weights(kind):
         assert float(opt.state[p]["step"]) == 1.0, name
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_an_all_ignored_batch_is_a_zero_loss_step_on_every_backend(backend):
     """Targets all -100 (nothing to predict): the step's loss and gradient norm are 0
@@ -238,6 +239,7 @@ def test_loss_falls_on_real_text(corpus, tmp_path):
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
+@pytest.mark.smoke
 def test_resume_continues_exactly(corpus, tmp_path):
     full = train(tiny_cfg(corpus, tmp_path / "a", checkpoint_interval=2, keep_checkpoints=0), log=quiet)
     assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "a")] == ["ckpt_000002.pt", "ckpt_000004.pt"]
@@ -388,6 +390,8 @@ def test_init_from_rejects_a_too_short_context(tmp_path, corpus):
     (("auto", "cuda", "triton", False, True), "DDP is on"),
     (("off", "cuda", "triton", False, False), "cuda_graphs=off"),
     (("auto", "cuda", "triton", False, False, True), "--profile traces eager steps"),
+    (("auto", "cuda", "triton", False, True, False, True), "FSDP is on"),
+    (("auto", "cuda", "triton", False, False, False, True), "FSDP is on"),  # FSDP in one process
 ])
 def test_graph_fallback_reasons(args, reason):
     use, why = graph_decision(*args)
@@ -437,11 +441,28 @@ def test_gpu_graph_replay_matches_eager_steps(corpus, tmp_path):
 
 
 @pytest.mark.gpu
+def test_gpu_resume_with_the_fusions_and_weight_copies_continues_exactly(corpus, tmp_path):
+    """The CUDA default (bf16 residual stream, every fusion, FusedAdamW writing the
+    matmuls' bf16 weight copies): a run resumed from its step-4 checkpoint takes
+    the same steps bit for bit. The checkpoint holds the fp32 masters only; the
+    resumed run makes its copies from them."""
+    full = train(_gpu_cfg(corpus, tmp_path / "a", "off", checkpoint_interval=4, keep_checkpoints=0), log=quiet)
+    assert full.raw_model.weight_copies is not None and full.model_config.residual_dtype == "bf16"
+    resumed = train(_gpu_cfg(corpus, tmp_path / "b", "off", resume=str(tmp_path / "a" / "ckpt_000004.pt")),
+                    log=quiet)
+    assert [h["loss"] for h in resumed.history if h["step"] >= 4] == [h["loss"] for h in full.history][4:]
+    for (name, p), q in zip(full.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), name
+    state = ckpt_lib.load_checkpoint(tmp_path / "a" / "ckpt_000004.pt")
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.gpu
 def test_gpu_graph_replay_has_no_host_sync(corpus, tmp_path):
     from engine.optim import set_lr
     trainer = Trainer(_gpu_cfg(corpus, tmp_path / "run", "on"), log=quiet)
     for step in range(4):  # warm-up steps, then the capture
-        trainer.train_step(step)
+        trainer.take_step(step)
     assert trainer.graphed.captured
     x, y = trainer.train_loader.next_batch()
     xs = torch.stack([x] * trainer.accum)
@@ -567,10 +588,50 @@ def test_logging_can_lag_one_step_behind_the_queued_step(corpus, tmp_path):
         trainer._pending.append((step, 1e-3, torch.tensor(2.0 + step), torch.tensor(0.5)))
     trainer._flush(keep_newest=True)
     logged = [ln for ln in lines if ln.startswith("step ")]
-    assert [ln.split("|")[0].strip() for ln in logged] == ["step     0", "step     1"]
+    assert [ln.split("|")[0].strip() for ln in logged] == ["step     0/4", "step     1/4"]
     assert [p[0] for p in trainer._pending] == [2]
     trainer._flush()
     assert not trainer._pending and sum(ln.startswith("step ") for ln in lines) == 3
+
+
+def test_the_run_folder_keeps_the_log_and_a_resume_appends_to_it(corpus, tmp_path):
+    run = tmp_path / "run"
+    lines = []
+    train(tiny_cfg(corpus, run, max_steps=3, warmup_steps=1, sample_interval=2, checkpoint_interval=3),
+          log=lines.append)
+    assert (run / "log.txt").read_text().splitlines() == lines
+    assert lines[1].startswith("cpu threads: ") and any(ln.startswith("sample 0:") for ln in lines)
+    step_lines = [ln for ln in lines if ln.startswith("step ")]
+    assert step_lines[-1].startswith("step     2/3 |") and step_lines[-1].endswith("eta 0:00:00")
+    more = []
+    train(tiny_cfg(corpus, run, max_steps=4, resume=str(run)), log=more.append, explicit={"max_steps", "resume"})
+    assert (run / "log.txt").read_text().splitlines() == lines + more
+    assert any(ln.startswith("resume: using") or ln.startswith("resume: max_steps") for ln in more)
+
+
+def test_extending_a_finished_run_keeps_its_schedule_unless_asked_to_replan(corpus, tmp_path):
+    """The added steps run at the old schedule's floor (the promise that a resumed
+    run keeps its schedule); --lr-decay-steps re-plans the cosine over the new length."""
+    base = dict(max_steps=6, warmup_steps=2, checkpoint_interval=6, keep_checkpoints=0)
+    run = tmp_path / "a"
+    first = train(tiny_cfg(corpus, run, **base), log=quiet)
+    floor = first.cfg.min_lr
+    kept_log = []
+    kept = train(tiny_cfg(corpus, run, **{**base, "max_steps": 9}, resume=str(run)), log=kept_log.append,
+                 explicit={"max_steps", "resume"})
+    assert [h["lr"] for h in kept.history[:6]] == [h["lr"] for h in first.history]
+    assert [h["lr"] for h in kept.history[6:]] == [floor] * 3
+    assert any("max_steps 6 -> 9: the learning rate keeps its schedule, so steps 6..8 run at its floor" in ln
+               and "--lr-decay-steps 9" in ln for ln in kept_log)
+
+    replan_log = []
+    replanned = train(tiny_cfg(corpus, tmp_path / "b", **{**base, "max_steps": 9}, resume=str(run / "ckpt_000006.pt"),
+                               lr_decay_steps=9), log=replan_log.append,
+                      explicit={"max_steps", "resume", "lr_decay_steps", "run_dir"})
+    expected = [get_lr(step, replanned.cfg) for step in range(6, 9)]
+    assert [h["lr"] for h in replanned.history[6:]] == pytest.approx(expected)
+    assert replanned.history[6]["lr"] > floor
+    assert any("re-plans the cosine over 9 steps" in ln for ln in replan_log)
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(corpus, tmp_path):

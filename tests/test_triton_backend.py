@@ -3,6 +3,8 @@
 Same weights, same batch: the loss, the logits, every parameter's gradient and a
 few optimizer steps must agree, so the kernels are wired in where they belong.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -39,6 +41,7 @@ def test_backend_is_triton():
     assert fast.backend == "triton"
 
 
+@pytest.mark.smoke
 def test_loss_and_every_gradient_match_torch_backend():
     ref, fast = pair()
     idx, tgt = batch()
@@ -145,3 +148,43 @@ def test_cached_generation_under_autocast():
         logits = ref(a[:, :-1])[0][:, 4:].float()
     chosen = logits.gather(-1, a[:, 5:, None])[..., 0]
     assert torch.all(logits.max(-1).values - chosen <= 1e-2), (a, b)
+
+
+@pytest.mark.parametrize("bad", [101, 127, -1], ids=["vocab_size", "padded row", "negative"])
+def test_out_of_range_targets_are_an_error_on_both_backends(bad):
+    """A library user calling the model with a target outside the vocabulary gets
+    torch's IndexError on either backend, not a finite loss that trains the
+    position as class 0 (the padded rows, 101..127 here, are not classes)."""
+    ref, fast = pair()
+    idx, tgt = batch()
+    tgt[1, 5] = bad
+    for model in (ref, fast):
+        with pytest.raises(IndexError):
+            model(idx, tgt, return_logits=False)
+        with pytest.raises(IndexError):  # the training step's own micro-step checks alike
+            model.forward_backward(idx, tgt)
+
+
+def test_the_training_step_checks_no_targets_on_the_host():
+    """The trainer's loaders checked the ids: its step (and check_targets=False
+    in library use) costs no host sync for them, while the default call does."""
+    from engine.step import train_step
+    from gpt2_kernels import FusedAdamW
+    from tests.helpers import AtenRecorder
+    _, fast = pair()
+    idx, tgt = batch(B=1, T=4)
+    syncs = "_local_scalar_dense"
+    with AtenRecorder() as rec:
+        fast(idx, tgt, return_logits=False)
+    assert syncs in rec.names
+    with AtenRecorder() as rec:
+        fast(idx, tgt, return_logits=False, check_targets=False)
+    assert syncs not in rec.names
+    opt = FusedAdamW(fast.parameters(), lr=1e-3)
+    for p in fast.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.zero_grad(set_to_none=False)
+    opt.step()  # builds the launch table and the flat gradients, on the host, once
+    with AtenRecorder() as rec:
+        train_step(fast, opt, idx[None], tgt[None], grad_clip=1.0, autocast=contextlib.nullcontext)
+    assert syncs not in rec.names, "the training step synchronised with the host"

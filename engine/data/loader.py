@@ -5,15 +5,19 @@ Two sources behind one loader (`TokenLoader`, built by `build_loader`):
 - **text**: a UTF-8 text file (or a folder of them) tokenized once in memory,
   served in order like build-nanogpt's DataLoaderLite; the last `val_fraction`
   of the tokens is the val split.
-- **shards**: uint16 `.bin` files written by `python -m engine.data prepare`,
-  memory-mapped and streamed across shard boundaries, shard order shuffled per
-  epoch from a seed.
+- **shards**: uint16 `.bin` files written by `python -m engine.data prepare`
+  (or llm.c's scripts), or build-nanogpt's `.npy` shards, memory-mapped and
+  streamed across shard boundaries, shard order shuffled per epoch from a seed.
 
-Both sources are one token stream per epoch. Step i of an epoch reads, on rank
-r, the B*T+1 tokens starting at i*B*T*world_size + r*B*T: every rank sees a
-disjoint slice, all ranks wrap on the same step, and a loader's state (epoch,
-step, shard order) is the same on every rank, so one rank's `state_dict()`
-resumes them all with exactly the same batches.
+Both sources are one token stream per epoch, read in rows of B*T+1 tokens (the
+B*T tokens of a batch and the next one, its last target): row j of an epoch
+starts at token j*B*T, and an epoch holds (tokens - 1) // (B*T) rows. The rows
+of all epochs, one after another, are the global stream; under torchrun, rank r
+reads row `position + r` and every rank advances `position` by world_size, so
+the ranks see disjoint rows and the stream does not depend on how many
+processes read it. A loader's state is that global position (a token offset of
+position*B*T), the same on every rank: a run saved at N processes continues at
+M exactly where the stream stopped.
 
 Every problem with the user's files raises `UserInputError` naming the file.
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.shards import SPLIT_TAG, check_manifest, open_shard, read_shard_header
+from engine.data.shards import SHARD_SUFFIXES, SPLIT_TAG, check_manifest, list_shards, open_shard, read_shard_header
 from engine.data.text import find_text_files, tokenize_file
 from engine.errors import UserInputError
 from engine.tokenizer import data_tokenizer_mismatch, load_tokenizer
@@ -36,9 +40,10 @@ class TokenLoader:
     """(B, T) int64 batches from a token stream made of named pieces (a text
     split, or shards), rank-aware and resumable.
 
-    One epoch serves `batches_per_epoch` batches per rank; the tokens past the
-    last whole global step are skipped that epoch. With `shuffle`, the pieces'
-    order is a permutation drawn from (seed, epoch), identical on all ranks.
+    An epoch holds `rows_per_epoch` rows of B*T tokens (the tokens past the last
+    whole row are skipped that epoch), `batches_per_epoch` whole global steps.
+    With `shuffle`, the pieces' order is a permutation drawn from (seed, epoch),
+    identical on all ranks. `epoch` is the epoch of the batch read last.
     """
 
     def __init__(self, pieces, B: int, T: int, *, rank: int = 0, world_size: int = 1,
@@ -65,8 +70,9 @@ class TokenLoader:
                 f"{source}: the {split} split has {self.num_tokens:,} tokens; one batch needs "
                 f"B*T*world_size+1 = {need:,} (B={self.B}, T={self.T}, world_size={self.world_size}); "
                 "use a larger corpus or a smaller batch/sequence length")
-        self.batches_per_epoch = (self.num_tokens - 1) // step
-        self.tokens_per_epoch = self.batches_per_epoch * step  # all ranks together
+        self.rows_per_epoch = (self.num_tokens - 1) // (self.B * self.T)
+        self.batches_per_epoch = self.rows_per_epoch // self.world_size
+        self.tokens_per_epoch = self.rows_per_epoch * self.B * self.T  # all ranks together
         self.description = (
             f"{summary}; B={self.B} T={self.T} rank {self.rank}/{self.world_size}: "
             f"{self.batches_per_epoch:,} batches ({self.tokens_per_epoch:,} tokens) per epoch")
@@ -74,7 +80,8 @@ class TokenLoader:
 
     def reset(self):
         """Back to the first batch of epoch 0 (e.g. before each evaluation)."""
-        self.epoch, self.batch = 0, 0
+        self.position = 0  # rows read by all ranks together: the global stream's offset
+        self.epoch = 0
         self._set_order(self._epoch_order(0))
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -106,43 +113,51 @@ class TokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y): int64 CPU tensors of shape (B, T); y is x shifted by one token."""
-        if self.batch >= self.batches_per_epoch:
-            self.epoch += 1
-            self.batch = 0
-            self._set_order(self._epoch_order(self.epoch))
+        epoch, row = divmod(self.position + self.rank, self.rows_per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._set_order(self._epoch_order(epoch))
         BT = self.B * self.T
-        start = self.batch * BT * self.world_size + self.rank * BT
-        buf = torch.from_numpy(self._read(start, start + BT + 1))
+        buf = torch.from_numpy(self._read(row * BT, row * BT + BT + 1))
         if self.pin_memory:
             buf = buf.pin_memory()
-        self.batch += 1
+        self.position += self.world_size
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
     def state_dict(self) -> dict:
-        """Everything needed to continue with the same batches; rank-independent."""
-        return {"version": 1, "kind": self.kind, "split": self.split, "B": self.B, "T": self.T,
+        """Everything needed to continue with the same global stream; the same on
+        every rank, and valid at any world size."""
+        return {"version": 2, "kind": self.kind, "split": self.split, "B": self.B, "T": self.T,
                 "world_size": self.world_size, "num_tokens": self.num_tokens,
-                "shuffle": self.shuffle, "seed": self.seed, "epoch": self.epoch,
-                "batch": self.batch, "order": [self.names[i] for i in self._order]}
+                "shuffle": self.shuffle, "seed": self.seed,
+                "token_offset": self.position * self.B * self.T,  # into the global stream
+                # the epoch of the batch read last, and its order of the pieces
+                "epoch": self.epoch, "order": [self.names[i] for i in self._order]}
 
     def load_state_dict(self, state: dict):
-        """Continue where `state` (from `state_dict`, any rank) left off. Its seed
-        and shuffle setting win, so later epochs repeat the saved run's order."""
-        mine = {"kind": self.kind, "B": self.B, "T": self.T, "world_size": self.world_size,
-                "num_tokens": self.num_tokens}
+        """Continue where `state` (from `state_dict` of any rank, at any world size)
+        left off. Its seed and shuffle setting win, so later epochs repeat the
+        saved run's order."""
+        mine = {"kind": self.kind, "B": self.B, "T": self.T, "num_tokens": self.num_tokens}
         diff = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise UserInputError(
                 f"{self.source}: cannot resume the data loader: the checkpoint's loader had "
-                + ", ".join(diff) + "; resume with the same data, batch size and world size")
+                + ", ".join(diff) + "; resume with the same data, batch size and sequence length")
         index = {n: i for i, n in enumerate(self.names)}
         order = state["order"]
+        if len(self.names) == 1 == len(order):
+            order = self.names  # one piece: its name (the file's, which may have moved) orders nothing
         if sorted(order) != sorted(self.names):
             raise UserInputError(
                 f"{self.source}: cannot resume the data loader: the checkpoint's shards differ "
                 "from the ones found now")
         self.shuffle, self.seed = bool(state["shuffle"]), int(state["seed"])
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        if "token_offset" in state:
+            self.position = int(state["token_offset"]) // (self.B * self.T)
+        else:  # version 1: the epoch, and the batches each of world_size ranks read in it
+            self.position = int(state["epoch"]) * self.rows_per_epoch + int(state["batch"]) * int(state["world_size"])
+        self.epoch = int(state["epoch"])
         self._set_order([index[n] for n in order])
 
     def __repr__(self) -> str:
@@ -181,11 +196,11 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                  pin_memory: bool = False, requested_tokenizer: str = "") -> TokenLoader:
     """A `TokenLoader` for `split` ("train" or "val") of `data_path`.
 
-    - a folder of `*_train_*.bin` / `*_val_*.bin` shards: those shards, the
-      train split shuffled per epoch (`shuffle=None` means: train only); a
-      folder whose manifest.json lists a missing shard (an interrupted prepare)
-      is refused;
-    - a single `.bin`: named `..._train...` or `..._val...`, it and its sibling
+    - a folder of `*_train_*.bin` / `*_val_*.bin` shards (or build-nanogpt's
+      `*_train_*.npy` / `*_val_*.npy`): those shards, the train split shuffled
+      per epoch (`shuffle=None` means: train only); a folder whose manifest.json
+      lists a missing shard (an interrupted prepare) is refused;
+    - a single `.bin` or `.npy`: named `..._train...` or `..._val...`, it and its sibling
       for the other split; otherwise its tokens split like a text file;
     - a text file, or a folder of text files without shards: tokenized with
       `tokenizer` (a tokenizer object or "gpt2"/"bytes"/"auto"), the last
@@ -205,13 +220,14 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
                   pin_memory=pin_memory)
 
     if path.is_dir():
-        bins = sorted(p for p in path.iterdir() if p.suffix == ".bin" and p.is_file())
+        bins = list_shards(path)
         if check_manifest(path) is not None or bins:
             mine = [p for p in bins if (m := SPLIT_TAG.search(p.name)) and m.group(1) == split]
             if not mine:
+                kind = bins[0].suffix if bins else ".bin"
                 raise UserInputError(
-                    f"{path}: none of its {len(bins)} .bin files is a {split} shard "
-                    f"(named *_{split}_*.bin)")
+                    f"{path}: none of its {len(bins)} {kind} files is a {split} shard "
+                    f"(named *_{split}_*{kind})")
             pieces, vocab = _shard_pieces(mine, tokenizer, requested_tokenizer)
             n = sum(len(a) for _, a in pieces)
             order = f"shuffled per epoch (seed {seed})" if shuffle else "in order"
@@ -222,7 +238,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
             files = find_text_files([path])
         except UserInputError:
             raise UserInputError(
-                f"{path}: no token shards (*_train_*.bin, *_val_*.bin) and no text files in "
+                f"{path}: no token shards (*_train_*.bin, *_val_*.bin or .npy) and no text files in "
                 "this folder") from None
         tok = _resolve_tokenizer(tokenizer)
         parts = [tokenize_file(f, tok, document_eot=True) for f in files if f.stat().st_size]
@@ -231,7 +247,7 @@ def build_loader(data_path, B: int, T: int, split: str = "train", rank: int = 0,
         return _text_loader(np.concatenate(parts), tok, path, f"{len(files)} text files in {path}",
                             val_fraction, common)
 
-    if path.suffix == ".bin":
+    if path.suffix in SHARD_SUFFIXES:
         check_manifest(path.parent)
         tag = SPLIT_TAG.search(path.name)
         if tag:
@@ -263,8 +279,8 @@ def _split_loader(tokens, path: Path, what: str, val_fraction: float, common: di
             f"{path}: the val split is empty ({n:,} tokens, val_fraction={val_fraction})")
     part = tokens[n - n_val:] if split == "val" else tokens[:n - n_val]
     where = f"last {val_fraction:.0%}" if split == "val" else f"first {1 - val_fraction:.0%}"
-    tn = f" {tokenizer_name}" if tokenizer_name else ""
-    summary = f"{what}: {n:,}{tn} tokens; {split} split = {where}, {len(part):,} tokens"
+    tn = f" ({tokenizer_name} tokenizer)" if tokenizer_name else ""
+    summary = f"{what}: {n:,} tokens{tn}; {split} split = {where}, {len(part):,} tokens"
     return TokenLoader([(path.name, part)], vocab_size=vocab, kind="text", summary=summary, **common)
 
 

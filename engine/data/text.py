@@ -36,8 +36,9 @@ _SAFE_CUT = re.compile(rb"[\x21-\x7e](?:(\n)(?=[\x21-\x7e])|( )(?=[A-Za-z]))")
 _CHUNKS_PER_BATCH = 16  # chunks tokenized at once: bounds memory, keeps the threads busy
 
 
-def utf8_error(path: Path, offset: int, err: UnicodeDecodeError) -> UserInputError:
-    # Count lines up to the bad byte by streaming, so huge files cost no memory.
+def line_and_column(path: Path, offset: int) -> tuple[int, int]:
+    """(1-based line, 1-based byte of that line) of byte `offset` in a file, counted
+    by streaming, so huge files cost no memory."""
     line, last_nl, done = 1, -1, 0
     with open(path, "rb") as f:
         while done < offset:
@@ -49,7 +50,11 @@ def utf8_error(path: Path, offset: int, err: UnicodeDecodeError) -> UserInputErr
             if nl >= 0:
                 last_nl = done + nl
             done += len(block)
-    column = offset - last_nl
+    return line, offset - last_nl
+
+
+def utf8_error(path: Path, offset: int, err: UnicodeDecodeError) -> UserInputError:
+    line, column = line_and_column(path, offset)
     return UserInputError(
         f"{path}: not valid UTF-8 at byte offset {offset} (line {line}, byte {column} of "
         f"the line): {err.reason}; save the file as UTF-8")
@@ -128,6 +133,28 @@ def _looks_like_text(path: Path) -> bool:
     return b"\0" not in head
 
 
+def walk_files(folder: Path):
+    """The files under `folder`, recursively, hidden entries skipped: a folder's
+    files (sorted by name) before its subfolders (sorted, each walked alike)."""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            f = Path(root) / name
+            if not name.startswith(".") and f.is_file():
+                yield f
+
+
+def unique_paths(paths: list[Path]) -> list[Path]:
+    """`paths` without repeats of one file (however it is named), in order."""
+    seen, unique = set(), []
+    for f in paths:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
 def find_text_files(inputs) -> list[Path]:
     """The text files named by `inputs` (files, or folders walked recursively in
     sorted order, skipping hidden entries), without duplicates."""
@@ -139,13 +166,7 @@ def find_text_files(inputs) -> list[Path]:
         if p.is_file():
             files.append(p)
         elif p.is_dir():
-            found = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(names):
-                    f = Path(root) / name
-                    if not name.startswith(".") and f.is_file() and _looks_like_text(f):
-                        found.append(f)
+            found = [f for f in walk_files(p) if _looks_like_text(f)]
             if not found:
                 raise UserInputError(
                     f"{p}: no text files found in this folder (looked for "
@@ -153,10 +174,4 @@ def find_text_files(inputs) -> list[Path]:
             files.extend(found)
         else:
             raise UserInputError(f"{p}: no such file or directory")
-    seen, unique = set(), []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
+    return unique_paths(files)
