@@ -68,6 +68,7 @@ class Op:
     dot: bool = False      # a Triton kernel with tl.dot (compute-bound, counted with matmuls)
     shapes: str = ""       # "bf16[37, 768] -> fp32[37, 768]", for messages
     sizes: tuple = ()      # the shapes of the tensors it reads and writes
+    param_sized: bool = False  # touches a tensor of a parameter's shape (not one that scales with B*T)
 
     @property
     def matmul_class(self) -> bool:
@@ -111,6 +112,50 @@ def _source_uses_dot(fn, seen: set) -> bool:
     return False
 
 
+def _named_args(kernel, args, kwargs) -> dict:
+    py = kernel
+    while not inspect.isfunction(py) and hasattr(py, "fn"):
+        py = py.fn
+    names = list(inspect.signature(py).parameters)
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _cross_entropy_traffic(a: dict) -> dict:
+    # The row kernel overwrites its logits with their gradient: read once (with
+    # the log-sum-exp from the matmul's pieces) or twice, then written.
+    reads = 1 if a.get("LSE_FROM_PARTS") else 2
+    return {"logits_ptr": reads + (1 if a.get("COMPUTE_GRAD") else 0)}
+
+
+def _gather_rows(table: str, rows: str):
+    # A gather or scatter touches the rows it is given, not its whole table: at
+    # most one row per id (read, and written back where it accumulates).
+    def traffic(a: dict) -> dict:
+        t = a[table]
+        row_bytes = t.shape[-1] * t.element_size()
+        times = 2 if a.get("ACCUMULATE") else 1
+        return {table: min(a[rows].numel() * row_bytes * times, _nbytes(t) * times) / _nbytes(t)}
+    return traffic
+
+
+# Kernels whose tensors do not each move once: how many times each named one does.
+_KERNEL_TRAFFIC = {
+    "_ce_fwd_grad_kernel": _cross_entropy_traffic,
+    "_embedding_fwd_kernel": _gather_rows("WTE", "IDX"),
+    "_token_grad_kernel": _gather_rows("DWTE", "SORTED_IDS"),
+}
+
+
+def _kernel_traffic(name, kernel, args, kwargs, tensors) -> list[int] | None:
+    model = _KERNEL_TRAFFIC.get(name)
+    if model is None:
+        return None
+    named = _named_args(kernel, args, kwargs)
+    times = model(named)
+    by_id = {id(t): times[arg] for arg, t in named.items() if arg in times and isinstance(t, torch.Tensor)}
+    return [int(_nbytes(t) * by_id.get(id(t), 1)) for t in tensors]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel_info(kernel) -> tuple[str, bool]:
     py = kernel
@@ -127,11 +172,12 @@ class Recorder(TorchDispatchMode):
     is activation-sized. `phase` labels what runs outside autograd's backward
     (which is always "backward"); the caller sets it."""
 
-    def __init__(self, tokens: int, width: int, run_triton: bool = False):
+    def __init__(self, tokens: int, width: int, run_triton: bool = False, param_shapes=()):
         super().__init__()
         self.tokens = tokens
         self.width = width
         self.run_triton = run_triton
+        self.param_shapes = {tuple(s) for s in param_shapes}
         self.phase = "step"
         self.ops: list[Op] = []
         self._in_launch = 0
@@ -144,15 +190,19 @@ class Recorder(TorchDispatchMode):
     def _scales(self, t: torch.Tensor) -> bool:
         return t.numel() > 0 and t.numel() % self.tokens == 0
 
-    def _add(self, name, category, launches, reads, writes, dot=False):
+    def _add(self, name, category, launches, reads, writes, dot=False, moved_bytes=None):
+        """moved_bytes: what each tensor of reads + writes moves, where it is not
+        its size once (a Triton kernel's traffic model, _KERNEL_TRAFFIC)."""
         moved = reads + writes
+        sizes = moved_bytes if moved_bytes is not None else [_nbytes(t) for t in moved]
         self.ops.append(Op(
             name=name, category=category, phase=self._phase(), launches=launches,
-            bytes=sum(_nbytes(t) for t in moved),
-            token_bytes=sum(_nbytes(t) for t in moved if self._scales(t)),
+            bytes=sum(sizes),
+            token_bytes=sum(n for t, n in zip(moved, sizes) if self._scales(t)),
             activation_sized=any(self._scales(t) and t.numel() >= self.tokens * self.width for t in moved),
             dot=dot, shapes=f"{_describe(reads)} -> {_describe(writes)}" if writes else _describe(reads),
-            sizes=tuple(tuple(t.shape) for t in moved)))
+            sizes=tuple(tuple(t.shape) for t in moved),
+            param_sized=any(tuple(t.shape) in self.param_shapes and not self._scales(t) for t in moved)))
 
     # -- aten ops -------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -209,7 +259,8 @@ class Recorder(TorchDispatchMode):
             return original(kernel, *args, **kwargs)
         name, dot = _kernel_info(kernel)
         tensors = [t for t in tree_flatten((list(args), kwargs))[0] if isinstance(t, torch.Tensor)]
-        self._add(f"triton:{name}", "triton", 1, tensors, [], dot=dot)
+        self._add(f"triton:{name}", "triton", 1, tensors, [], dot=dot,
+                  moved_bytes=_kernel_traffic(name, kernel, args, kwargs, tensors))
         if not self.run_triton:
             return None
         self._in_launch += 1
@@ -276,6 +327,17 @@ class Anatomy:
         """Copies, casts, stacks and clones of activation-sized tensors."""
         return [o for o in self.select(phase) if o.category in ("copy", "stack") and o.activation_sized]
 
+    def param_casts(self, phase: str | None = None) -> list[Op]:
+        """Copies and casts of parameter-sized tensors (autocast's weight casts,
+        their gradients' casts back)."""
+        return [o for o in self.select(phase) if o.category == "copy" and o.param_sized and o.launches]
+
+    def grad_adds(self) -> list[Op]:
+        """In-place adds onto parameter-sized tensors in the backward: autograd
+        accumulating a gradient that a kernel handed over into .grad."""
+        return [o for o in self.select("backward") if o.param_sized and o.launches
+                and o.name in ("aten.add_.Tensor", "aten.add.Tensor")]
+
     def bytes_outside_matmuls(self, token_part: bool | None = None) -> int:
         ops = [o for o in self.ops if not o.matmul_class and o.launches]
         if token_part is None:
@@ -323,7 +385,10 @@ class StepFigures:
     vocab_cast_bytes_per_micro_step: float  # of which casts of vocabulary-wide tensors (see step_figures)
     step_bytes_once: float               # outside matmuls, once per step
     activation_copies_per_micro_step: float
+    param_casts_per_micro_step: float    # casts of weights or their gradients
+    grad_adds_per_micro_step: float      # gradients handed over, then added into .grad
     host_syncs_per_step: int             # values read back to the host (0 lets a CUDA graph capture it)
+    variant: str = ""                    # the residual dtype and fusions recorded
     micro_steps: tuple[Anatomy, Anatomy] | None = None  # the two small records, shallow then deep
     direct: Anatomy | None = None        # the micro-step recorded at the full size, shapes only
 
@@ -346,9 +411,12 @@ def _n_params(cfg) -> int:
 
 def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *,
                  depths: tuple[int, int] = (2, 3), record_seq_len: int = 37, dtype: str = "bf16",
-                 direct: bool = True, device: str = "cpu") -> StepFigures:
+                 direct: bool = True, device: str = "cpu", residual_dtype: str = "bf16",
+                 fusions: str = "all") -> StepFigures:
     """A bf16 training step of GPT-2 124M's structure (`n_layer` layers, micro-batch
-    `batch_size` x `seq_len`), triton backend, FusedAdamW, from small records:
+    `batch_size` x `seq_len`), triton backend, FusedAdamW, as the trainer runs it on
+    a GPU (by default a bf16 residual stream and every fusion; `residual_dtype` and
+    `fusions` as GPTConfig takes them select the paths beside them), from small records:
 
     - the model's micro-step (forward + backward, gradients already allocated) at two
       depths (`depths`), B=1 and T=`record_seq_len` (prime, see the module docstring),
@@ -374,12 +442,17 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
     shallow_l, deep_l = depths
     tokens, rec_tokens = batch_size * seq_len, record_seq_len
     scale = tokens / rec_tokens
-    micro = {L: record_micro_step(gpt2_width_config(L), 1, rec_tokens, dtype=dtype, device=device)
+    variant = dict(residual_dtype=residual_dtype, fusions=fusions)
+    micro = {L: record_micro_step(gpt2_width_config(L, **variant), 1, rec_tokens, dtype=dtype, device=device)
              for L in depths}
     lpl, lfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: a.launches())
     tpl, tfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: a.bytes_outside_matmuls(True))
     ppl, pfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: a.bytes_outside_matmuls(False))
     cpl, cfix = per_layer(micro[shallow_l], micro[deep_l], lambda a: len(a.activation_copies()))
+    casts_pl, casts_fix = per_layer(micro[shallow_l], micro[deep_l],
+                                    lambda a: sum(o.launches for o in a.param_casts()))
+    adds_pl, adds_fix = per_layer(micro[shallow_l], micro[deep_l],
+                                  lambda a: sum(o.launches for o in a.grad_adds()))
     vocab = gpt2_width_config(deep_l).padded_vocab_size
     vocab_casts = [o for o in micro[deep_l].ops if o.category == "copy" and o.launches and o.token_bytes
                    and any(vocab in size for size in o.sizes)]
@@ -388,7 +461,7 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
 
     per_micro, once, once_bytes_per_param, syncs = [], {}, [], 0
     for L in depths:
-        small = narrow_config(L)
+        small = narrow_config(L, **variant)
         m = record_micro_step(small, 1, rec_tokens, dtype="fp32", device=device)
         s1 = record_train_step(small, 1, rec_tokens, accum=1, dtype="fp32", device=device)
         s2 = record_train_step(small, 1, rec_tokens, accum=2, dtype="fp32", device=device)
@@ -398,7 +471,7 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
         syncs = len(s1.select(category="sync"))
         once_bytes_per_param.append(once_bytes / _n_params(small))
     opl = (once[deep_l] - once[shallow_l]) / (deep_l - shallow_l)
-    full_cfg = gpt2_width_config(n_layer)
+    full_cfg = gpt2_width_config(n_layer, **variant)
     n_params = _n_params(full_cfg)
     return StepFigures(
         n_layer=n_layer, tokens=tokens, n_params=n_params,
@@ -409,6 +482,9 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
         vocab_cast_bytes_per_micro_step=vocab_cast_bytes,
         step_bytes_once=once_bytes_per_param[-1] * n_params,
         activation_copies_per_micro_step=cfix + cpl * n_layer,
+        variant=f"residual stream {residual_dtype}, fusions {fusions}",
+        param_casts_per_micro_step=casts_fix + casts_pl * n_layer,
+        grad_adds_per_micro_step=adds_fix + adds_pl * n_layer,
         host_syncs_per_step=syncs,
         micro_steps=(micro[shallow_l], micro[deep_l]),
         direct=record_micro_step(full_cfg, batch_size, seq_len, dtype=dtype, device=device) if direct else None,
@@ -427,11 +503,12 @@ def gpt2_width_config(n_layer: int, backend: str = "triton", block_size: int = 1
                                  block_size=block_size, **overrides)
 
 
-def narrow_config(n_layer: int, backend: str = "triton"):
+def narrow_config(n_layer: int, backend: str = "triton", **overrides):
     """A model with GPT-2's parameter tensors at a tiny width: for counting what a
     step does per parameter tensor, fast."""
     from engine import GPTConfig
-    return GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=64, block_size=64, backend=backend)
+    return GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=64, block_size=64, backend=backend,
+                     **overrides)
 
 
 def _autocast(dtype: str, device_type: str):
@@ -448,17 +525,23 @@ def _batch(cfg, batch_size, seq_len, device, accum=None):
 
 
 def record_micro_step(cfg, batch_size: int, seq_len: int, *, device: str = "cpu", dtype: str = "bf16",
-                      fake: bool = True, run_triton: bool = False, grads_allocated: bool = True) -> Anatomy:
+                      fake: bool = True, run_triton: bool = False, grads_allocated: bool = True,
+                      step_path: bool = True) -> Anatomy:
     """Forward and backward of one micro-batch of a freshly built model of `cfg`
     (the loss as the trainer computes it, return_logits=False), under the engine's
     autocast rule for `dtype`. `fake`: shapes only (nothing runs); otherwise real
     tensors, with Triton launches executed only when `run_triton`.
 
+    `step_path`: as the training step runs it, `GPT.forward_backward` (with the bf16
+    weight copies the optimizer keeps, under bf16 on the triton backend); otherwise
+    the model called, then `loss.backward()`, as any autograd user would.
     `grads_allocated`: the parameters' gradients exist (zeroed) before the backward,
     as in every step of the trainer after its first (it zeroes them in place so that
-    their addresses stay fixed): the backward then adds into them instead of handing
-    its result over, one extra launch and pass per parameter."""
+    their addresses stay fixed): a kernel then adds into them, or autograd adds
+    what a kernel hands over, one extra launch and pass per parameter."""
     from engine import GPT
+    from engine.config import Fusions
+    from engine.weight_copies import WeightCopies
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     tokens = batch_size * seq_len
     with mode:
@@ -468,14 +551,21 @@ def record_micro_step(cfg, batch_size: int, seq_len: int, *, device: str = "cpu"
         if grads_allocated:
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
+        if (step_path and dtype == "bf16" and model.backend == "triton"
+                and Fusions.parse(cfg.fusions).bf16_weights):
+            model.weight_copies = WeightCopies(model.matmul_weights())
         x, y = _batch(cfg, batch_size, seq_len, device)
         autocast = _autocast(dtype, torch.device(device).type)
-        with Recorder(tokens, cfg.n_embd, run_triton=run_triton) as rec:
+        shapes = [p.shape for p in model.parameters()]
+        with Recorder(tokens, cfg.n_embd, run_triton=run_triton, param_shapes=shapes) as rec:
             rec.phase = "forward"
-            with autocast():
-                _, loss = model(x, y, return_logits=False, check_targets=False)
-            rec.phase = "backward"
-            loss.backward()
+            if step_path:
+                model.forward_backward(x, y, grad_scale=1.0, autocast=autocast, check_targets=False)
+            else:
+                with autocast():
+                    _, loss = model(x, y, return_logits=False, check_targets=False)
+                rec.phase = "backward"
+                loss.backward()
     return Anatomy(rec.ops, cfg.n_layer, tokens, cfg.n_embd,
                    label=f"micro-step L={cfg.n_layer} B={batch_size} T={seq_len} {dtype}"
                          + (" (shapes only)" if fake else ""))
@@ -497,8 +587,10 @@ def record_train_step(cfg, batch_size: int, seq_len: int, *, accum: int = 1, dev
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg)
+    from engine.config import Fusions
+    copies = dtype == "bf16" and model.backend == "triton" and Fusions.parse(cfg.fusions).bf16_weights
     opt = configure_optimizer(model, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device,
-                              kind=optimizer, log=lambda *a, **k: None)
+                              kind=optimizer, weight_copies=copies, log=lambda *a, **k: None)
     xs, ys = _batch(cfg, batch_size, seq_len, device, accum=accum)
     autocast = _autocast(dtype, torch.device(device).type)
     with Recorder(tokens, cfg.n_embd) as warm:  # launches recorded, not run, as below
@@ -531,7 +623,7 @@ def figures_lines(fig: StepFigures, accums: tuple[int, ...] = (1, 32)) -> list[s
     gb = 1e9
     lines = [
         f"GPT-2 widths, {fig.n_layer} layers, {fig.n_params / 1e6:.1f}M parameters, "
-        f"{fig.tokens} tokens per micro-step, bf16 autocast, triton backend, FusedAdamW",
+        f"{fig.tokens} tokens per micro-step, bf16 autocast, triton backend, FusedAdamW, {fig.variant}",
         f"launches per layer (forward + backward): {fig.launches_per_layer:g}",
         f"launches outside the layers (embeddings, final LayerNorm, head, loss): {fig.launches_fixed:g}",
         f"launches the step adds per micro-step: {fig.step_launches_per_micro_step:g}",
@@ -542,6 +634,8 @@ def figures_lines(fig: StepFigures, accums: tuple[int, ...] = (1, 32)) -> list[s
     lines += [
         f"activation-sized copies, casts, stacks and clones per micro-step: "
         f"{fig.activation_copies_per_micro_step:g}",
+        f"parameter-sized casts per micro-step: {fig.param_casts_per_micro_step:g}; gradient adds "
+        f"per micro-step: {fig.grad_adds_per_micro_step:g}",
         f"host syncs per step (accum=1): {fig.host_syncs_per_step}",
         f"bytes outside matmuls per micro-step: {fig.bytes_per_micro_step / gb:.2f} GB; "
         f"once per step: {fig.step_bytes_once / gb:.2f} GB",

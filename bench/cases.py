@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case, CheckFailed, Unavailable, flatten
-from bench.work import attention_flops, gpt_flops_per_token, matmul_flops, rotation_count
+from bench.work import (adamw_bytes, attention_bytes, attention_flops, cross_entropy_work,
+                        gpt_flops_per_token, layernorm_bytes, linear_gelu_work, mlp_work, rotation_count)
 
 EPS = 1e-5
 ROWS = 16 * 1024                       # B*T of a GPT-2 micro-batch of 16 x 1024
@@ -45,9 +46,18 @@ ATTN_SWEEP_VARIANTS = ["ours", *SDPA_BACKENDS]
 LN_VARIANTS = ["ours", "torch", "liger"]
 MLP_SHAPE = dict(M=ROWS, K=768, N=3072)
 CE_SHAPE = dict(N=ROWS, C=768, V=50304, classes=50257)
-CE_VARIANTS = ["ours", "torch", "liger"]
+CE_VARIANTS = ["ours", "ours-two-pass", "torch", "liger"]
+MLP_VARIANTS = ["ours", "ours-before", "torch"]
 ADAMW_VARIANTS = ["ours", "torch-fused", "torch-foreach"]
-TRAIN_VARIANTS = ["triton", "torch-eager", "torch-compile"]
+# The triton step as the trainer runs it, beside the paths it replaced (GPTConfig's
+# residual_dtype and fusions), and the PyTorch path.
+TRAIN_TRITON_VARIANTS = {
+    "triton": dict(residual_dtype="bf16", fusions="all"),
+    "triton-fp32-stream": dict(residual_dtype="fp32", fusions="all"),
+    "triton-no-epilogues": dict(residual_dtype="bf16", fusions="cross_entropy,grad_accumulation,bf16_weights"),
+    "triton-before": dict(residual_dtype="fp32", fusions="none"),
+}
+TRAIN_VARIANTS = [*TRAIN_TRITON_VARIANTS, "torch-eager", "torch-compile"]
 ADAMW_HYPER = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
@@ -150,13 +160,10 @@ def layernorm_case(kind: str, width: int, rows: int = ROWS, fused: bool = False,
                    _leaf32(w), _leaf32(b), dys[0].float() if grad else None,
                    dhs[0].float() if dhs else None)
 
-    # Least traffic: fwd reads x (and r), writes y (and h); bwd reads dy (dh), the
-    # saved input, writes dx (d residual is the same tensor).
-    moves = (4 if fused else 2) + ((4 if fused else 3) if grad else 0)
     name = "add_layernorm" if fused else "layernorm"
     return Case(group=f"{name}-{kind}", params=f"rows={rows} C={width} {_dt(dtype)}",
                 variants=list(LN_VARIANTS), baseline="torch", make=make, n_inputs=n,
-                reference=reference, bytes=moves * act, device=device)
+                reference=reference, bytes=layernorm_bytes(rows, width, e, fused, grad), device=device)
 
 
 def _dt(dtype) -> str:
@@ -197,10 +204,56 @@ def linear_gelu_case(kind: str, M: int = MLP_SHAPE["M"], K: int = MLP_SHAPE["K"]
     def reference():
         return run(torch_op, _leaf32(xs[0]), _leaf32(w), _leaf32(b), dys[0].float() if grad else None)
 
-    flops = matmul_flops(M, N, K) * (3 if grad else 1)
-    moved = (M * K + N * K + M * N) * e * (3 if grad else 1)
+    flops, moved = linear_gelu_work(M, K, N, e, grad)
     return Case(group=f"linear_gelu-{kind}", params=f"{M}x{K}->{N} {_dt(dtype)}",
                 variants=["ours", "torch"], baseline="torch", make=make, n_inputs=n,
+                reference=reference, flops=flops, bytes=moved, device=device)
+
+
+def mlp_case(kind: str, M: int = MLP_SHAPE["M"], C: int = MLP_SHAPE["K"], H: int = MLP_SHAPE["N"],
+             dtype=torch.bfloat16, device="cuda") -> Case:
+    """GPT-2's whole MLP: ours (two Triton matmuls forward, four backward, the GELU
+    derivative and the bias gradients in their epilogues) beside the path before it
+    (linear_gelu, then cuBLAS for the projection) and PyTorch's three ops."""
+    if kind not in ("fwd", "fwdbwd"):
+        raise ValueError(f"mlp_case: kind must be fwd or fwdbwd, got {kind!r}")
+    grad = kind == "fwdbwd"
+    e = torch.tensor([], dtype=dtype).element_size()
+    n = rotation_count((2 * M * C + (M * C if grad else 0)) * e, limit=4)
+    gen = _gen(device, 7)
+    xs = [_randn((M, C), dtype, device, gen, grad=grad) for _ in range(n)]
+    dys = [_randn((M, C), dtype, device, gen) for _ in range(n)] if grad else None
+    params = [_randn((H, C), dtype, device, gen, scale=0.02, grad=grad),
+              _randn((H,), dtype, device, gen, scale=0.02, grad=grad),
+              _randn((C, H), dtype, device, gen, scale=0.02, grad=grad),
+              _randn((C,), dtype, device, gen, scale=0.02, grad=grad)]
+
+    def torch_op(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+    def run(op, x, ps, dy):
+        if not grad:
+            with torch.no_grad():
+                return op(x, *ps)
+        y = op(x, *ps)
+        return (y, *torch.autograd.grad(y, (x, *ps), dy))
+
+    def make(variant):
+        if variant == "ours":
+            op = _kernels("mlp")[0]
+        elif variant == "ours-before":
+            linear_gelu = _kernels("linear_gelu")[0]
+            op = lambda x, w1, b1, w2, b2: F.linear(linear_gelu(x, w1, b1), w2, b2)  # noqa: E731
+        else:
+            op = torch_op
+        return lambda i: run(op, xs[i], params, dys[i] if grad else None)
+
+    def reference():
+        return run(torch_op, _leaf32(xs[0]), [_leaf32(p) for p in params], dys[0].float() if grad else None)
+
+    flops, moved = mlp_work(M, C, H, C, e, grad)
+    return Case(group=f"mlp-{kind}", params=f"{M}x{C}->{H}->{C} {_dt(dtype)}",
+                variants=list(MLP_VARIANTS), baseline="torch", make=make, n_inputs=n,
                 reference=reference, flops=flops, bytes=moved, device=device)
 
 
@@ -308,7 +361,7 @@ def attention_case(kind: str, B: int, H: int, T: int, D: int, causal: bool = Tru
                 variants=variants, baseline="sdpa-flash", make=make, n_inputs=n,
                 reference=reference, verify=unbiased if dropout_p else None,
                 flops=attention_flops(B, H, T, D, causal, kind),
-                bytes=(4 if kind == "fwd" else 8) * B * H * T * D * e, device=device,
+                bytes=attention_bytes(B, H, T, D, e, kind), device=device,
                 meta=dict(B=B, H=H, T=T, D=D, causal=causal, dropout_p=dropout_p))
     return case
 
@@ -343,12 +396,13 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
         return (loss, *torch.autograd.grad(loss, (x, w)))
 
     def make(variant):
-        if variant == "ours":
+        if variant in ("ours", "ours-two-pass"):
             lce = _kernels("linear_cross_entropy")[0]
             # As the model calls it: the ids are checked once upstream, not per call
             # (that check reads a flag back to the host: a sync in every timed call).
+            # Two-pass: the logits from cuBLAS, read twice by the loss kernel.
             op = lambda x, w, t: lce(x, w, t, ignore_index=-100, num_classes=classes,  # noqa: E731
-                                     check_targets=False)
+                                     check_targets=False, one_pass=variant == "ours")
         elif variant == "liger":
             liger_lce = _liger("liger_fused_linear_cross_entropy")[0]
             # Liger normalises over every row of the weight it is given: the real classes'
@@ -362,10 +416,10 @@ def cross_entropy_case(kind: str, N: int = CE_SHAPE["N"], C: int = CE_SHAPE["C"]
         return run(torch_op, _leaf32(x), _leaf32(w))
 
     e = torch.tensor([], dtype=dtype).element_size()
+    ce_flops, ce_bytes = cross_entropy_work(N, C, V, e, grad)
     return Case(group=f"linear_cross_entropy-{kind}", params=f"N={N} C={C} V={V} ({classes} classes) {_dt(dtype)}",
                 variants=list(CE_VARIANTS), baseline="torch", make=make, n_inputs=1,
-                reference=reference, flops=matmul_flops(N, V, C) * (3 if grad else 1),
-                bytes=(N * C + V * C) * e * (2 if grad else 1), track_memory=True, device=device)
+                reference=reference, flops=ce_flops, bytes=ce_bytes, track_memory=True, device=device)
 
 
 # --------------------------------------------------------------------------
@@ -420,10 +474,9 @@ def adamw_case(preset: str = "gpt2", device="cuda", shapes=None) -> Case:
         torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], foreach=False).step()
         return params
 
-    # fp32: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq.
     return Case(group="adamw-step", params=f"{preset} {numel / 1e6:.1f}M params fp32",
                 variants=list(ADAMW_VARIANTS), baseline="torch-fused",
-                make=make, reference=reference, bytes=7 * 4 * numel, tol_floor=1e-6, device=device)
+                make=make, reference=reference, bytes=adamw_bytes(numel), tol_floor=1e-6, device=device)
 
 
 # --------------------------------------------------------------------------
@@ -434,11 +487,15 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
                   device="cuda", dropout: float = 0.0) -> Case:
     """One optimizer step of GPT (bf16 autocast, grad clip 1.0, AdamW) through the
     engine's one step function (`engine.step.train_step`), on the same model, batch
-    and initial weights: ours is the triton backend with FusedAdamW and, on CUDA, the
-    whole step in a CUDA graph (`engine.cuda_graph.GraphedTrainStep`); its peers are
-    the PyTorch path (torch backend, torch's fused AdamW) eager and under torch.compile.
-    With `dropout` (fine-tuning's setting) every variant drops out as the model does."""
+    and initial weights: ours is the triton backend with FusedAdamW, its bf16 weight
+    copies and, on CUDA, the whole step in a CUDA graph
+    (`engine.cuda_graph.GraphedTrainStep`), as the trainer runs it; beside it the
+    same with an fp32 residual stream, without the matmul epilogues, and the path
+    before every fusion (TRAIN_TRITON_VARIANTS); its peers are the PyTorch path
+    (torch backend, torch's fused AdamW) eager and under torch.compile. With
+    `dropout` (fine-tuning's setting) every variant drops out as the model does."""
     from engine import GPT, GPTConfig
+    from engine.config import Fusions
     B, T = batch_size, seq_len
     base_cfg = GPTConfig.from_preset(preset, vocab_multiple=64, block_size=max(1024, T), dropout=dropout)
     with torch.device("meta"):
@@ -449,10 +506,10 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
     ys = [torch.randint(0, base_cfg.vocab_size, (1, B, T), generator=gen) for _ in range(2)]
     opt_kw = dict(lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, device=device)
     device_type = torch.device(device).type
-    meta: dict = {}
+    meta: dict = dict(preset=preset, batch_size=B, seq_len=T, dropout=dropout)
 
-    def build(backend):
-        cfg = GPTConfig.from_dict({**base_cfg.to_dict(), "backend": backend})
+    def build(backend, **variant):
+        cfg = GPTConfig.from_dict({**base_cfg.to_dict(), "backend": backend, **variant})
         torch.manual_seed(0)  # the same initial weights for every variant
         with torch.device(device):
             return GPT(cfg)
@@ -474,18 +531,20 @@ def training_case(batch_size: int = 16, seq_len: int = 1024, preset: str = "gpt2
 
     def make(variant):
         from engine.optim import configure_optimizer
-        if variant != "triton":
+        if variant not in TRAIN_TRITON_VARIANTS:
             model = build("torch")
             opt = configure_optimizer(model, **opt_kw, kind="torch", log=quiet)
             return eager(model, opt, torch.compile(model) if variant == "torch-compile" else None)
         try:
-            model = build("triton")
+            model = build("triton", **TRAIN_TRITON_VARIANTS[variant])
             _kernels("FusedAdamW")
         except (ImportError, RuntimeError) as e:
             raise Unavailable(f"triton backend unavailable ({type(e).__name__}: {e})") from None
         meta["optimizer"] = "FusedAdamW"
         graphs = device_type == "cuda"
-        opt = configure_optimizer(model, **opt_kw, kind="triton", capturable=graphs, log=quiet)
+        copies = Fusions.parse(model.config.fusions).bf16_weights
+        opt = configure_optimizer(model, **opt_kw, kind="triton", capturable=graphs, weight_copies=copies,
+                                  log=quiet)
         meta["cuda_graphs"] = graphs
         if not graphs:
             return eager(model, opt)
@@ -676,6 +735,8 @@ def gpu_plan(quick: bool = False) -> list[tuple[str, object]]:
                 plan.append(("layernorm", lambda k=kind, w=wd, f=fused: layernorm_case(k, w, fused=f)))
     for kind in ("fwd", "fwdbwd"):
         plan.append(("linear_gelu", lambda k=kind: linear_gelu_case(k)))
+    for kind in ("fwd", "fwdbwd"):
+        plan.append(("mlp", lambda k=kind: mlp_case(k)))
     for kind in ("fwd", "fwdbwd"):
         plan.append(("cross_entropy", lambda k=kind: cross_entropy_case(k)))
     plan.append(("adamw", adamw_case))

@@ -10,7 +10,8 @@ this tool does that.
 
 How the list of builds is made: the public functions (`flash_attention`,
 `flash_attention_qkvpacked`, `layer_norm`, `add_layer_norm`, `linear_gelu`,
-`linear_cross_entropy`, `FusedAdamW.step`) run forward and backward on `meta`
+`linear`, `mlp`, `embedding`, `linear_cross_entropy`, `FusedAdamW.step`) run
+forward and backward on `meta`
 tensors (shapes and strides, no data) at GPT-2 shapes, while a recorder stands
 in for Triton's launch: each launch is specialised exactly as Triton's JIT
 would specialise it for an sm_90 device (pointer dtypes, i32/i64, divisibility
@@ -281,13 +282,73 @@ def _cases(full):
                     _backward(loss)
             cases.append((f"linear_cross_entropy {str(dtype)[6:]} grad={grad}", ce))
 
+    # The training step's fused path: linear layers and the MLP with fp32 master
+    # weights read through 16-bit copies and gradients added into .grad, the
+    # embedding, the add+LayerNorm on a bf16 stream, the one-pass cross-entropy
+    # with its gradient for a known loss scale. fp32 runs them without copies.
+    for dtype in dtypes:
+        def params(*shapes, dtype=dtype):
+            out = []
+            for shape in shapes:
+                p = _meta(shape, fp32, True)
+                p.grad = torch.empty_like(p)
+                out.append(p)
+            return out
+
+        def copy(p, dtype=dtype):
+            return None if dtype == fp32 else _meta(p.shape, dtype)
+
+        def linear(dtype=dtype):
+            for n_out, n_in in ((3 * C, C), (C, C)):
+                w, b = params((n_out, n_in), (n_out,))
+                x = _meta((B * T, n_in), dtype, True)
+                _backward(gpt2_kernels.linear(x, w, b, compute_weight=copy(w), accumulate_grad=True))
+            w, b = params((C, C), (C,))  # autograd's path: the gradients handed over
+            _backward(gpt2_kernels.linear(_meta((B * T, C), dtype, True), w, b))
+
+        def mlp(dtype=dtype):
+            w1, b1, w2, b2 = params((4 * C, C), (4 * C,), (C, 4 * C), (C,))
+            x = _meta((B * T, C), dtype, True)
+            _backward(gpt2_kernels.mlp(x, w1, b1, w2, b2, fc_compute_weight=copy(w1),
+                                       proj_compute_weight=copy(w2), accumulate_grad=True))
+
+        def embedding(dtype=dtype):
+            wte, wpe = params((VOCAB_PADDED, C), (T, C))
+            idx = _meta((B, T), torch.int64)
+            _backward(gpt2_kernels.embedding(idx, wte, wpe, 0, out_dtype=dtype, accumulate_grad=True))
+
+        def stream(dtype=dtype):
+            w, b = params((C,), (C,))
+            x = _meta((B * T, C), dtype, True)
+            r = _meta((B * T, C), dtype, True)
+            _backward(*gpt2_kernels.add_layer_norm(x, r, w, b, accumulate_grad=True))
+
+        def ce_step(dtype=dtype):
+            (w,) = params((VOCAB_PADDED, C))
+            x = _meta((B * T, C), dtype, True)
+            targets = _meta((B * T,), torch.int64)
+            _backward(gpt2_kernels.linear_cross_entropy(x, w, targets, num_classes=VOCAB, check_targets=False,
+                                                        compute_weight=copy(w), grad_output=0.125,
+                                                        accumulate_grad=True))
+            _backward(gpt2_kernels.linear_cross_entropy(x, w, targets, num_classes=VOCAB, check_targets=False,
+                                                        one_pass=False))
+        name = str(dtype)[6:]
+        cases += [(f"linear {name}", linear), (f"mlp {name}", mlp), (f"embedding {name}", embedding),
+                  (f"add_layer_norm {name} stream, accumulate_grad", stream),
+                  (f"linear_cross_entropy {name} training step", ce_step)]
+
     # FusedAdamW over fp32 and bf16 parameters of GPT-2's shapes.
     for dtype in (fp32, bf16):
         def adamw(dtype=dtype):
             params = [torch.nn.Parameter(_meta(s, dtype)) for s in ((VOCAB_PADDED, C), (C,), (C, 3 * C))]
             for p in params:
                 p.grad = torch.empty_like(p)
-            gpt2_kernels.FusedAdamW(params, lr=6e-4, weight_decay=0.1).step()
+            opt = gpt2_kernels.FusedAdamW(params, lr=6e-4, weight_decay=0.1)
+            opt.step()
+            if dtype == fp32:  # the training step's: bf16 copies of the matrices, the found_inf flag
+                opt.bf16_copies(params[::2])
+                opt.found_inf = torch.zeros((), device="meta")
+                opt.step()
         cases.append((f"FusedAdamW {str(dtype)[6:]}", adamw))
     return cases
 

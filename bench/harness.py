@@ -241,7 +241,8 @@ def first_line(e: BaseException) -> str:
 def measure_variant(case: Case, variant: str, *, ceilings: Ceilings | None = None,
                     driver=None, prepared: Prepared | None = None, subject: Prepared | None = None,
                     pair: bool = True, catch_errors: bool = False,
-                    log: Callable[[str], None] = print) -> Result:
+                    log: Callable[[str], None] = print,
+                    predict: Callable[[Case, str], float | None] | None = None) -> Result:
     """Check, time, measure the memory of, and compare one variant of `case`.
 
     `driver` times the blocks (`OwnRounds` by default; `BenchmarkFixtureRounds`
@@ -250,7 +251,9 @@ def measure_variant(case: Case, variant: str, *, ceilings: Ceilings | None = Non
     case's subject (`subject`, or prepared here; timed alone when the subject cannot
     run). The result's `check` says what happened: "pass ...", "skipped: <why>"
     (Unavailable, out of GPU memory), "FAIL: ..." (CheckFailed) and, with
-    `catch_errors`, "error: ..." for anything else (otherwise it propagates)."""
+    `catch_errors`, "error: ..." for anything else (otherwise it propagates).
+    `predict(case, variant)`: a predicted time per call (bench/predict.py), kept in
+    the metrics beside the measured one."""
     driver = driver if driver is not None else OwnRounds()
     dev = case.device
     r = Result(case.group, case.params, variant, case.subject,
@@ -278,6 +281,9 @@ def measure_variant(case: Case, variant: str, *, ceilings: Ceilings | None = Non
             r.seconds = Spread.of(samples).median
             r.rounds, r.calls_per_round = len(samples), me.block.inner
             r.metrics = metrics_for(case, r.seconds, ceilings)
+            predicted = predict(case, variant) if predict is not None else None
+            if predicted is not None:
+                r.metrics["predicted_ms"] = predicted * 1e3
             if case.track_memory:
                 peak, delta, reserved = peak_memory(me.block.call, dev)
                 r.metrics["peak_mem_MB"] = peak / 2 ** 20
@@ -309,7 +315,8 @@ def free_memory() -> None:
 
 def measure_case(build: Callable[[], Case], ceilings: Ceilings | None = None, section: str = "-",
                  log: Callable[[str], None] = print,
-                 row: Callable[[Result], str] | None = None) -> list[Result]:
+                 row: Callable[[Result], str] | None = None,
+                 predict: Callable[[Case, str], float | None] | None = None) -> list[Result]:
     """Every variant of one comparison (the report's loop): the subject first, then
     each peer in paired rounds with it, the subject prepared once for all of them.
     Never raises: a comparison that cannot be built is one error row."""
@@ -327,10 +334,10 @@ def measure_case(build: Callable[[], Case], ceilings: Ceilings | None = None, se
     for variant in [case.subject, *case.peers]:
         if variant == case.subject:
             r = measure_variant(case, variant, ceilings=ceilings, prepared=subject,
-                                catch_errors=True, log=log)
+                                catch_errors=True, log=log, predict=predict)
         else:
             r = measure_variant(case, variant, ceilings=ceilings, subject=subject,
-                                pair=subject is not None, catch_errors=True, log=log)
+                                pair=subject is not None, catch_errors=True, log=log, predict=predict)
         free_memory()
         results.append(r)
         if row is not None:

@@ -9,7 +9,9 @@ reference (recorded pass/FAIL; a failing variant is not timed), ours is timed, a
 each peer is timed in paired rounds with ours, so that "ours vs peer" comes with
 its spread. One comparison that fails (an OOM, a compile error) becomes an error
 row; the rest continue. Comparisons left when the time budget is spent become
-"skipped" rows.
+"skipped" rows. Each row of ours (and each triton variant of the training step)
+carries bench.predict's predicted time, from the ceilings of this run, beside the
+measured one.
 
 Writes to bench/results/<gpu-name-slug>-<YYYY-MM-DD>/ (or --out): results.json
 (with the configuration each autotuned kernel chose for each key), results.md (ours
@@ -50,8 +52,8 @@ def default_out_dir(env: dict) -> pathlib.Path:
 # Output
 # --------------------------------------------------------------------------
 
-COLUMNS = ("op", "shape", "variant", "ms", "ours ms (same rounds)", "ours vs this", "throughput",
-           "% of ceiling", "check")
+COLUMNS = ("op", "shape", "variant", "ms", "predicted ms", "ours ms (same rounds)", "ours vs this",
+           "throughput", "% of ceiling", "check")
 
 
 def _memory_text(m: dict) -> str:
@@ -65,8 +67,10 @@ def _memory_text(m: dict) -> str:
 
 def _cells(r: Result) -> tuple[str, ...]:
     pct = ceiling_pct(r.metrics)
+    predicted = r.metrics.get("predicted_ms")
     return (r.group, r.params, r.variant,
             f"{r.seconds * 1e3:.4g}" if r.seconds is not None else "-",
+            f"{predicted:.4g}" if predicted is not None else "-",
             f"{r.subject_seconds * 1e3:.4g}" if r.subject_seconds is not None else "-",
             r.speedup_text() if r.seconds is not None else "-",
             throughput_text(r.metrics) + _memory_text(r.metrics),
@@ -115,7 +119,9 @@ def markdown(env: dict, ceilings: Ceilings | None, results: list[Result], args: 
               "median of the peer's time / ours over rounds in which both ran back to back, "
               "with the interquartile range in brackets. % of ceiling = throughput against the copy bandwidth (memory-bound ops) "
               "or the bf16 matmul rate (compute-bound ops; MFU for training, 6N + 6LCT FLOPs "
-              "per token), both measured in this run.", ""]
+              "per token), both measured in this run. \"predicted ms\" is bench.predict's static "
+              "model (calibrated on llm.c, with this run's ceilings): beside the measured time it "
+              "tests the model.", ""]
     lines += ["## Ours beside the best peer", ""]
     lines += _markdown_table(PEER_COLUMNS, peer_rows(results))
     lines += ["", "## Every row", ""]
@@ -240,7 +246,8 @@ def parse_args(argv=None):
                    help=f"seconds after which remaining comparisons are skipped (default {DEFAULT_BUDGET_S})")
     p.add_argument("--only", action="append", default=[],
                    help="run only sections whose name contains this (repeatable): layernorm, "
-                        "linear_gelu, cross_entropy, adamw, attention, attention-dropout, attention-sweep, training")
+                        "linear_gelu, mlp, cross_entropy, adamw, attention, attention-dropout, attention-sweep, "
+                        "training")
     return p.parse_args(argv)
 
 
@@ -267,6 +274,14 @@ def main(argv=None) -> int:
         print(f"ceilings: not measured ({first_line(e)})", flush=True)
         ceilings = None
     free_memory()
+    predictor = None
+    if ceilings is not None:
+        try:
+            from bench.predict import ReportPredictor, calibrated
+            predictor = ReportPredictor(ceilings, calibrated(device="cuda"))
+            print("predictions: " + "; ".join(predictor.assumptions.lines()), flush=True)
+        except Exception as e:  # noqa: BLE001 - the measurements do not depend on the model
+            print(f"predictions: none ({first_line(e)})", flush=True)
 
     results: list[Result] = []
     interrupted = False
@@ -279,7 +294,7 @@ def main(argv=None) -> int:
             continue
         try:
             results.extend(measure_case(build, ceilings, section, log=lambda s: print(s, flush=True),
-                                        row=format_row))
+                                        row=format_row, predict=predictor))
         except KeyboardInterrupt:  # Ctrl-C or a deadline's SIGINT: keep what was measured
             interrupted = True
             results.append(Result(section, "-", "-", "-", check="skipped: interrupted"))

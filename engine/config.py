@@ -5,6 +5,56 @@ import dataclasses
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "torch", "triton")
+RESIDUAL_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Fusions:
+    """What the triton backend fuses beyond one kernel per op; each can be turned
+    off to measure it against the path before it (GPTConfig.fusions names them).
+
+    epilogues: the attention's and the MLP's linear layers run on the Triton
+        matmul with the bias in the forward's epilogue, the GELU derivative in
+        the epilogue of the matmul that makes its input's gradient, and each bias
+        gradient summed inside the dW matmul (off: cuBLAS under autocast, a
+        separate GELU-backward pass and bias sums).
+    cross_entropy: the LM head's logits matmul takes each row's log-sum-exp in
+        its epilogue, so the loss reads the logits once (off: twice).
+    grad_accumulation: in the training step (GPT.forward_backward) every weight
+        gradient is added into its .grad inside the kernel that computes it, in
+        fp32 (off: autograd hands each one over and adds it with a separate pass;
+        the embeddings then take PyTorch's lookup).
+    bf16_weights: in the training step under bf16 autocast the matmuls read bf16
+        copies of the weights that the optimizer writes once per step (off: a
+        cast of every weight in every micro-step).
+    """
+
+    epilogues: bool = True
+    cross_entropy: bool = True
+    grad_accumulation: bool = True
+    bf16_weights: bool = True
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def parse(cls, text: str) -> "Fusions":
+        """"all", "none", or a comma-separated list of names (the ones on)."""
+        if text == "all":
+            return cls()
+        wanted = set() if text == "none" else {t.strip() for t in text.split(",") if t.strip()}
+        unknown = sorted(wanted - set(cls.names()))
+        if unknown or not (wanted or text == "none"):
+            raise ValueError(f"{text!r} is not all, none or a comma-separated list of "
+                             f"{', '.join(cls.names())}")
+        return cls(**{name: name in wanted for name in cls.names()})
+
+    def text(self) -> str:
+        on = [name for name in self.names() if getattr(self, name)]
+        return "all" if len(on) == len(self.names()) else ",".join(on) or "none"
+
+
 # Precisions, by name, declared once. A run trains in one of TRAIN_DTYPES (bf16:
 # autocast over fp32 weights; bf16-params: the weights themselves in bf16); a loaded
 # model runs in one of INFERENCE_DTYPES; the AUTOCAST_DTYPES names mean autocast
@@ -34,6 +84,13 @@ class GPTConfig:
     # sampled and never counted in the loss.
     vocab_multiple: int = 1
     layer_norm_eps: float = 1e-5
+    # The dtype the residual stream is stored in between blocks (each add and
+    # LayerNorm computes in fp32 and rounds the stream once): "fp32" keeps the
+    # embeddings' dtype (fp32 master weights: fp32), "bf16" halves the bytes every
+    # fused add+LayerNorm moves.
+    residual_dtype: str = "fp32"
+    # What the triton backend fuses (Fusions): "all", "none" or a list of names.
+    fusions: str = "all"
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -51,6 +108,13 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.deterministic must be a bool, got {self.deterministic!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"GPTConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"GPTConfig.residual_dtype must be one of {RESIDUAL_DTYPES}, "
+                             f"got {self.residual_dtype!r}")
+        try:
+            Fusions.parse(self.fusions)
+        except ValueError as e:
+            raise ValueError(f"GPTConfig.fusions: {e}") from None
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}")
 

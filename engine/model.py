@@ -19,8 +19,9 @@ import contextlib
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
-from engine.config import GPTConfig
+from engine.config import Fusions, GPTConfig
 from engine.errors import UserInputError
 from engine.hf import load_hf_folder, save_pretrained
 from engine.ops import AutoOps, get_ops
@@ -81,7 +82,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, 3, H, D): the attention reads q, k, v as strided views of it and
         # writes their gradients straight back into this layout.
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        qkv = self.ops.linear(x, self.c_attn.weight, self.c_attn.bias)
+        qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)
         if self.kv_cache is None:
             y = self.ops.attention_qkvpacked(qkv, dropout_p=self.dropout if self.training else 0.0)
         else:
@@ -89,7 +91,7 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.append(k, v)
             y = self.ops.attention(q, k.to(q.dtype), v.to(q.dtype), causal=True)
         # y is (B, H, T, D) laid out as (B, T, H, D): this reshape is free.
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.ops.linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
 
 
 class MLP(nn.Module):
@@ -101,8 +103,9 @@ class MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        # c_fc and the tanh GELU are one fused op.
-        return self.c_proj(self.ops.linear_gelu(x, self.c_fc.weight, self.c_fc.bias))
+        # c_fc, the tanh GELU and c_proj are one op (their backward's elementwise
+        # work lives in the matmuls on the triton backend).
+        return self.ops.mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
 
 
 class Block(nn.Module):
@@ -133,7 +136,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.ops = get_ops(config.backend, deterministic=config.deterministic)
+        self.ops = get_ops(config.backend, Fusions.parse(config.fusions),
+                           deterministic=config.deterministic)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -143,6 +147,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
+        # bf16 copies of the matmul weights that the optimizer keeps (engine.weight_copies),
+        # read by forward_backward under bf16 autocast; None: the weights are cast.
+        self.weight_copies = None
 
     @property
     def backend(self) -> str:
@@ -164,6 +171,14 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The dtype the residual stream is stored in (GPTConfig.residual_dtype):
+        the embeddings start it in this dtype and every add keeps it there."""
+        if self.config.residual_dtype == "bf16":
+            return torch.bfloat16
+        return self.transformer.wte.weight.dtype
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied LM head counts once
@@ -217,8 +232,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise UserInputError(f"GPT.forward: sequence of length {start + T} exceeds block_size "
                                  f"{self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.ops.embedding(idx, self.transformer.wte.weight, self.transformer.wpe.weight, start,
+                               self.residual_dtype)
         residual = None
         for block in self.transformer.h:
             x, residual = block(x, residual)
@@ -234,6 +249,38 @@ class GPT(nn.Module):
             # Padded vocabulary rows are never part of the output, so never sampled.
             logits = self.lm_head(x)[..., :V]
         return logits, loss
+
+    def matmul_weights(self) -> list[nn.Parameter]:
+        """The weights that feed matmuls (the linear layers and the tied LM head):
+        those with a bf16 copy under engine.weight_copies."""
+        weights = [self.lm_head.weight]
+        for block in self.transformer.h:
+            weights += [block.attn.c_attn.weight, block.attn.c_proj.weight,
+                        block.mlp.c_fc.weight, block.mlp.c_proj.weight]
+        return weights
+
+    def forward_backward(self, idx, targets, *, grad_scale: float = 1.0, autocast=contextlib.nullcontext,
+                         check_targets: bool = True):
+        """One training micro-step: loss = self(idx, targets, check_targets=...)[1]
+        under `autocast()` (a zero-argument callable giving a context), then
+        `loss.backward(gradient=grad_scale)`, outside autocast; returns the loss,
+        detached. Parameters' gradients accumulate into .grad as with autograd.
+
+        The training step calls this instead of forward and backward itself so
+        that the kernels know the whole step: on the triton backend, with the
+        config's fusions, weight gradients are added into .grad inside the
+        kernels that compute them, the LM head takes its gradient for grad_scale
+        in its forward, and under bf16 autocast the matmuls read
+        `self.weight_copies`. Not for a model wrapped in DDP or FSDP (their
+        gradient hooks would not see those gradients): call the wrapper and
+        backward there.
+        """
+        with self.ops.training_step(grad_scale, self.weight_copies):
+            with record_function("forward"), autocast():
+                _, loss = self(idx, targets, return_logits=False, check_targets=check_targets)
+        with record_function("backward"):
+            loss.backward(torch.full_like(loss, grad_scale))
+        return loss.detach()
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "GPT":

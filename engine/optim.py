@@ -45,10 +45,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def configure_optimizer(model: torch.nn.Module, *, lr: float, betas, weight_decay: float, device,
-                        kind: str = "torch", capturable: bool = False, log=print):
+                        kind: str = "torch", capturable: bool = False, weight_copies: bool = False,
+                        log=print):
     """AdamW over `model`. `kind` is a resolved optimizer name (triton or torch);
     `capturable` asks the torch optimizer for a device-side step count and learning
-    rate (CUDA graphs)."""
+    rate (CUDA graphs). `weight_copies`: the optimizer also keeps bf16 copies of the
+    model's matmul weights (engine.weight_copies), set as `model.weight_copies`."""
     device = torch.device(device)
     groups = param_groups(model, weight_decay)
     for group, what in zip(groups, ("decayed", "non-decayed")):
@@ -56,7 +58,8 @@ def configure_optimizer(model: torch.nn.Module, *, lr: float, betas, weight_deca
             f"{sum(p.numel() for p in group['params']):,} parameters")
     betas = tuple(float(b) for b in betas)
     if kind == "triton":
-        return ops.fused_adamw(groups, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
+        opt = ops.fused_adamw(groups, lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
+        return _with_weight_copies(model, opt, weight_copies, log)
     kwargs = {}
     if device.type == "cuda":
         kwargs["fused"] = True
@@ -70,7 +73,17 @@ def configure_optimizer(model: torch.nn.Module, *, lr: float, betas, weight_deca
         # Each group its own tensor, so set_lr needs no aliasing assumptions.
         for group in opt.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device, dtype=torch.float32)
-    return opt
+    return _with_weight_copies(model, opt, weight_copies, log)
+
+
+def _with_weight_copies(model, optimizer, wanted: bool, log):
+    if wanted:
+        from engine.weight_copies import WeightCopies
+        model.weight_copies = WeightCopies(model.matmul_weights(), optimizer)
+        writer = "in its update kernel" if hasattr(optimizer, "bf16_copies") else "after each step"
+        log(f"bf16 copies of the {len(model.weight_copies)} matmul weights, written by the optimizer "
+            f"{writer}")
+    return optimizer
 
 
 def set_lr(optimizer, lr: float) -> None:

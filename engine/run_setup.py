@@ -26,6 +26,14 @@ def resolve_dtype(name: str, device_type: str) -> str:
     return name
 
 
+def resolve_residual_dtype(name: str, dtype: str, device_type: str) -> str:
+    """auto: a bf16 stream where the matmuls run in bf16 on CUDA (bench/NOTES.md
+    holds the convergence comparison behind it), fp32 otherwise."""
+    if name == "auto":
+        return "bf16" if dtype == "bf16" and device_type == "cuda" else "fp32"
+    return name
+
+
 @dataclass
 class RunData:
     tokenizer: object
@@ -69,8 +77,8 @@ def load_data(cfg, info: dist_lib.DistInfo, device_type: str) -> RunData:
 
 
 def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str):
-    """The GPT of a run: the checkpoint's architecture (resume), a Hugging Face
-    checkpoint (init_from) or a preset with overrides; seeded by cfg.seed."""
+    """The GPT of a run: the checkpoint's architecture and residual dtype (resume),
+    a Hugging Face checkpoint (init_from) or a preset with overrides; seeded by cfg.seed."""
     from engine.model import GPT
     torch.manual_seed(cfg.seed)
     if state is not None:
@@ -78,15 +86,18 @@ def build_model(cfg, state, *, backend: str, vocab_size: int, device, dtype: str
             mc = GPTConfig.from_dict(dict(state["model_config"]))
         except (TypeError, ValueError, KeyError) as e:
             raise ckpt_lib.CheckpointError(cfg.resume, f"its model_config is invalid: {e}", damaged=False) from None
-        model = GPT(dataclasses.replace(mc, backend=backend, deterministic=cfg.deterministic))
+        model = GPT(dataclasses.replace(mc, backend=backend, fusions=cfg.fusions,
+                                        deterministic=cfg.deterministic))
     elif cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from, backend=backend, vocab_multiple=cfg.vocab_multiple,
-                                    dropout=cfg.dropout, deterministic=cfg.deterministic)
+                                    dropout=cfg.dropout, residual_dtype=cfg.residual_dtype,
+                                    fusions=cfg.fusions, deterministic=cfg.deterministic)
     else:
         overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
         try:
             mc = GPTConfig.from_preset(cfg.model, vocab_size=vocab_size, vocab_multiple=cfg.vocab_multiple,
                                        dropout=cfg.dropout, backend=backend,
+                                       residual_dtype=cfg.residual_dtype, fusions=cfg.fusions,
                                        deterministic=cfg.deterministic, **overrides)
         except ValueError as e:
             raise UserInputError(f"model: {e}") from None
@@ -161,7 +172,7 @@ def header_lines(cfg, info: dist_lib.DistInfo, *, device, dtype: str, backend: s
     c = model.config
     parallel = f" ({info.parallel.upper()}, world size {info.world_size})" if info.parallel != "none" else ""
     lines = [
-        f"device: {device}{parallel} | dtype: {dtype} | "
+        f"device: {device}{parallel} | dtype: {dtype} (residual stream {c.residual_dtype}) | "
         f"backend: {backend} | optimizer: {optimizer}",
         thread_line(torch.device(device).type),
         f"model: {source}: n_layer={c.n_layer} n_head={c.n_head} n_embd={c.n_embd} block_size={c.block_size} "

@@ -8,6 +8,12 @@ benchmark all call `train_step`:
     clip the global gradient norm
     AdamW step, unless the loss or the norm is not finite
 
+A bare model in one process runs each micro-batch as its own micro-step
+(GPT.forward_backward, the loss's gradient 1 / accum known before the forward), so
+that its kernels can add the gradients into .grad and read the optimizer's bf16
+weight copies; a model wrapped in DDP, sharded by FSDP or compiled goes through its
+wrapper and autograd. Both give the same gradients.
+
 A step whose loss or gradient norm is NaN or infinite never reaches the weights:
 the optimizer skips it on the device (a `found_inf` flag, as torch's GradScaler
 hands it to the fused AdamW kernels), so the CUDA graph needs no host sync for
@@ -87,6 +93,20 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _forward_backward(model):
+    """The model's own micro-step (GPT.forward_backward), where the step may use
+    it: a bare model in a single process. A wrapped or sharded one (DDP, FSDP,
+    torch.compile) runs forward and backward through its wrapper, whose hooks
+    reduce the gradients."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    if hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync"):
+        return None
+    if not callable(getattr(type(model), "forward_backward", None)):
+        return None
+    return model.forward_backward
+
+
 def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_clip: float,
                autocast, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the micro-batches xs[i], ys[i] (xs, ys: (accum, B, T)
@@ -104,7 +124,13 @@ def train_step(model, optimizer, xs: torch.Tensor, ys: torch.Tensor, *, grad_cli
     # the captured graph and FusedAdamW's launch table rely on.
     optimizer.zero_grad(set_to_none=False)
     loss = torch.zeros((), dtype=torch.float32, device=xs.device)
+    forward_backward = _forward_backward(model)
     for i in range(accum):
+        if forward_backward is not None:
+            # The loaders checked the ids: no per-call host sync for it here.
+            loss += forward_backward(xs[i], ys[i], grad_scale=1.0 / accum, autocast=autocast,
+                                     check_targets=False).float() / accum
+            continue
         with gradient_sync(model, sync=i == accum - 1):
             with record_function("forward"), autocast():
                 # The loaders checked the ids: no per-call host sync for it here.

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from engine.config import BACKENDS, PRESETS, TRAIN_DTYPES
+from engine.config import BACKENDS, PRESETS, RESIDUAL_DTYPES, TRAIN_DTYPES, Fusions
 from engine.errors import UserInputError
 from engine.tokenizer import TOKENIZER_NAMES
 
@@ -24,6 +24,7 @@ CHOICES = {
     "backend": BACKENDS,
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", *TRAIN_DTYPES),
+    "residual_dtype": ("auto", *RESIDUAL_DTYPES),
     "optimizer": ("auto", "triton", "torch"),
     "cuda_graphs": ("auto", "on", "off"),
     "tokenizer": ("auto", *TOKENIZER_NAMES),
@@ -79,6 +80,8 @@ class TrainConfig:
                              "run and its resume give the same bits; --no-deterministic takes "
                              "the faster atomic backward (Hopper), whose dq varies in its last "
                              "bits", resume_safe=True)
+    fusions: str = _f("all", "what the triton backend fuses: all, none, or a comma-separated list of "
+                      f"{', '.join(Fusions.names())} (README, Main command: --fusions)", resume_safe=True)
     # --- data
     data: str = _f("", "text file, folder, or token shards (empty: the default corpus)")
     tokenizer: str = _f("auto", "tokenizer: auto | gpt2 | bytes", "gpt2 when its files load, else bytes")
@@ -102,6 +105,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda | mps", "cuda > mps > cpu", resume_safe=True)
     dtype: str = _f("auto", "fp32 | bf16 (autocast, fp32 weights) | bf16-params (bf16 weights, fp32 "
                     "optimizer state with the triton optimizer)", "bf16 on CUDA, fp32 elsewhere")
+    residual_dtype: str = _f("auto", "fp32 | bf16: the dtype the residual stream is stored in between "
+                             "blocks (adds and LayerNorm statistics are fp32 either way)",
+                             "bf16 with --dtype bf16 on CUDA, else fp32")
     optimizer: str = _f("auto", "auto | triton | torch",
                         "triton FusedAdamW on CUDA+triton, torch fused AdamW on CUDA, torch AdamW elsewhere",
                         resume_safe=True)
@@ -146,13 +152,17 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        for name in ("init_from", "data", "run_dir", "resume", "hellaswag", *CHOICES):
+        for name in ("init_from", "data", "run_dir", "resume", "hellaswag", "fusions", *CHOICES):
             if not isinstance(getattr(self, name), str):
                 raise UserInputError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{flag(name)} must be one of {', '.join(allowed)}, "
                                      f"got {getattr(self, name)!r}")
+        try:
+            Fusions.parse(self.fusions)
+        except ValueError as e:
+            raise UserInputError(f"{flag('fusions')}: {e}") from None
         positive = ("n_layer", "n_head", "n_embd", "vocab_multiple", "batch_size", "seq_len",
                     "total_batch_size", "max_steps", "lr_decay_steps", "eval_batches", "log_interval",
                     "max_bad_steps")

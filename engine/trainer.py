@@ -36,6 +36,7 @@ import torch
 from engine import checkpoint as ckpt_lib
 from engine import distributed as dist_lib
 from engine import run_evals
+from engine.config import Fusions
 from engine.cuda_graph import GraphedTrainStep, graph_decision
 from engine.errors import UserInputError
 from engine.optim import configure_optimizer, lr_at, resolve_optimizer, set_lr
@@ -44,7 +45,7 @@ from engine.run_errors import Interrupted, PeerLost, RunFileError, RunFinished, 
 from engine.run_log import RunLog
 from engine.load import resolve_device
 from engine.run_setup import (build_model, claim_run_dir, describe_optimizer, header_lines, load_data,
-                              resolve_dtype, write_config_json)
+                              resolve_dtype, resolve_residual_dtype, write_config_json)
 from engine.signals import StopSignals, abort_on_sigterm
 from engine.step import autocast_factory, train_step
 from engine.train_config import TrainConfig
@@ -126,6 +127,8 @@ class Trainer:
                                  "number of processes that divides it") from None
         self.accum = cfg.accumulation(info.world_size)
         self.dtype = resolve_dtype(cfg.dtype, self.device_type)
+        self.cfg = cfg = dataclasses.replace(
+            cfg, residual_dtype=resolve_residual_dtype(cfg.residual_dtype, self.dtype, self.device_type))
         self.autocast = autocast_factory(self.dtype, self.device_type)
         from engine.ops import resolve_backend
         try:
@@ -161,6 +164,7 @@ class Trainer:
         self.optimizer = configure_optimizer(self.raw_model, lr=cfg.max_lr, betas=cfg.betas,
                                              weight_decay=cfg.weight_decay, device=self.device,
                                              kind=self.optimizer_kind, capturable=self.use_graphs,
+                                             weight_copies=self._bf16_weight_copies(),
                                              log=optimizer_lines.append)
         self.checkpoint_group = None  # the async saves' own gloo group
         if cfg.checkpoint_async:
@@ -183,6 +187,10 @@ class Trainer:
                 optimizer_lines.append(f"resume: the checkpoint was written by {state['world_size']} process(es); "
                                        f"continuing at {info.world_size} at the same place of the data stream")
             self.last_checkpoint = (self.step, resume_path)
+            if self.raw_model.weight_copies is not None:
+                # The masters were loaded in place: their bf16 copies are made again
+                # from them, as a run that never stopped holds them.
+                self.raw_model.weight_copies.refresh()
         # Every input has been checked: only from here on does the run change files.
         if self.folder is not None:
             self.replaced_previous_run = self.folder.replaces
@@ -200,6 +208,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(self.data.data_path),
                                              hellaswag=cfg.hellaswag and os.path.abspath(cfg.hellaswag),
                                              tokenizer=self.tokenizer.name, dtype=self.dtype,
+                                             residual_dtype=self.model_config.residual_dtype,
                                              run_dir=str(self.run_dir), resume="", overwrite=False)
         self.graphed = None
         if self.use_graphs:
@@ -227,6 +236,13 @@ class Trainer:
         if info.master:
             write_config_json(self.run_dir, cfg, self.model_config, self.token, self.run_id)
         self.run_log.start(self.step, earlier_csv=resume_path.parent / "metrics.csv" if elsewhere else None)
+
+    def _bf16_weight_copies(self) -> bool:
+        """Whether the step's matmuls read optimizer-kept bf16 copies: bf16 autocast
+        on the triton backend with that fusion on, in one process and not compiled
+        (the step's GPT.forward_backward; engine.step)."""
+        return (self.dtype == "bf16" and self.backend == "triton" and self.dist.parallel == "none"
+                and not self.cfg.compile and Fusions.parse(self.model_config.fusions).bf16_weights)
 
     def _log_early(self, text: str) -> None:
         self._print(text)

@@ -33,6 +33,10 @@ Autograd:
   output (where torch's own ``once_differentiable`` lets it through with a
   silently wrong, zero, second-order term).
 
+Gradients: ``grad_buffer(param, accumulate)`` is the one rule of the kernels
+whose backward can add a parameter's gradient into its existing ``.grad``
+(``accumulate_grad``, gpt2_kernels/linear.py): which .grad may be added to.
+
 Running kernels:
 
 - ``interpreting()``: whether Triton runs kernels in its CPU interpreter
@@ -45,6 +49,8 @@ Running kernels:
 - ``on_device(t)``: makes t's CUDA device the current one for a launch.
 - ``with_descriptor_scratch(device, fn, *args)``: runs launches of kernels that
   build TMA descriptors on the device, which need scratch memory from an allocator.
+- ``round_to(x, dtype)`` (in kernels): fp32 to a storage dtype, rounded to
+  nearest even under the interpreter as on the GPU.
 - ``interpreter_problem()``: why this Triton's interpreter cannot run here, or None.
 
 Dropout probability: a finite real p with 0 <= p < 1 whose float32 rounding is
@@ -71,6 +77,8 @@ import struct
 from typing import TypeVar
 
 import torch
+import triton
+import triton.language as tl
 
 T = TypeVar("T")
 
@@ -152,6 +160,22 @@ def interpreter_problem() -> str | None:
                 f"{numpy.__version__} (numpy >= 2.4 needs Triton >= 3.7): "
                 "pip install 'numpy<2.4' or 'triton>=3.7'")
     return None
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 x in `dtype`, rounded to nearest even. For bf16 by integer arithmetic
+    (NaN to its quiet NaN), exactly as torch's .to(torch.bfloat16) and the GPU's
+    conversion round, because the interpreter's own conversion truncates: a
+    bf16 residual stream or weight copy then holds the same bits on a CPU as on
+    a GPU."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -342,3 +366,20 @@ def dropout_seed(op: str, device: torch.device, dropout_p: float, seed):
     if seed is None:
         seed = torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)
     return seed
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def grad_buffer(param: torch.Tensor | None, accumulate: bool) -> torch.Tensor | None:
+    """The `.grad` a backward may add `param`'s gradient into, or None (then the
+    gradient goes to autograd): with `accumulate`, the existing .grad of a leaf
+    parameter, of its shape, dtype and device and contiguous (the kernels index
+    it as flat memory). A tensor computed from a parameter (a contiguous copy
+    of a strided one) has no .grad of its own: its gradient goes to autograd."""
+    if not accumulate or param is None or not param.is_leaf:
+        return None
+    g = param.grad
+    if (g is None or g.shape != param.shape or g.dtype != param.dtype or g.device != param.device
+            or not g.is_contiguous()):
+        return None
+    return g

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2_kernels._common import check_same_device, on_device, pick
+from gpt2_kernels._common import check_same_device, dtype_name, on_device, pick, round_to
 
 # Columns of the per-parameter table (int64). p_off/g_off: param and grad
 # positions in ELEMENTS relative to the kernel's p_like_ptr argument, valid (and
@@ -68,7 +68,8 @@ _COL_STATE = tl.constexpr(5)
 _COL_FIRST = tl.constexpr(6)
 _COL_SLOT = tl.constexpr(7)
 _COL_VEC_NUMEL = tl.constexpr(8)
-_TABLE_W = 9
+_COL_COPY = tl.constexpr(9)  # 1: also write the updated value, rounded to bf16, into the group's copies
+_TABLE_W = 10
 # Bytes of a vector access, and the alignment (in elements) of each parameter's
 # slice of the moment buffers and of the flat gradient buffer: 16 elements, 64
 # bytes of fp32 state.
@@ -95,8 +96,9 @@ def _pow_by_squaring(base, n):
 
 @triton.jit
 def _adamw_update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, step_size, bias_correction2_sqrt,
-                  beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay):
-    """One tile of the update, where `mask` is true."""
+                  beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, c_ptrs, write_copy):
+    """One tile of the update, where `mask` is true; with write_copy, the new
+    value rounded to bf16 goes to c_ptrs too."""
     p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptrs, mask=mask, other=0.0)
@@ -112,17 +114,19 @@ def _adamw_update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, step_size, bias_corr
     tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
+    if write_copy:
+        tl.store(c_ptrs, round_to(p, tl.bfloat16), mask=mask)
 
 
 @triton.jit
 def _adamw_kernel(
     table_ptr, block_param_ptr,
     exp_avg_ptr, exp_avg_sq_ptr, steps_ptr, lr_ptr,
-    p_like_ptr, found_inf_ptr,
+    p_like_ptr, found_inf_ptr, copies_ptr,
     beta1, beta1_lo, beta2, beta2_lo, one_minus_beta1, one_minus_beta2,
     eps, weight_decay,
     TABLE_W: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, STATE_ALIGN: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, HAS_COPIES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = table_ptr + tl.load(block_param_ptr + pid) * TABLE_W
@@ -130,6 +134,10 @@ def _adamw_kernel(
     first_block = tl.load(row + _COL_FIRST)
     slot = tl.load(row + _COL_SLOT)
     vec_numel = tl.load(row + _COL_VEC_NUMEL)  # elements [0, vec_numel) take the vector path
+    # The bf16 copies share the moments' layout: a parameter's copy starts at its state offset.
+    write_copy = False
+    if HAS_COPIES:
+        write_copy = tl.load(row + _COL_COPY) != 0
 
     block_start = (pid - first_block).to(tl.int64) * BLOCK
     # A step flagged non-finite (found_inf != 0, set on the device) updates nothing.
@@ -168,7 +176,8 @@ def _adamw_kernel(
         _adamw_update(p_like_ptr + p_off + offs, p_like_ptr + g_off + offs,
                       exp_avg_ptr + state_off + offs, exp_avg_sq_ptr + state_off + offs,
                       offs < vec_end, lr, step_size, bias_correction2_sqrt,
-                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
+                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                      copies_ptr + state_off + offs, write_copy)
     if (vec_numel < numel) & (block_start + BLOCK > vec_numel) & run:
         # Scalar path, elements [vec_numel, numel) of this tile: all of an
         # unaligned parameter (vec_numel = 0), or the last numel % VEC of an
@@ -182,7 +191,8 @@ def _adamw_kernel(
         _adamw_update(p_ptr + offs, g_ptr + offs,
                       exp_avg_ptr + state_off + offs, exp_avg_sq_ptr + state_off + offs,
                       (offs >= vec_numel) & (offs < numel), lr, step_size, bias_correction2_sqrt,
-                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
+                      beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                      copies_ptr + state_off + offs, write_copy)
 
 
 def _split_f64(x: float):
@@ -207,6 +217,10 @@ class _GroupBuffers:
         self.steps = torch.zeros(len(params), device=device, dtype=torch.float32)
         self.lr = torch.zeros((), device=device, dtype=torch.float32)
         self.lr_value = None  # the float last written into self.lr
+        # bf16 copies of some parameters (bf16_copies()), laid out as the moments;
+        # `copied` holds the slots whose copy each step writes.
+        self.copies = None
+        self.copied = frozenset()
         self.key = None  # identifies the table below: (slot, param addr, grad addr) of active params
         self.table = None
         self.base_slot = None  # the parameter passed as p_like_ptr, which p_off/g_off are relative to
@@ -246,7 +260,7 @@ class _GroupBuffers:
             mask[list(slots)] = 1.0
             self.active_mask = self._to_device(mask)
             self.slots = slots
-        rows, self.base_slot = _table_rows(key, params, self.offsets, self.first_blocks)
+        rows, self.base_slot = _table_rows(key, params, self.offsets, self.first_blocks, self.copied)
         self.table = self._to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1))
         self.key = key
 
@@ -302,7 +316,7 @@ class _FlatGradients:
             p.grad = view
 
 
-def _table_rows(key, params, offsets, first_blocks):
+def _table_rows(key, params, offsets, first_blocks, copied=frozenset()):
     """The launch table's rows (columns _COL_*) for the active params in `key`,
     and the slot of the parameter to pass as the kernel's p_like_ptr.
 
@@ -333,7 +347,8 @@ def _table_rows(key, params, offsets, first_blocks):
             assert (base_addr + p_off * esize == p_addr and base_addr + g_off * esize == g_addr
                     and p_off % vec == 0 and g_off % vec == 0)
         assert offsets[slot] % _STATE_ALIGN == 0 and vec_numel % vec == 0
-        rows.append([p_off, g_off, p_addr, g_addr, numel, offsets[slot], first, slot, vec_numel])
+        rows.append([p_off, g_off, p_addr, g_addr, numel, offsets[slot], first, slot, vec_numel,
+                     int(slot in copied)])
     return rows, base_slot
 
 
@@ -544,6 +559,41 @@ class FusedAdamW(torch.optim.Optimizer):
             self.state[p] = buffers.state_views(slot, p)
         return buffers
 
+    # -- bf16 copies ---------------------------------------------------------------------
+    @torch.no_grad()
+    def bf16_copies(self, params) -> list[torch.Tensor]:
+        """bf16 copies of float32 parameters of this optimizer, kept by the update.
+
+        Returns one bf16 tensor per parameter, its shape, filled now with
+        ``p.to(torch.bfloat16)``; from then on every step() that updates the
+        parameter writes its new value, rounded to nearest even exactly as that
+        conversion rounds, into the copy in the same kernel (a step skipped by
+        found_inf, or a parameter without a gradient, leaves both unchanged).
+        What the matmuls of a mixed-precision step read instead of casting the
+        fp32 master weights in every micro-step. The copies live at fixed
+        addresses (one buffer per group); they are not part of state_dict() and
+        load_state_dict() keeps them; a change to a parameter's values outside
+        step() (loading weights) must be followed by copying them again. A
+        deepcopy or unpickled optimizer keeps no copies (ask it for new ones)."""
+        where = {id(p): (i, slot) for i, group in enumerate(self.param_groups)
+                 for slot, p in enumerate(group["params"])}
+        copies = []
+        for p in params:
+            if id(p) not in where:
+                raise ValueError("FusedAdamW.bf16_copies: a parameter is not one this optimizer updates")
+            i, slot = where[id(p)]
+            buffers = self._group_buffers[i]
+            if buffers.dtype != torch.float32:
+                raise TypeError(f"FusedAdamW.bf16_copies: parameter {slot} of group {i} is "
+                                f"{dtype_name(buffers.dtype)}; copies are of float32 parameters")
+            if buffers.copies is None:
+                buffers.copies = torch.zeros_like(buffers.exp_avg, dtype=torch.bfloat16)
+            buffers.copied = buffers.copied | {slot}
+            buffers.key = None  # the launch table gains the copy flag
+            copy = buffers.copies[buffers.offsets[slot]:buffers.offsets[slot] + p.numel()].view(p.shape)
+            copies.append(copy.copy_(p))
+        return copies
+
     # -- learning rate ------------------------------------------------------------------
     def set_lr(self, lr, group_index=None):
         """Set group["lr"] (all groups, or one) and its device copy; no host sync.
@@ -655,11 +705,13 @@ class FusedAdamW(torch.optim.Optimizer):
                     buffers.table, buffers.block_param,
                     buffers.exp_avg, buffers.exp_avg_sq, buffers.steps, buffers.lr,
                     group["params"][buffers.base_slot], flag if flag is not None else buffers.lr,
+                    buffers.copies if buffers.copies is not None else buffers.lr,
                     b1_hi, b1_lo, b2_hi, b2_lo, 1.0 - beta1, 1.0 - beta2,
                     group["eps"], group["weight_decay"],
                     TABLE_W=_TABLE_W, BLOCK=block,
                     VEC=_VEC_BYTES // buffers.dtype.itemsize, STATE_ALIGN=_STATE_ALIGN,
-                    HAS_FOUND_INF=flag is not None, num_warps=num_warps,
+                    HAS_FOUND_INF=flag is not None, HAS_COPIES=bool(buffers.copied),
+                    num_warps=num_warps,
                 )
         return loss
 
@@ -762,6 +814,13 @@ class ShardedFusedAdamW(torch.optim.Optimizer):
         if getattr(self, "_inner", None) is not None:
             raise RuntimeError("ShardedFusedAdamW: build a new optimizer to add parameters")
         super().add_param_group(param_group)
+
+    def bf16_copies(self, params):
+        """Refused: FSDP's mixed-precision policy casts each shard to bf16 before
+        its all-gather, and the local tensors the kernel updates may be
+        re-pointed by FSDP, so a copy kept here would feed no matmul."""
+        raise TypeError("ShardedFusedAdamW: bf16 weight copies are not kept for sharded parameters "
+                        "(under FSDP the mixed-precision policy casts each shard before its all-gather)")
 
     def set_lr(self, lr, group_index=None):
         """Set group["lr"] (all groups, or one) and its device copy; no host sync."""

@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2_kernels._common import (FLOAT_DTYPES, check_dropout_p, check_dtype, check_real,
+from gpt2_kernels._common import (FLOAT_DTYPES, check_bool, check_dropout_p, check_dtype, check_real,
                                   check_same_device, check_tensor, contiguous, dropout_seed,
-                                  on_device, once_differentiable, pick)
+                                  grad_buffer, on_device, once_differentiable, pick, round_to)
 
 # A row lives in one program's registers; this many bytes of it at most
 # (16384 fp32 or 32768 fp16/bf16 features).
@@ -97,7 +97,7 @@ def _ln_fwd_kernel(
     if HAS_RESIDUAL:
         h += tl.load(R + row * stride_r_row + cols, mask=mask, other=0.0).to(tl.float32)
     if STORE_H:
-        h_out = h.to(H.dtype.element_ty)
+        h_out = round_to(h, H.dtype.element_ty)
         tl.store(H + row * stride_h_row + cols, h_out, mask=mask)
         # Normalise the rounded h: what F.layer_norm(residual + x) sees, and what
         # the backward re-reads.
@@ -112,7 +112,7 @@ def _ln_fwd_kernel(
     y = hc * rstd * w
     if HAS_BIAS:
         y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * stride_y_row + cols, round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,12 +165,12 @@ def _ln_bwd_kernel(
         if HAS_DH:
             d_in += tl.load(DH + cols, mask=mask, other=0.0).to(tl.float32)
         if STORE_DR:
-            tl.store(DR + cols, d_in.to(DR.dtype.element_ty), mask=mask)
+            tl.store(DR + cols, round_to(d_in, DR.dtype.element_ty), mask=mask)
         if STORE_DX:
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, row64, cols, N_COLS, dropout_p)
                 d_in = tl.where(keep, d_in * dropout_scale, 0.0)
-            tl.store(DX + cols, d_in.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + cols, round_to(d_in, DX.dtype.element_ty), mask=mask)
         H += stride_h_row
         DY += stride_dy_row
         DH += stride_dh_row
@@ -189,8 +189,11 @@ def _ln_bwd_reduce_kernel(
     DW_PART, DB_PART, DW, DB,
     N_PARTS, N_COLS,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACCUMULATE_DW: tl.constexpr, ACCUMULATE_DB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """dweight and dbias: the partial sums over programs, in a fixed order,
+    written (or, ACCUMULATE_*, added to what DW / DB hold) once."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < N_COLS
@@ -207,9 +210,15 @@ def _ln_bwd_reduce_kernel(
         if COMPUTE_DB:
             acc_b += tl.load(DB_PART + offs, mask=m, other=0.0)
     if COMPUTE_DW:
-        tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+        dw = tl.sum(acc_w, axis=0)
+        if ACCUMULATE_DW:
+            dw += tl.load(DW + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+        db = tl.sum(acc_b, axis=0)
+        if ACCUMULATE_DB:
+            db += tl.load(DB + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -323,12 +332,14 @@ def _bwd_num_programs(device: torch.device, n_rows: int) -> int:
 
 
 def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
-                 dx_dtype, dr_dtype, compute_dw, compute_db, dropout=None):
+                 dx_dtype, dr_dtype, compute_dw, compute_db, dropout=None, dw_into=None, db_into=None):
     """dy2 (or None), dh2 (or None): (rows, C), unit column stride.
 
     Returns (dx2 in dx_dtype, dr2 in dr_dtype, dweight, dbias); a dtype None
     means that gradient is not wanted. Without dropout and where dx_dtype ==
-    dr_dtype the two are one tensor, written once."""
+    dr_dtype the two are one tensor, written once. dw_into / db_into: tensors
+    (the parameters' .grad) that dweight / dbias are added to instead; those
+    are then returned as None."""
     h2, mean, rstd = saved.normalised, saved.mean, saved.rstd
     n_rows, n_cols = h2.shape
     device = h2.device
@@ -339,12 +350,22 @@ def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
         dr_dtype = None  # dr2 is dx2
     dx2 = torch.empty((n_rows, n_cols), dtype=dx_dtype, device=device) if dx_dtype else None
     dr2 = torch.empty((n_rows, n_cols), dtype=dr_dtype, device=device) if dr_dtype else None
-    dw = torch.empty_like(weight) if compute_dw else None
-    db = torch.empty((n_cols,), dtype=bias_dtype, device=device) if compute_db else None
+    dw_into = dw_into if compute_dw else None
+    db_into = db_into if compute_db else None
+    dw = dw_into if dw_into is not None else torch.empty_like(weight) if compute_dw else None
+    db = (db_into if db_into is not None
+          else torch.empty((n_cols,), dtype=bias_dtype, device=device) if compute_db else None)
+
+    def handed_over(into, grad):
+        return None if into is not None else grad
+
     if n_rows == 0:
-        # Sums over zero rows are zero.
-        return (dx2, dx2 if shared else dr2,
-                dw.zero_() if compute_dw else None, db.zero_() if compute_db else None)
+        # Sums over zero rows are zero (and add nothing).
+        if compute_dw and dw_into is None:
+            dw.zero_()
+        if compute_db and db_into is None:
+            db.zero_()
+        return dx2, dx2 if shared else dr2, handed_over(dw_into, dw), handed_over(db_into, db)
     block_n = _block_n(n_cols)
     n_programs = _bwd_num_programs(device, n_rows)
     rows_per_program = triton.cdiv(n_rows, n_programs)
@@ -380,9 +401,10 @@ def _ln_backward(dy2, dh2, saved: _Forward, weight, bias_dtype, *,
                 arg(dw_part), arg(db_part), arg(dw), arg(db),
                 n_programs, n_cols,
                 COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                ACCUMULATE_DW=dw_into is not None, ACCUMULATE_DB=db_into is not None,
                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_REDUCE_NUM_WARPS,
             )
-    return dx2, dx2 if shared else dr2, dw, db
+    return dx2, dx2 if shared else dr2, handed_over(dw_into, dw), handed_over(db_into, db)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -412,7 +434,7 @@ class _LayerNormFn(torch.autograd.Function):
 
 class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, out_dtype, dropout_p, seed):
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype, dropout_p, seed, accumulate_grad):
         n_cols = x.shape[-1]
         dropout = _Dropout(dropout_p, seed) if dropout_p > 0 else None
         saved = _ln_forward(_rows2d(x, n_cols),
@@ -421,8 +443,10 @@ class _AddLayerNormFn(torch.autograd.Function):
         # The seed is saved, not copied: changing it in place before the backward
         # is then autograd's clear error, not a wrong mask.
         ctx.save_for_backward(saved.normalised, weight, saved.mean, saved.rstd,
-                              seed if dropout is not None else None)
+                              seed if dropout is not None else None,
+                              bias if accumulate_grad else None)
         ctx.dropout_p = dropout_p
+        ctx.accumulate_grad = accumulate_grad
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # An unused output's gradient arrives as None, not as zeros to read.
@@ -432,28 +456,30 @@ class _AddLayerNormFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable("add_layer_norm")
     def backward(ctx, dh, dy):
-        h2, weight, mean, rstd, seed = ctx.saved_tensors
+        h2, weight, mean, rstd, seed, bias = ctx.saved_tensors
         need_dx, need_dr, need_dw, need_db = ctx.needs_input_grad[:4]
         n_cols = h2.shape[1]
         dropout = _Dropout(ctx.dropout_p, seed) if seed is not None else None
         if dh is None and dy is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if dy is None and dropout is None and (not need_dx or ctx.x_dtype == h2.dtype):
             # y unused: LayerNorm is off the loss's path, so weight and bias get
             # no gradient (None, as PyTorch's own graph gives), and d(x) =
             # d(residual) = dh, already in the right dtype.
             return ((dh if need_dx else None), (dh if need_dr else None),
-                    None, None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         dx2, dr2, dw, db = _ln_backward(
             _rows2d(dy, n_cols) if dy is not None else None,
             _rows2d(dh, n_cols) if dh is not None else None,
             _Forward(h2, None, mean, rstd), weight, ctx.bias_dtype,
             dx_dtype=ctx.x_dtype if need_dx else None, dr_dtype=h2.dtype if need_dr else None,
-            compute_dw=need_dw, compute_db=need_db, dropout=dropout)
+            compute_dw=need_dw, compute_db=need_db, dropout=dropout,
+            dw_into=grad_buffer(weight, ctx.accumulate_grad),
+            db_into=grad_buffer(bias, ctx.accumulate_grad))
         shape = ctx.x_shape
         return (dx2.view(shape) if dx2 is not None else None,
                 dr2.view(shape) if dr2 is not None else None,
-                dw, db, None, None, None, None)
+                dw, db, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public
@@ -506,7 +532,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None, eps: float = 1e-5, *,
                    out_dtype: torch.dtype | None = None, dropout_p: float = 0.0,
-                   seed: torch.Tensor | None = None):
+                   seed: torch.Tensor | None = None, accumulate_grad: bool = False):
     """Dropout, residual add and the LayerNorm after it, fused: returns (h, y) with
     h = residual + dropout(x) and y = LayerNorm(h) -- the pre-norm block's
     "dropout, add, LN" (flash-attention's Block contract).
@@ -541,11 +567,16 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     their own dtypes. The backward is once-differentiable: a gradient through
     it taken with create_graph=True (double backward) raises (PyTorch's ops
     allow it).
+
+    accumulate_grad: add dweight and dbias into the parameters' existing
+    `.grad` in the reduction that sums them, instead of returning them to
+    autograd (see gpt2_kernels/linear.py for when that applies).
     """
     op = "add_layer_norm"
     _check_inputs(op, x, residual, weight, bias, eps, out_dtype, seed)
     check_dropout_p(op, dropout_p)
+    check_bool(op, "accumulate_grad", accumulate_grad)
     seed = dropout_seed(op, x.device, dropout_p, seed)
     h_dtype = residual.dtype if residual is not None else x.dtype
     return _AddLayerNormFn.apply(x, residual, contiguous(weight), contiguous(bias), float(eps),
-                                 out_dtype or h_dtype, float(dropout_p), seed)
+                                 out_dtype or h_dtype, float(dropout_p), seed, accumulate_grad)

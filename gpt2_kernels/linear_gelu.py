@@ -27,40 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2_kernels._common import (FLOAT_DTYPES, SMEM_BUDGET_BYTES, check_same_device,
-                                  check_same_dtype, check_tensor, contiguous, interpreting,
-                                  launch_autotuned, on_device, once_differentiable, pick)
+from gpt2_kernels._common import (FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor,
+                                  contiguous, on_device, once_differentiable, pick)
+from gpt2_kernels._matmul import (EPILOGUE_GELU, EPILOGUE_GELU_GRAD, EPILOGUE_NONE, gelu_tanh,
+                                  gelu_tanh_grad, matmul)
 
-# The tanh-GELU's constants.
-_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
-_GELU_CUBIC = tl.constexpr(0.044715)
-_GELU_CUBIC_SLOPE = tl.constexpr(3 * 0.044715)
+_EPILOGUE_NONE = EPILOGUE_NONE            # c = acc (+ bias)
+_EPILOGUE_GELU = EPILOGUE_GELU            # pre = acc + bias; c = gelu(pre); optionally store pre
+_EPILOGUE_GELU_GRAD = EPILOGUE_GELU_GRAD  # c = aux * gelu'(acc + bias): the recompute backward
 
-# Epilogues of the matmul kernel.
-_EPILOGUE_NONE = tl.constexpr(0)       # c = acc (+ bias)
-_EPILOGUE_GELU = tl.constexpr(1)       # pre = acc + bias; c = gelu(pre); optionally store pre
-_EPILOGUE_GELU_GRAD = tl.constexpr(2)  # c = aux * gelu'(acc + bias): the recompute backward
-
-# Matmul tiles on a GPU, (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps):
-# Hopper-oriented; the pruner drops those whose pipelined operands would not fit
-# in shared memory for the operands' dtype.
-_MATMUL_TILES_GPU = [
-    (128, 256, 64, 3, 8),
-    (256, 128, 64, 3, 8),
-    (128, 128, 64, 4, 8),
-    (128, 128, 64, 4, 4),
-    (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 3, 4),
-]
-# Row tiles that share column tiles while those are still in L2.
-_GROUP_M = 8
-# The interpreter runs one small config: autotuning fails there, and small
-# tiles keep interpreted tests fast.
-_MATMUL_CONFIG_INTERPRETER = triton.Config(
-    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": _GROUP_M}, num_stages=1, num_warps=4)
 # Elementwise tiles (BLOCK_M, BLOCK_N): 64 x 128 on a GPU keeps the db partial
 # buffer small (M / 64 rows); fewer, larger programs under the interpreter,
 # whose cost is per program.
@@ -77,107 +52,6 @@ _TRITON, _TORCH = "triton", "torch"
 
 
 @triton.jit
-def _gelu_tanh(z):
-    # 0.5 * (1 + tanh(u)) == sigmoid(2u): no tanh intrinsic needed, and it
-    # saturates to exactly 0 / 1 for large |u| instead of overflowing.
-    u = _SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z)
-    return z / (1.0 + tl.exp(-2.0 * u))
-
-
-@triton.jit
-def _gelu_tanh_grad(z):
-    u = _SQRT_2_OVER_PI * (z + _GELU_CUBIC * z * z * z)
-    s = 1.0 / (1.0 + tl.exp(-2.0 * u))
-    du = _SQRT_2_OVER_PI * (1.0 + _GELU_CUBIC_SLOPE * z * z)
-    # d/dz [z * s(2u)] = s + z * 2 s (1 - s) du
-    return s + 2.0 * z * s * (1.0 - s) * du
-
-
-def _prune_matmul_configs(configs, named_args, **kwargs):
-    # Tiles whose pipelined operand buffers cannot fit in shared memory would
-    # only fail to launch after costing a compile; fp32 operands are twice as
-    # large as fp16/bf16 ones.
-    elem = named_args["a_ptr"].element_size()
-    kept = [c for c in configs
-            if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
-            * elem * c.num_stages <= SMEM_BUDGET_BYTES]
-    return kept or configs[-1:]
-
-
-# Operand dtypes join the key automatically; the epilogue and precision change
-# the best tile, so they join it too.
-@triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": _GROUP_M},
-                           num_stages=s, num_warps=w) for bm, bn, bk, s, w in _MATMUL_TILES_GPU],
-    key=["M", "N", "K", "EPILOGUE", "STORE_AUX", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_matmul_configs})
-@triton.jit
-def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn,
-    stride_cm, stride_cn, stride_xm, stride_xn,
-    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """C[M, N] = epilogue(A[M, K] @ B[K, N]); any strides, any M, N, K.
-
-    aux is an (M, N) tensor addressed with stride_xm/stride_xn: the stored
-    pre-activation for _EPILOGUE_GELU (when STORE_AUX), the upstream gradient
-    for _EPILOGUE_GELU_GRAD.
-    """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    # int64 row/column indices: operands may exceed 2**31 elements.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:
-            # Only under the interpreter, whose bf16 arithmetic is wrong while
-            # bf16 -> fp32 conversion is exact.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if EPILOGUE == _EPILOGUE_GELU:
-        if STORE_AUX:
-            aux_ptrs = aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
-            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-        acc = _gelu_tanh(acc)
-    elif EPILOGUE == _EPILOGUE_GELU_GRAD:
-        aux_ptrs = aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
-        g = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc = g * _gelu_tanh_grad(acc)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _gelu_fwd_kernel(pre_ptr, y_ptr, M, N, stride_pm, stride_pn, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y = gelu(pre); used only when the forward matmul runs in cuBLAS."""
@@ -187,7 +61,7 @@ def _gelu_fwd_kernel(pre_ptr, y_ptr, M, N, stride_pm, stride_pn, stride_ym,
     z = tl.load(pre_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                 mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             _gelu_tanh(z).to(y_ptr.dtype.element_ty), mask=mask)
+             gelu_tanh(z).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -212,7 +86,7 @@ def _gelu_bwd_kernel(g_ptr, pre_ptr, dpre_ptr, partial_ptr, M, N,
                     mask=mask, other=0.0).to(tl.float32)
         z = tl.load(pre_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                     mask=mask, other=0.0).to(tl.float32)
-        d = g * _gelu_tanh_grad(z)
+        d = g * gelu_tanh_grad(z)
         tl.store(dpre_ptrs, d.to(dpre_ptr.dtype.element_ty), mask=mask)
     else:
         d = tl.load(dpre_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -241,42 +115,10 @@ def _column_sum_kernel(partial_ptr, out_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_
 # ----------------------------------------------------------------------------- launchers
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # Under the interpreter fp32 must stay exact. On a GPU, fp32 follows
-    # PyTorch's own switch (torch.set_float32_matmul_precision("high") /
-    # allow_tf32), so fp32 results agree with F.linear under the same setting;
-    # "ieee" fp32 runs on CUDA cores (slow, exact). 16-bit operands ignore the
-    # setting; they get Triton's GPU default.
-    if interpreting():
-        return "ieee"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _matmul(a, b, out_dtype, *, bias=None, epilogue=_EPILOGUE_NONE, aux=None, store_aux=False):
-    """epilogue(a @ b) with a (M, K), b (K, N) of any strides; returns a new
-    contiguous (M, N) tensor. For _EPILOGUE_GELU with store_aux, `aux` is filled
-    with the pre-activation; for _EPILOGUE_GELU_GRAD, `aux` is the upstream gradient."""
-    M, K = a.shape
-    N = b.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    if M == 0 or N == 0:
-        return c
-    aux_t = aux if aux is not None else c
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    args = (a, b, c, bias if bias is not None else c, aux_t,
-            M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            c.stride(0), c.stride(1), aux_t.stride(0), aux_t.stride(1))
-    meta = dict(EPILOGUE=epilogue.value, HAS_BIAS=bias is not None, STORE_AUX=store_aux,
-                UPCAST=interpreting() and a.dtype == torch.bfloat16,
-                INPUT_PRECISION=_input_precision(a.dtype))
-    launch_autotuned(_matmul_kernel, grid, args, meta, interpreter_config=_MATMUL_CONFIG_INTERPRETER)
-    return c
+    """The shared matmul (gpt2_kernels/_matmul.py), as this op uses it: a new
+    contiguous (M, N) result."""
+    return matmul(a, b, out_dtype, bias=bias, epilogue=epilogue, aux=aux, store_aux=store_aux)
 
 
 def _elementwise_tile():

@@ -46,6 +46,21 @@ def assert_bf16_comparable(ours, torch_bf16, reference_fp64, name="output", fact
         f"{name}: bf16 error {ours_err:.3e} > {factor}x PyTorch's {torch_err:.3e}")
 
 
+def check_outputs(names, ours, same_dtype, float64, sources, rtol, peer="PyTorch"):
+    """Each of our outputs (None where the reference has None) in its source's
+    dtype, within rtol of the float64 reference, and, where its source has the
+    compute dtype (sources[0]'s), of PyTorch's result in that dtype."""
+    compute = sources[0].dtype
+    for name, o, s, r, src in zip(names, ours, same_dtype, float64, sources):
+        if r is None:
+            assert o is None, f"{name} should be None"
+            continue
+        assert o.dtype == src.dtype, f"{name} has dtype {o.dtype}, expected {src.dtype}"
+        assert_close(o, r, rtol, name=f"{name} vs float64")
+        if src.dtype == compute:
+            assert_close(o, s, rtol, name=f"{name} vs {peer}")
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (or the max value for integers) so an unwritten element fails a test."""
     if t.is_floating_point():

@@ -354,7 +354,7 @@ def _check_rows(rows, params, base_slot):
     base = params[base_slot]
     esize = base.element_size()
     vec = 16 // esize
-    for p_off, g_off, p_addr, g_addr, numel, state_off, _, slot, vec_numel in rows:
+    for p_off, g_off, p_addr, g_addr, numel, state_off, _, slot, vec_numel, _copy in rows:
         p = params[slot]
         assert (p_addr, g_addr, numel) == (p.data_ptr(), p.grad.data_ptr(), p.numel())
         assert state_off % 16 == 0
@@ -616,6 +616,54 @@ def test_found_inf_skips_the_step_on_the_device_as_torch_fused_adamw_does():
         assert_close(p.detach(), r.detach(), 1e-6, f"param {i}")
         assert opt.state[p]["step"].item() == ref_opt.state[r]["step"].item() == 2
         assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], 1e-6, f"exp_avg {i}")
+
+
+# ----------------------------------------------------------------------------- bf16 copies
+
+def test_bf16_copies_equal_the_masters_rounded_after_every_step():
+    """The update kernel writes each copied parameter's new value rounded to bf16,
+    bit for bit what .to(torch.bfloat16) gives (ties to even, NaN to the quiet NaN),
+    also under the interpreter; a parameter without a gradient, or a step skipped
+    by found_inf, leaves its copy as it was, equal to the unchanged master."""
+    params = _leaves(0)
+    grads = _grads(1, 10)
+    opt = FusedAdamW(_groups(params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    copied = [params[2], params[0], params[3]]  # both groups; not params[1]
+    copies = opt.bf16_copies(copied)
+    assert [c.dtype for c in copies] == [torch.bfloat16] * 3
+    assert all(torch.equal(c, p.detach().to(torch.bfloat16)) for c, p in zip(copies, copied))
+    for s in range(8):
+        _run(opt, params, grads, [s])
+        if s == 4:
+            before = [c.clone() for c in copies]
+            opt.found_inf = torch.ones((), device=DEVICE)
+            opt.step()
+            del opt.found_inf
+            assert all(torch.equal(c, b) for c, b in zip(copies, before))
+        for i, (c, p) in enumerate(zip(copies, copied)):
+            assert torch.equal(c, p.detach().to(torch.bfloat16)), f"copy {i} after step {s}"
+    # Ties (exactly half a bf16 ulp) round to even; NaN stays NaN.
+    special = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), float("nan"), 3e38],
+                           device=DEVICE)
+    p = torch.nn.Parameter(special.clone())
+    p.grad = torch.zeros_like(p)
+    opt = FusedAdamW([p], lr=0.0, weight_decay=0.0)
+    (copy,) = opt.bf16_copies([p])
+    copy.zero_()
+    opt.step()
+    ref = special.to(torch.bfloat16)
+    assert torch.equal(copy[:3], ref[:3]) and torch.isnan(copy[3]) and torch.equal(copy[4:], ref[4:])
+
+
+def test_bf16_copies_are_refused_for_what_the_optimizer_does_not_own():
+    params = _leaves(0)
+    opt = FusedAdamW(_groups(params), lr=1e-2)
+    with pytest.raises(ValueError, match="^FusedAdamW.bf16_copies: a parameter is not one this optimizer"):
+        opt.bf16_copies([torch.nn.Parameter(torch.zeros(3, device=DEVICE))])
+    bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in _leaves(0)]
+    opt = FusedAdamW(_groups(bf16), lr=1e-2)
+    with pytest.raises(TypeError, match="copies are of float32 parameters$"):
+        opt.bf16_copies([bf16[0]])
 
 
 # --- Contracts a torch.optim user relies on ---

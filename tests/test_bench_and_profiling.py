@@ -371,7 +371,7 @@ def test_a_variant_whose_baseline_cannot_run_says_so():
 def test_report_plan_lists_every_comparison_lazily():
     full, quick = cases.gpu_plan(False), cases.gpu_plan(True)
     sections = {s for s, _ in full}
-    assert sections == {"layernorm", "linear_gelu", "cross_entropy", "adamw", "attention",
+    assert sections == {"layernorm", "linear_gelu", "mlp", "cross_entropy", "adamw", "attention",
                         "attention-dropout", "attention-sweep", "training"}
     assert len(quick) < len(full) and all(callable(b) for _, b in full)
     assert sum(s == "attention-sweep" for s, _ in full) == 2 * 2 * len(cases.ATTN_SWEEP_T)
@@ -507,6 +507,7 @@ def _small_cases():
         "layernorm": lambda: cases.layernorm_case("fwdbwd", 48, rows=6, dtype=dt, device=d),
         "add_layernorm": lambda: cases.layernorm_case("fwdbwd", 48, rows=6, fused=True, dtype=dt, device=d),
         "linear_gelu": lambda: cases.linear_gelu_case("fwdbwd", M=16, K=32, N=32, dtype=dt, device=d),
+        "mlp": lambda: cases.mlp_case("fwdbwd", M=16, C=32, H=64, dtype=dt, device=d),
         # On CUDA, SDPA's flash backend (the baseline) takes 16-bit inputs only.
         "attention": lambda: cases.attention_case("fwdbwd", B=1, H=2, T=32, D=16,
                                                   dtype=torch.bfloat16 if ON_GPU else dt, device=d),
@@ -527,6 +528,18 @@ def test_small_case_checks_ours_against_the_baseline(name):
     assert case.check("ours", fn).startswith("pass")
     call = case.rotating(fn)
     call()  # the next input set, as timing would use it
+
+
+@pytest.mark.parametrize("name,variant", [("cross_entropy", "ours-two-pass"), ("mlp", "ours-before")])
+def test_the_paths_before_ours_check_too(name, variant):
+    """The earlier paths the report times beside ours pass the same check."""
+    case = _small_cases()[name]()
+    assert variant in case.peers
+    try:
+        fn = case.make(variant)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    assert case.check(variant, fn).startswith("pass")
 
 
 @pytest.mark.parametrize("name", ["layernorm", "add_layernorm", "cross_entropy"])
@@ -559,7 +572,8 @@ def test_small_attention_case_reports_unavailable_sdpa_backends():
 def test_training_case_torch_variants_check_their_first_loss(variant):
     device = DEVICE.type
     case = cases.training_case(batch_size=1, seq_len=16, preset="tiny", device=device)
-    assert case.subject == "triton" and set(case.peers) == {"torch-eager", "torch-compile"}
+    assert case.subject == "triton" and set(case.peers) == {"triton-fp32-stream", "triton-no-epilogues",
+                                                            "triton-before", "torch-eager", "torch-compile"}
     try:
         fn = case.make(variant)
         assert case.check(variant, fn) == "pass"

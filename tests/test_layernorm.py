@@ -290,6 +290,10 @@ MIXED = [
     (torch.float16, torch.float32, torch.float32, None),
     (torch.float32, torch.float16, torch.float16, None),
     (torch.float16, torch.float16, torch.float32, torch.float32),
+    # A bf16 residual stream (GPTConfig.residual_dtype): valid under the
+    # interpreter, which loads, stores and converts bf16 exactly (no bf16 arithmetic).
+    (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32, None),
 ]
 _TOL_BY_DTYPE = {torch.float32: 2e-5, torch.float16: RTOL[torch.float16], torch.bfloat16: 8e-3}
 
@@ -587,6 +591,27 @@ def test_dropout_mask_is_the_one_the_forward_used():
     w, b = torch.ones(33, device=DEVICE), torch.zeros(33, device=DEVICE)
     h, _ = add_layer_norm(x, None, w, b, dropout_p=p, seed=_seed(5))
     assert torch.equal(h, _dropout_mask(_seed(5), shape, p).float() / (1 - p))
+
+
+def test_accumulate_grad_adds_weight_and_bias_gradients_into_grad():
+    """accumulate_grad: dweight and dbias are added into the existing .grad by the
+    reduction that sums them (autograd hands nothing over); without .grad they
+    come through autograd as usual."""
+    x, r, w, b, dy, dh = _make((5, 7), 48, torch.float32, seed=23, residual=True)
+    ref = [_leaf(t) for t in (x, r, w, b)]
+    h, y = add_layer_norm(*ref)
+    torch.autograd.backward([h, y], [dh, dy])
+    leaves = [_leaf(t) for t in (x, r, w, b)]
+    leaves[2].grad, leaves[3].grad = torch.ones_like(w), torch.full_like(b, 2.0)
+    grads = leaves[2].grad, leaves[3].grad
+    with poisoned_allocations():
+        h, y = add_layer_norm(*leaves, accumulate_grad=True)
+        torch.autograd.backward([h, y], [dh, dy])
+    assert leaves[2].grad is grads[0] and leaves[3].grad is grads[1], ".grad was replaced"
+    assert_close(leaves[2].grad, 1.0 + ref[2].grad.double(), 1e-6, "dweight added into .grad")
+    assert_close(leaves[3].grad, 2.0 + ref[3].grad.double(), 1e-6, "dbias added into .grad")
+    for name, a, c in zip(("dx", "dresidual"), leaves[:2], ref[:2]):
+        assert torch.equal(a.grad, c.grad), name
 
 
 def test_first_block_without_residual_or_dropout():

@@ -1,6 +1,8 @@
 """gpt2_kernels/linear_cross_entropy.py: linear_cross_entropy against F.cross_entropy on
-materialised logits (and float64). Small chunks, to cross chunk boundaries at
-interpreter sizes, go through the module's private entry (`chunk_rows`)."""
+materialised logits (and float64), on its one-pass path (the log-sum-exp from the
+logits matmul's epilogue) and the two-pass one beside it. Small chunks, to cross
+chunk boundaries at interpreter sizes, go through the module's private entry
+(`chunk_rows`)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,13 +29,14 @@ def _inputs(n, c, v, num_classes, dtype, seed, ignore_frac=0.2, lead=None):
             t.to(DEVICE))
 
 
-def _lce(x, w, t, *, chunk_rows=None, ignore_index=IGNORE, num_classes=None, check_targets=True):
+def _lce(x, w, t, *, chunk_rows=None, ignore_index=IGNORE, num_classes=None, check_targets=True,
+         one_pass=True):
     """The public function, or with `chunk_rows` the module's private entry."""
     if chunk_rows is None:
         return linear_cross_entropy(x, w, t, ignore_index=ignore_index, num_classes=num_classes,
-                                    check_targets=check_targets)
+                                    check_targets=check_targets, one_pass=one_pass)
     return _linear_cross_entropy(x, w, t, ignore_index, num_classes or w.shape[0], check_targets,
-                                 chunk_rows=chunk_rows)
+                                 chunk_rows=chunk_rows, one_pass=one_pass)
 
 
 def _ours(x, w, t, **kw):
@@ -71,11 +74,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("dtype", TEST_DTYPES, ids=str)
 @pytest.mark.parametrize("n,c,v,num_classes,chunk", CASES)
-def test_matches_torch(n, c, v, num_classes, chunk, dtype):
+def test_matches_torch(n, c, v, num_classes, chunk, dtype, one_pass):
     x, w, t = _inputs(n, c, v, num_classes, dtype, seed=n * 1000 + v)
-    loss, dx, dw = _ours(x, w, t, num_classes=num_classes, chunk_rows=chunk)
+    loss, dx, dw = _ours(x, w, t, num_classes=num_classes, chunk_rows=chunk, one_pass=one_pass)
     ref_loss, ref_dx, ref_dw = _torch(x, w, t, num_classes)
     f64_loss, f64_dx, f64_dw = _torch(x, w, t, num_classes, dtype=torch.float64)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -339,16 +343,18 @@ def test_16_bit_x_with_a_weight_in_its_own_dtype(w_dtype, chunk_rows):
         assert not torch.equal(dw, dw.half().float()), "an fp32 weight's gradient was rounded to fp16"
 
 
-def test_dweight_accumulates_inside_the_gemm():
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+def test_dweight_accumulates_inside_the_gemm(one_pass):
     """Over several chunks dW grows by one GEMM each (addmm, beta = 1): no separate
-    add over a vocab-sized buffer, no cast of it, no copy."""
+    add over a vocab-sized buffer, no cast of it, no copy. One-pass, the logits come
+    from the Triton matmul (no aten mm for them)."""
     x, w, t = _inputs(20, 16, 96, 90, torch.float32, seed=12)
     x_, w_ = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     with AtenRecorder() as rec:
-        loss = _lce(x_, w_, t, num_classes=90, chunk_rows=6, check_targets=False)
+        loss = _lce(x_, w_, t, num_classes=90, chunk_rows=6, check_targets=False, one_pass=one_pass)
     names = [name for name, _ in rec.ops]
-    # 4 chunks: a logits GEMM and a dx GEMM each; dW's first GEMM, then 3 accumulating.
-    assert names.count("mm") == 4 + 4 + 1 and names.count("addmm_") == 3, names
+    # 4 chunks: a logits GEMM (two-pass) and a dx GEMM each; dW's first GEMM, then 3 accumulating.
+    assert names.count("mm") == (0 if one_pass else 4) + 4 + 1 and names.count("addmm_") == 3, names
     vocab_sized = w.numel()
     gemms_and_views = {"mm", "addmm_", "empty", "t", "view", "slice", "detach", "alias"}
     passes = [(name, n) for name, n in rec.ops if n >= vocab_sized and name not in gemms_and_views]
@@ -356,6 +362,34 @@ def test_dweight_accumulates_inside_the_gemm():
     ref_loss, ref_dx, ref_dw = _torch(x, w, t, 90)
     loss.backward()
     assert_close(w_.grad, ref_dw, 1e-5, "dweight")
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+def test_grad_output_known_in_advance_and_accumulated_into_grad(one_pass):
+    """grad_output: the gradients are taken for it in the forward and the backward
+    scales nothing; accumulate_grad adds dweight into the existing .grad during
+    the forward (fp32, in the dW GEMMs) and hands autograd nothing."""
+    x, w, t = _inputs(20, 16, 96, 90, torch.float16, seed=14)
+    w32 = w.detach().float().requires_grad_()
+    scale = 0.125
+    _, ref_dx, ref_dw = _torch(x, w32.half(), t, 90)
+    x_ = x.detach().clone().requires_grad_()
+    w32.grad = torch.ones_like(w32)
+    grad = w32.grad
+    with poisoned_allocations():
+        loss = _linear_cross_entropy(x_, w32, t, IGNORE, 90, False, chunk_rows=6, compute_weight=w32.half(),
+                                     grad_output=scale, accumulate_grad=True, one_pass=one_pass)
+        assert_close(w32.grad, 1.0 + scale * ref_dw.double(), 2e-3, "dweight added during the forward")
+        after_forward = w32.grad.clone()
+        loss.backward(torch.tensor(scale, device=DEVICE))
+    assert w32.grad is grad and torch.equal(w32.grad, after_forward), "the backward changed .grad"
+    assert_close(x_.grad, scale * ref_dx.double(), RTOL[torch.float16], "dx for grad_output")
+
+
+def test_accumulate_grad_needs_grad_output():
+    x, w, t = _inputs(4, 16, 32, 32, torch.float32, seed=15)
+    with pytest.raises(ValueError, match="^linear_cross_entropy: accumulate_grad needs grad_output"):
+        linear_cross_entropy(x, w, t, accumulate_grad=True)
 
 
 @pytest.mark.parametrize("loss", ["linear", "quadratic"])

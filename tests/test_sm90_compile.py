@@ -33,6 +33,8 @@ EXPECTED_DTYPES = {
     "_matmul_kernel": {"bf16", "fp16", "fp32"}, "_gelu_bwd_kernel": {"bf16", "fp16", "fp32"},
     "_column_sum_kernel": {"bf16", "fp16", "fp32"}, "_ce_fwd_grad_kernel": {"bf16", "fp16", "fp32"},
     "_adamw_kernel": {"bf16", "fp32"},
+    "_embedding_fwd_kernel": {"bf16", "fp16", "fp32"}, "_token_grad_kernel": {"bf16", "fp16", "fp32"},
+    "_position_grad_kernel": {"bf16", "fp16", "fp32"},
 }
 ATTENTION = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd_tma", "_attn_bwd_atomic")
 

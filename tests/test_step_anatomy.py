@@ -1,15 +1,21 @@
 """What one training step launches and moves, counted on any machine.
 
 One bf16 micro-step of the real model structure (GPT-2's width 768, 12 heads, the
-50257-token vocabulary; 2 and 3 layers; B=1, T=37) is recorded by bench.anatomy
-(every aten op under a dispatch mode, every Triton launch through a hook; shapes
-only, so the recording takes a fraction of a second) and checked against the
-budgets below. T=37 is prime and divides no model dimension, so nothing the size
-of a parameter is taken for an activation.
+50257-token vocabulary; 2 and 3 layers; B=1, T=37) as the trainer runs it on a GPU
+(GPT.forward_backward, a bf16 residual stream, every fusion, the optimizer's bf16
+weight copies) is recorded by bench.anatomy (every aten op under a dispatch mode,
+every Triton launch through a hook; shapes only, so the recording takes a fraction
+of a second) and checked against the budgets below. T=37 is prime and divides no
+model dimension, so nothing the size of a parameter is taken for an activation.
 
-The budgets are what the lean-step kernel work reached (before it: 61 launches
-per layer, 72 activation-sized copies per 12-layer micro-step, one launch per
-parameter to zero the gradients, a host sync per step), so a regression fails them.
+The budgets are what the kernel work reached, so a regression fails them: 22
+launches per layer (61, then 55, before), no activation-sized copy in a block, no
+cast of a weight or a gradient and no gradient handed to autograd to add, at most
+9.5 GB outside matmuls per 12-layer micro-step at B16 T1024 (23.9 GB with the
+fp32 stream and no fusions, counted the same way), 27 launches once per step, no
+host sync. Before the lean-step work: 61 launches per layer, 72 activation-sized
+copies per 12-layer micro-step, one launch per parameter to zero the gradients, a
+host sync per step.
 """
 import pytest
 import torch
@@ -22,10 +28,16 @@ from tests.helpers import DEVICE, ON_GPU  # noqa: E402
 RECORD_T = 37
 DEPTHS = (2, 3)
 # Launches per transformer block, forward + backward, with the gradients already
-# allocated (the trainer's steady state: each parameter's gradient is accumulated
-# with one add): 3 + 6 matmuls, 4 + 11 Triton kernels, 8 + 8 parameter-sized casts
-# (autocast's, and their gradients'), 12 gradient adds and 3 bias-gradient sums.
-LAUNCHES_PER_LAYER_BUDGET = 55
+# allocated (the trainer's steady state): forward 2 LayerNorms, 4 matmuls (qkv,
+# attention's projection, the MLP's two) and the attention; backward 2 LayerNorms
+# with their 2 weight-gradient reductions, 8 matmuls (each linear's dx and dW with
+# db; the MLP's dh with the GELU derivative) and 3 attention kernels.
+LAUNCHES_PER_LAYER_BUDGET = 22
+# Bytes outside matmuls per micro-step of 12 layers at B16 T1024, the GPU path
+# (the CPU's own casts of vocabulary-wide tensors left out): 9.3 GB recorded.
+BYTES_PER_MICRO_STEP_BUDGET = 9.5e9
+# The path before (fp32 stream, no fusions) stays selectable beside it.
+BEFORE = dict(residual_dtype="fp32", fusions="none")
 # Launches a step makes once, beside its micro-steps: zeroing every gradient (one
 # launch), clipping, the finiteness flag, the optimizer.
 STEP_LAUNCHES_ONCE_BUDGET = 27
@@ -37,7 +49,8 @@ CPU_CROSS_ENTROPY_CASTS = (
 
 @pytest.fixture(scope="module")
 def micro_steps() -> dict[int, anatomy.Anatomy]:
-    return {L: anatomy.record_micro_step(anatomy.gpt2_width_config(L), 1, RECORD_T, device=DEVICE.type)
+    return {L: anatomy.record_micro_step(anatomy.gpt2_width_config(L, residual_dtype="bf16"), 1, RECORD_T,
+                                         device=DEVICE.type)
             for L in DEPTHS}
 
 
@@ -155,6 +168,35 @@ def test_launches_per_layer_within_budget(micro_steps):
     assert per_layer <= LAUNCHES_PER_LAYER_BUDGET, (
         f"{per_layer:g} launches per layer > {LAUNCHES_PER_LAYER_BUDGET}: "
         f"{dict(deep.names() - shallow.names())}")
+
+
+def test_no_weight_cast_and_no_gradient_handed_over_to_add(micro_steps):
+    """Weights reach the matmuls as the optimizer's bf16 copies and every gradient
+    is added into .grad by the kernel that computes it: no parameter-sized cast,
+    forward or backward, and no gradient add, in the whole micro-step."""
+    for depth, record in micro_steps.items():
+        casts, adds = record.param_casts(), record.grad_adds()
+        assert not casts, f"{len(casts)} weight or gradient casts at {depth} layers:\n{_listing(casts)}"
+        assert not adds, f"{len(adds)} gradient adds at {depth} layers:\n{_listing(adds)}"
+
+
+def test_bytes_outside_matmuls_within_budget():
+    fig = anatomy.step_figures(device=DEVICE.type, direct=False)
+    gpu_path = fig.bytes_per_micro_step - fig.vocab_cast_bytes_per_micro_step
+    assert gpu_path <= BYTES_PER_MICRO_STEP_BUDGET, (
+        f"{gpu_path / 1e9:.2f} GB outside matmuls per micro-step > {BYTES_PER_MICRO_STEP_BUDGET / 1e9:g} GB:\n"
+        + "\n".join(anatomy.figures_lines(fig)))
+    assert fig.param_casts_per_micro_step == 0 and fig.grad_adds_per_micro_step == 0
+
+
+def test_the_path_before_stays_selectable():
+    """fusions none with an fp32 stream is the step as it was: autocast's casts of
+    weights and gradients, autograd's gradient adds, 55 launches per layer."""
+    shallow, deep = (anatomy.record_micro_step(anatomy.gpt2_width_config(L, **BEFORE), 1, RECORD_T,
+                                               device=DEVICE.type) for L in DEPTHS)
+    assert deep.launches() - shallow.launches() == 55
+    assert len(deep.param_casts()) - len(shallow.param_casts()) == 16
+    assert len(deep.grad_adds()) - len(shallow.grad_adds()) == 12
 
 
 def test_the_step_adds_no_pass_per_micro_step(step_records):

@@ -63,7 +63,7 @@ def test_help_lists_every_option_with_its_default(capsys):
            "CPU/MPS: 16, CUDA: 64)" in text
     assert "(default: 0.1)" in text and "(default: 1337)" in text
     # what --resume accepts besides the checkpoint's own configuration
-    assert "only --backend, --compile, --deterministic," in text
+    assert "only --backend, --compile, --deterministic, --fusions, --max-steps" in text
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -77,6 +77,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     (["--seed", str(2 ** 63)], "seed (--seed) must be < 2**63"),
     (["--max-lr"], "argument --max-lr: expected one argument"),
     (["--compile=yes"], "--compile"),
+    (["--residual-dtype", "fp16"], "residual_dtype (--residual-dtype) must be one of auto, fp32, bf16, got 'fp16'"),
+    (["--fusions", "epilogues,gelu"], "fusions (--fusions): 'epilogues,gelu' is not all, none or a comma-separated list of"),
 ])
 def test_malformed_flags_are_one_error_line(argv, needle, capsys):
     rc, _, err = run_main(argv, capsys)

@@ -441,6 +441,23 @@ def test_gpu_graph_replay_matches_eager_steps(corpus, tmp_path):
 
 
 @pytest.mark.gpu
+def test_gpu_resume_with_the_fusions_and_weight_copies_continues_exactly(corpus, tmp_path):
+    """The CUDA default (bf16 residual stream, every fusion, FusedAdamW writing the
+    matmuls' bf16 weight copies): a run resumed from its step-4 checkpoint takes
+    the same steps bit for bit. The checkpoint holds the fp32 masters only; the
+    resumed run makes its copies from them."""
+    full = train(_gpu_cfg(corpus, tmp_path / "a", "off", checkpoint_interval=4, keep_checkpoints=0), log=quiet)
+    assert full.raw_model.weight_copies is not None and full.model_config.residual_dtype == "bf16"
+    resumed = train(_gpu_cfg(corpus, tmp_path / "b", "off", resume=str(tmp_path / "a" / "ckpt_000004.pt")),
+                    log=quiet)
+    assert [h["loss"] for h in resumed.history if h["step"] >= 4] == [h["loss"] for h in full.history][4:]
+    for (name, p), q in zip(full.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), name
+    state = ckpt_lib.load_checkpoint(tmp_path / "a" / "ckpt_000004.pt")
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.gpu
 def test_gpu_graph_replay_has_no_host_sync(corpus, tmp_path):
     from engine.optim import set_lr
     trainer = Trainer(_gpu_cfg(corpus, tmp_path / "run", "on"), log=quiet)

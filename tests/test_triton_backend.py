@@ -161,6 +161,8 @@ def test_out_of_range_targets_are_an_error_on_both_backends(bad):
     for model in (ref, fast):
         with pytest.raises(IndexError):
             model(idx, tgt, return_logits=False)
+        with pytest.raises(IndexError):  # the training step's own micro-step checks alike
+            model.forward_backward(idx, tgt)
 
 
 def test_the_training_step_checks_no_targets_on_the_host():
