@@ -382,7 +382,6 @@ class StepFigures:
     step_launches_per_micro_step: float  # the step's own, per micro-step (loss scaling, sum)
     step_launches_once: float            # zeroing gradients, clipping, optimizer: once per step
     bytes_per_micro_step: float          # outside matmuls, model forward + backward
-    vocab_cast_bytes_per_micro_step: float  # of which casts of vocabulary-wide tensors (see step_figures)
     step_bytes_once: float               # outside matmuls, once per step
     activation_copies_per_micro_step: float
     param_casts_per_micro_step: float    # casts of weights or their gradients
@@ -393,8 +392,17 @@ class StepFigures:
     direct: Anatomy | None = None        # the micro-step recorded at the full size, shapes only
 
     @property
-    def launches_per_micro_step(self) -> float:
+    def launches_per_micro_step_from_small_records(self) -> float:
+        """fixed + per layer * n_layer: blind to launches that grow with the rows,
+        such as the cross-entropy's chunks (the small records make one)."""
         return self.launches_fixed + self.launches_per_layer * self.n_layer + self.step_launches_per_micro_step
+
+    @property
+    def launches_per_micro_step(self) -> float:
+        """The full-size record's launches where there is one, plus the step's own."""
+        if self.direct is None:
+            return self.launches_per_micro_step_from_small_records
+        return self.direct.launches() + self.step_launches_per_micro_step
 
     def launches_per_step(self, accum: int = 1) -> float:
         return accum * self.launches_per_micro_step + self.step_launches_once
@@ -434,11 +442,9 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
       of the extrapolation that also sees size-dependent launches, such as the
       cross-entropy's chunks over rows).
 
-    Recorded on a CPU, a kernel's launcher takes its CPU path where it has one: the
-    cross-entropy accumulates its weight gradient with an fp32-output GEMM on a GPU,
-    which the CPU's torch lacks, so on a CPU it upcasts its vocabulary-wide operands
-    first. `vocab_cast_bytes_per_micro_step` is what such casts (copies of token x
-    vocabulary tensors) add to the bytes."""
+    Recorded with fake tensors on any machine, the launchers take their GPU path
+    (the cross-entropy's fp32-output GEMM has a meta kernel, which a CPU build
+    of torch lacks for real tensors), so the figures are the GPU's."""
     shallow_l, deep_l = depths
     tokens, rec_tokens = batch_size * seq_len, record_seq_len
     scale = tokens / rec_tokens
@@ -453,11 +459,6 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
                                     lambda a: sum(o.launches for o in a.param_casts()))
     adds_pl, adds_fix = per_layer(micro[shallow_l], micro[deep_l],
                                   lambda a: sum(o.launches for o in a.grad_adds()))
-    vocab = gpt2_width_config(deep_l).padded_vocab_size
-    vocab_casts = [o for o in micro[deep_l].ops if o.category == "copy" and o.launches and o.token_bytes
-                   and any(vocab in size for size in o.sizes)]
-    vocab_cast_bytes = (sum(o.token_bytes for o in vocab_casts) * scale
-                        + sum(o.bytes - o.token_bytes for o in vocab_casts))
 
     per_micro, once, once_bytes_per_param, syncs = [], {}, [], 0
     for L in depths:
@@ -479,7 +480,6 @@ def step_figures(n_layer: int = 12, batch_size: int = 16, seq_len: int = 1024, *
         step_launches_per_micro_step=per_micro[-1],
         step_launches_once=once[shallow_l] + opl * (n_layer - shallow_l),
         bytes_per_micro_step=(tfix + tpl * n_layer) * scale + pfix + ppl * n_layer,
-        vocab_cast_bytes_per_micro_step=vocab_cast_bytes,
         step_bytes_once=once_bytes_per_param[-1] * n_params,
         activation_copies_per_micro_step=cfix + cpl * n_layer,
         variant=f"residual stream {residual_dtype}, fusions {fusions}",
@@ -627,7 +627,8 @@ def figures_lines(fig: StepFigures, accums: tuple[int, ...] = (1, 32)) -> list[s
         f"launches per layer (forward + backward): {fig.launches_per_layer:g}",
         f"launches outside the layers (embeddings, final LayerNorm, head, loss): {fig.launches_fixed:g}",
         f"launches the step adds per micro-step: {fig.step_launches_per_micro_step:g}",
-        f"launches per micro-step: {fig.launches_per_micro_step:g}",
+        f"launches per micro-step: {fig.launches_per_micro_step:g}"
+        + (" (recorded at the full size, below)" if fig.direct is not None else ""),
         f"launches once per step (zeroing gradients, clipping, optimizer): {fig.step_launches_once:g}",
     ]
     lines += [f"launches per step at accum={a}: {fig.launches_per_step(a):g}" for a in accums]
@@ -640,14 +641,13 @@ def figures_lines(fig: StepFigures, accums: tuple[int, ...] = (1, 32)) -> list[s
         f"bytes outside matmuls per micro-step: {fig.bytes_per_micro_step / gb:.2f} GB; "
         f"once per step: {fig.step_bytes_once / gb:.2f} GB",
     ]
-    if fig.vocab_cast_bytes_per_micro_step:
-        lines.append(f"  of which casts of vocabulary-wide tensors: "
-                     f"{fig.vocab_cast_bytes_per_micro_step / gb:.2f} GB per micro-step (a CPU path: "
-                     f"without them {(fig.bytes_per_micro_step - fig.vocab_cast_bytes_per_micro_step) / gb:.2f} GB)")
     lines += [f"bytes outside matmuls per step at accum={a}: {fig.bytes_per_step(a) / gb:.2f} GB"
               for a in accums]
     if fig.direct is not None:
         d = fig.direct
-        lines.append(f"check, the full-size micro-step recorded directly (shapes only): "
-                     f"{d.launches()} launches, {d.bytes_outside_matmuls() / gb:.2f} GB outside matmuls")
+        lines.append(f"check, the full-size model micro-step recorded directly (shapes only): "
+                     f"{d.launches()} launches (the small records' per-layer figures make "
+                     f"{fig.launches_per_micro_step_from_small_records - fig.step_launches_per_micro_step:g}: "
+                     f"they see one cross-entropy chunk of rows, the full size several), "
+                     f"{d.bytes_outside_matmuls() / gb:.2f} GB outside matmuls")
     return lines

@@ -113,7 +113,7 @@ def step_work(fig, *, n_params: int, n_layer: int, width: int, seq_len: int, acc
     tokens = fig.tokens * accum
     per_token = gpt_flops_per_token(n_params, n_layer, width, seq_len)
     attention = 6.0 * n_layer * width * seq_len
-    micro_bytes = fig.bytes_per_micro_step - fig.vocab_cast_bytes_per_micro_step
+    micro_bytes = fig.bytes_per_micro_step
     once = fig.step_bytes_once + ADAMW_UNRECORDED_BYTES_PER_PARAM * n_params
     comm = 2 * 2 * n_params * (world - 1) / world if world > 1 else 0.0
     return StepWork(tokens=tokens, matmul_flops=(per_token - attention) * tokens,

@@ -30,14 +30,12 @@ def test_gpt2_step_anatomy(benchmark, bench_registry):
         grad_adds_per_micro_step=fig.grad_adds_per_micro_step,
         host_syncs_per_step=fig.host_syncs_per_step,
         GB_outside_matmuls_per_micro_step=fig.bytes_per_micro_step / 1e9,
-        GB_outside_matmuls_per_micro_step_gpu_path=(fig.bytes_per_micro_step
-                                                    - fig.vocab_cast_bytes_per_micro_step) / 1e9,
         GB_outside_matmuls_once_per_step=fig.step_bytes_once / 1e9,
     )
     lines = []
     for title, variant in VARIANTS.items():
         f = fig if variant == VARIANTS["the trainer's GPU path"] else anatomy.step_figures(
-            device=DEVICE.type, direct=False, **variant)
+            device=DEVICE.type, **variant)
         lines += [f"-- {title}", *anatomy.figures_lines(f, accums=(1, TRAINER_ACCUM))]
         shallow, deep = f.micro_steps
         lines += ["launches of one layer by kind:", *anatomy.table(deep, minus=shallow)]

@@ -973,11 +973,22 @@ def _launch(tuned, grid_fn, args, meta, kind, call):
     tuned.fn[grid_fn(meta)](*args, **meta, num_stages=tile.num_stages, num_warps=tile.num_warps)
 
 
+def _start_address(t):
+    """t's first element's address; for tensors that hold no memory (meta, or
+    the fake tensors that shape-only recorders use) its offset into a storage
+    the allocator would align, as it aligns every real one."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if t.device.type == "meta" or isinstance(t, FakeTensor):
+        return t.storage_offset() * t.element_size()
+    return t.data_ptr()
+
+
 def _tma_unready_reason(t):
     """Why TMA descriptors cannot read t's (rows, D) matrices, or None: they
     need a 16-byte aligned start and, for every dimension but the last (stride
     1) that has more than one index, a positive stride of a multiple of 16 bytes."""
-    if t.data_ptr() % 16:
+    if _start_address(t) % 16:
         return "its data does not start on a 16-byte boundary"
     for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
         if size > 1 and (stride <= 0 or stride * t.element_size() % 16):

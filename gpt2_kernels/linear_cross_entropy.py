@@ -178,24 +178,26 @@ def _gemm_into(out, a, b, *, accumulate):
         else:
             torch.mm(a, b, out=out)
         return
-    if out.is_cuda:
-        # Each refusal below is a host-side dtype check, raised before any launch.
-        with contextlib.suppress(RuntimeError, TypeError):
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-            else:
-                torch.mm(a, b, out_dtype=out.dtype, out=out)
-            return
-        with contextlib.suppress(RuntimeError, TypeError):
-            # A torch whose addmm takes no fp32 `self` with 16-bit operands: the
-            # fp32-output GEMM (torch >= 2.8), then one add.
-            product = torch.mm(a, b, out_dtype=out.dtype)
-            if accumulate:
-                out.add_(product)
-            else:
-                out.copy_(product)
-            return
-    # CPU (the interpreter's tests), or a torch without fp32-output GEMMs: upcast.
+    # Tried on every device: CUDA has these GEMMs, a CPU build of torch 2.13 does
+    # not (NotImplementedError), and the shape-only recorders of bench.anatomy
+    # (fake tensors, meta kernels) then count the GPU's path, not the upcasts below.
+    # Each refusal is a host-side dispatch or dtype check, raised before any launch.
+    with contextlib.suppress(RuntimeError, TypeError):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+        return
+    with contextlib.suppress(RuntimeError, TypeError):
+        # A torch whose addmm takes no fp32 `self` with 16-bit operands: the
+        # fp32-output GEMM (torch >= 2.8), then one add.
+        product = torch.mm(a, b, out_dtype=out.dtype)
+        if accumulate:
+            out.add_(product)
+        else:
+            out.copy_(product)
+        return
+    # A CPU (the interpreter's tests), or a torch without fp32-output GEMMs: upcast.
     a, b = a.float(), b.float()
     if accumulate:
         out.addmm_(a, b)
