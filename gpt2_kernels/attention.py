@@ -67,6 +67,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 from gpt2_kernels._common import (
     FLOAT_DTYPES,
@@ -977,8 +978,6 @@ def _start_address(t):
     """t's first element's address; for tensors that hold no memory (meta, or
     the fake tensors that shape-only recorders use) its offset into a storage
     the allocator would align, as it aligns every real one."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     if t.device.type == "meta" or isinstance(t, FakeTensor):
         return t.storage_offset() * t.element_size()
     return t.data_ptr()
